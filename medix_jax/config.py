@@ -1,0 +1,207 @@
+"""Typed configuration: frozen dataclasses, YAML files, dotted command-line overrides.
+
+A config is built from (in order) the dataclass defaults, a YAML file and ``key.sub=value`` overrides. Every key is
+checked against the dataclass it lands in: an unknown key or a value of the wrong type is a ``ConfigError`` that
+names the dotted key. Values on the command line are parsed as YAML scalars (``2`` is an int, ``true`` a bool,
+``[16,24,24]`` a list).
+
+The ``model`` section may name a base with ``preset: NAME`` (see ``models.qwen2_5_vl.config.PRESETS``) or
+``hf_config: PATH`` (a Hugging Face ``config.json`` or its directory); other keys in the section override the base.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from medix_jax.models.qwen2_5_vl.config import ModelConfig, model_config_from_hf, preset
+
+
+class ConfigError(ValueError):
+    """A configuration key or value is invalid; the message names the dotted key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh: the product of the axis sizes must equal the device count; one size may be -1 ("the rest")."""
+
+    data: int = 1
+    fsdp: int = -1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """The whole job's configuration; sections are added by the subsystems that own them."""
+
+    model: ModelConfig = dataclasses.field(default_factory=lambda: preset("tiny"))
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    # Logical axis name -> mesh axis (or list of mesh axes, or null for replicated); merged over parallel.DEFAULT_RULES.
+    sharding_rules: dict[str, Any] = dataclasses.field(default_factory=dict)
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building dataclasses from plain data, with type checks.
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {hint}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
+        return value
+    if dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping for {hint.__name__}, got {type(value).__name__}")
+        return build(hint, value, key)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {str(k): _coerce(v, args[1] if args else Any, f"{key}.{k}") for k, v in value.items()}
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported config type {hint}")
+
+
+def build(cls: type, data: dict[str, Any], key: str = "", base: Any = None) -> Any:
+    """Build dataclass ``cls`` from ``data``; fields missing from ``data`` come from ``base`` (or the defaults)."""
+    if cls is ModelConfig and base is None:
+        data = dict(data)
+        base = _model_base(data, key)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        where = f"{key}." if key else ""
+        raise ConfigError(f"unknown config key '{where}{unknown[0]}' (known here: {', '.join(sorted(fields))})")
+    values = {}
+    for name, value in data.items():
+        sub = f"{key}.{name}" if key else name
+        hint = hints[name]
+        nested_base = getattr(base, name) if base is not None else None
+        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            values[name] = build(hint, value, sub, base=nested_base)
+        else:
+            values[name] = _coerce(value, hint, sub)
+    try:
+        return dataclasses.replace(base, **values) if base is not None else cls(**values)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{key or cls.__name__}: {e}") from e
+
+
+def _model_base(data: dict[str, Any], key: str) -> ModelConfig:
+    name = data.pop("preset", None)
+    hf_path = data.pop("hf_config", None)
+    if name is not None and hf_path is not None:
+        raise ConfigError(f"{key}: give either 'preset' or 'hf_config', not both")
+    if hf_path is not None:
+        return model_config_from_hf(hf_path)
+    try:
+        return preset(name or "tiny")
+    except KeyError as e:
+        raise ConfigError(f"{key}.preset: {e.args[0]}") from None
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain-data form of a config (YAML-serialisable, with tuples as lists)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (list, tuple)):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, dict):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# YAML files and dotted overrides.
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``'model.text.num_layers=2'`` -> (['model', 'text', 'num_layers'], 2)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like key.sub=value")
+    dotted, raw = item.split("=", 1)
+    parts = dotted.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {item!r} has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {dotted}: cannot parse value {raw!r}: {e}") from None
+    return parts, value
+
+
+def _set_dotted(tree: dict[str, Any], parts: list[str], value: Any) -> None:
+    node = tree
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {'.'.join(parts)}: '{'.join(parts[: i + 1])}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with path.open() as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), cls: type = Config) -> Any:
+    """Defaults <- YAML file <- dotted overrides, validated into ``cls``."""
+    raw = load_yaml(path) if path is not None else {}
+    for item in overrides:
+        parts, value = parse_override(item)
+        _set_dotted(raw, parts, value)
+    return build(cls, raw)

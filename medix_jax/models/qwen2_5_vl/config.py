@@ -1,0 +1,288 @@
+"""Qwen2.5-VL architecture configuration, presets, and conversion from/to Hugging Face ``config.json``.
+
+Numbers of the real presets are those of the released checkpoints (REFERENCE §2): Qwen2.5-VL-3B-Instruct and
+Qwen2.5-VL-7B-Instruct. ``tiny`` is a random-weight model for CPU tests and the embedded default job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    depth: int = 32
+    hidden_size: int = 1280
+    num_heads: int = 16
+    intermediate_size: int = 3420
+    out_hidden_size: int = 3584
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    spatial_merge_size: int = 2
+    window_size: int = 112
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    in_channels: int = 3
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    tokens_per_second: int = 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one pixel row: C * T * P * P (1176 for the released models)."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    @property
+    def merge_unit(self) -> int:
+        return self.spatial_merge_size**2
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"vision.hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.head_dim % 4:
+            raise ValueError(f"vision head_dim {self.head_dim} must be a multiple of 4 for the 2-D rotary")
+        bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
+        if bad:
+            raise ValueError(f"vision.fullatt_block_indexes {bad} outside 0..{self.depth - 1}")
+        if self.window_size % (self.patch_size * self.spatial_merge_size):
+            raise ValueError("vision.window_size must be a multiple of patch_size * spatial_merge_size")
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int = 152064
+    hidden_size: int = 3584
+    num_layers: int = 28
+    num_heads: int = 28
+    num_kv_heads: int = 4
+    intermediate_size: int = 18944
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 1_000_000.0
+    mrope_section: tuple[int, int, int] = (16, 24, 24)
+    tie_word_embeddings: bool = False
+    max_position_embeddings: int = 128000
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"text.hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"text.num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if sum(self.mrope_section) != self.head_dim // 2:
+            raise ValueError(f"text.mrope_section {self.mrope_section} must sum to head_dim/2 = {self.head_dim // 2}")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenIds:
+    """Special token ids; taken from the tokenizer/config of the checkpoint, never hard-coded in model code."""
+
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    bos_token_id: int = 151643
+    eos_token_id: int = 151645
+    pad_token_id: int = 151643
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+    text: TextConfig = dataclasses.field(default_factory=TextConfig)
+    tokens: TokenIds = dataclasses.field(default_factory=TokenIds)
+    param_dtype: str = "float32"  # storage dtype of the parameters
+    dtype: str = "float32"  # matmul / activation dtype; rotary, softmax, norm statistics always fp32
+    remat: bool = False  # rematerialise each decoder layer and vision block in the backward pass
+
+    def __post_init__(self):
+        for name in ("param_dtype", "dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"{name} {getattr(self, name)!r} is not one of {DTYPES}")
+        if self.vision.out_hidden_size != self.text.hidden_size:
+            raise ValueError(
+                f"vision.out_hidden_size {self.vision.out_hidden_size} != text.hidden_size {self.text.hidden_size}"
+            )
+        ids = dataclasses.asdict(self.tokens)
+        too_big = {k: v for k, v in ids.items() if not 0 <= v < self.text.vocab_size}
+        if too_big:
+            raise ValueError(f"token ids outside the vocabulary of {self.text.vocab_size}: {too_big}")
+
+
+_VISION_7B = VisionConfig(out_hidden_size=3584)
+
+PRESETS: dict[str, ModelConfig] = {
+    "qwen2_5_vl_7b": ModelConfig(vision=_VISION_7B, text=TextConfig()),
+    "qwen2_5_vl_3b": ModelConfig(
+        vision=dataclasses.replace(_VISION_7B, out_hidden_size=2048),
+        text=TextConfig(
+            vocab_size=151936,
+            hidden_size=2048,
+            num_layers=36,
+            num_heads=16,
+            num_kv_heads=2,
+            intermediate_size=11008,
+            tie_word_embeddings=True,
+        ),
+    ),
+    "tiny": ModelConfig(
+        vision=VisionConfig(
+            depth=4,
+            hidden_size=32,
+            num_heads=2,
+            intermediate_size=64,
+            out_hidden_size=64,
+            fullatt_block_indexes=(1, 3),
+        ),
+        text=TextConfig(
+            vocab_size=512,
+            hidden_size=64,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            intermediate_size=128,
+            mrope_section=(2, 3, 3),
+            tie_word_embeddings=True,
+            max_position_embeddings=4096,
+        ),
+        tokens=TokenIds(
+            image_token_id=500,
+            video_token_id=501,
+            vision_start_token_id=502,
+            vision_end_token_id=503,
+            bos_token_id=506,
+            eos_token_id=505,
+            pad_token_id=506,
+        ),
+    ),
+}
+
+
+def preset(name: str) -> ModelConfig:
+    if name not in PRESETS:
+        raise KeyError(f"unknown model preset {name!r} (known: {', '.join(sorted(PRESETS))})")
+    return PRESETS[name]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hugging Face config.json (transformers 4.57 flat layout and 5.x nested ``text_config`` layout).
+
+
+def _hf_text_fields(d: dict[str, Any]) -> dict[str, Any]:
+    """The text-model keys: 5.x nests them in ``text_config``; 4.x and hub files keep them at the top level."""
+    merged = {k: v for k, v in d.items() if k not in ("vision_config", "text_config")}
+    merged.update(d.get("text_config") or {})
+    return merged
+
+
+def model_config_from_hf(path: str | Path, **overrides: Any) -> ModelConfig:
+    """Read a Hugging Face Qwen2.5-VL ``config.json`` (file or directory) into a ``ModelConfig``."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "config.json"
+    with path.open() as f:
+        d = json.load(f)
+    if d.get("model_type") not in ("qwen2_5_vl", None):
+        raise ValueError(f"{path}: model_type {d.get('model_type')!r} is not qwen2_5_vl")
+    t = _hf_text_fields(d)
+    v = d.get("vision_config") or {}
+    rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
+    rope_theta = rope.get("rope_theta", t.get("rope_theta", 1_000_000.0))
+    text = TextConfig(
+        vocab_size=t["vocab_size"],
+        hidden_size=t["hidden_size"],
+        num_layers=t["num_hidden_layers"],
+        num_heads=t["num_attention_heads"],
+        num_kv_heads=t.get("num_key_value_heads", t["num_attention_heads"]),
+        intermediate_size=t["intermediate_size"],
+        rms_norm_eps=t.get("rms_norm_eps", 1e-6),
+        rope_theta=float(rope_theta),
+        mrope_section=tuple(rope.get("mrope_section", (16, 24, 24))),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", t.get("tie_word_embeddings", False))),
+        max_position_embeddings=t.get("max_position_embeddings", 128000),
+    )
+    vision_rope = (v.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+    vision = VisionConfig(
+        depth=v["depth"],
+        hidden_size=v["hidden_size"],
+        num_heads=v["num_heads"],
+        intermediate_size=v["intermediate_size"],
+        out_hidden_size=v.get("out_hidden_size", text.hidden_size),
+        patch_size=v.get("patch_size", v.get("spatial_patch_size", 14)),
+        temporal_patch_size=v.get("temporal_patch_size", 2),
+        spatial_merge_size=v.get("spatial_merge_size", 2),
+        window_size=v.get("window_size", 112),
+        fullatt_block_indexes=tuple(v.get("fullatt_block_indexes", (7, 15, 23, 31))),
+        in_channels=v.get("in_channels", v.get("in_chans", 3)),
+        rope_theta=float(vision_rope),
+        tokens_per_second=v.get("tokens_per_second", 2),
+    )
+    def token(name: str):
+        value = d.get(name, t.get(name))
+        if isinstance(value, list):
+            raise ValueError(f"{path}: a list {name} is not supported; give the single id")
+        return value
+
+    ids = {f.name: token(f.name) for f in dataclasses.fields(TokenIds)}
+    ids["eos_token_id"] = ids["eos_token_id"] if ids["eos_token_id"] is not None else TokenIds.eos_token_id
+    for name in ("pad_token_id", "bos_token_id"):  # often null: fall back to end-of-sequence
+        ids[name] = ids[name] if ids[name] is not None else ids["eos_token_id"]
+    tokens = TokenIds(**{k: int(v) if v is not None else getattr(TokenIds, k) for k, v in ids.items()})
+    return ModelConfig(vision=vision, text=text, tokens=tokens, **overrides)
+
+
+def model_config_to_hf(cfg: ModelConfig, torch_dtype: str | None = None) -> dict[str, Any]:
+    """Hub-style ``config.json`` (flat text keys + ``rope_scaling``/``rope_theta``): loads in transformers 4.57 and 5.x."""
+    t, v, ids = cfg.text, cfg.vision, cfg.tokens
+    return {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"],
+        "model_type": "qwen2_5_vl",
+        "attention_dropout": 0.0,
+        "hidden_act": "silu",
+        "hidden_size": t.hidden_size,
+        "initializer_range": 0.02,
+        "intermediate_size": t.intermediate_size,
+        "max_position_embeddings": t.max_position_embeddings,
+        "max_window_layers": t.num_layers,
+        "num_attention_heads": t.num_heads,
+        "num_hidden_layers": t.num_layers,
+        "num_key_value_heads": t.num_kv_heads,
+        "rms_norm_eps": t.rms_norm_eps,
+        "rope_theta": t.rope_theta,
+        "rope_scaling": {"type": "mrope", "rope_type": "default", "mrope_section": list(t.mrope_section)},
+        "sliding_window": t.max_position_embeddings,
+        "use_sliding_window": False,
+        "tie_word_embeddings": t.tie_word_embeddings,
+        "torch_dtype": torch_dtype or cfg.param_dtype,
+        "use_cache": True,
+        "vocab_size": t.vocab_size,
+        **dataclasses.asdict(ids),
+        "vision_config": {
+            "depth": v.depth,
+            "hidden_act": "silu",
+            "hidden_size": v.hidden_size,
+            "intermediate_size": v.intermediate_size,
+            "num_heads": v.num_heads,
+            "in_chans": v.in_channels,
+            "in_channels": v.in_channels,
+            "out_hidden_size": v.out_hidden_size,
+            "patch_size": v.patch_size,
+            "spatial_patch_size": v.patch_size,
+            "spatial_merge_size": v.spatial_merge_size,
+            "temporal_patch_size": v.temporal_patch_size,
+            "window_size": v.window_size,
+            "fullatt_block_indexes": list(v.fullatt_block_indexes),
+            "tokens_per_second": v.tokens_per_second,
+            "model_type": "qwen2_5_vl",
+        },
+    }

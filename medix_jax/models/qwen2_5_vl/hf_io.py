@@ -1,0 +1,272 @@
+"""Hugging Face safetensors I/O for Qwen2.5-VL.
+
+Name mapping (our parameter path -> hub key) is mechanical because the module tree mirrors the checkpoint:
+``visual.blocks.3.attn.qkv.kernel`` -> ``visual.blocks.3.attn.qkv.weight``; ``model.embed_tokens.embedding`` ->
+``model.embed_tokens.weight``; the merger's ``fc1``/``fc2`` are the hub's ``mlp.0``/``mlp.2``. Newer transformers
+keep ``model.visual.*`` / ``model.language_model.*`` in memory; both spellings are accepted on load, and hub (on-disk)
+names are written.
+
+Layouts: ``nn.Linear.weight`` is ``(out, in)`` and our kernels are ``(in, out)``; the fused vision ``qkv`` kernel is
+``(in, 3, out)`` so that the head axis can be sharded; the patch embedding ``Conv3d`` weight
+``(hidden, C, T, P, P)`` is a ``(C*T*P*P, hidden)`` kernel.
+
+Loading reads one tensor at a time (memory-mapped) and places it directly with its sharding: each device receives
+only its shard and the whole model never sits in one host array.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from medix_jax.models.qwen2_5_vl.config import ModelConfig, model_config_from_hf, model_config_to_hf
+from medix_jax.models.qwen2_5_vl.model import Qwen2_5_VL, abstract_model
+
+log = logging.getLogger(__name__)
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+# Files copied from the base checkpoint by save_hf (tokenizer, processor, chat template, generation defaults).
+AUX_FILES = (
+    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+    "added_tokens.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
+    "processor_config.json", "video_preprocessor_config.json", "generation_config.json",
+)
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint's tensors do not match the model: the message names every offending tensor."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Names and layouts
+
+
+def hub_name(path: tuple) -> str:
+    """Our parameter path -> on-disk hub key."""
+    name = ".".join(str(p) for p in path)
+    name = re.sub(r"\.(kernel|embedding)$", ".weight", name)
+    return name.replace("merger.fc1.", "merger.mlp.0.").replace("merger.fc2.", "merger.mlp.2.")
+
+
+def normalise_hub_key(key: str) -> str:
+    """Accept the in-memory names of newer transformers (``model.visual.``, ``model.language_model.``)."""
+    if key.startswith("model.visual."):
+        return key[len("model.") :]
+    if key.startswith("model.language_model."):
+        return "model." + key[len("model.language_model.") :]
+    return key
+
+
+def _layout(key: str) -> str:
+    if key.endswith("patch_embed.proj.weight"):
+        return "conv"
+    if key.endswith("attn.qkv.weight"):
+        return "qkv"
+    if key.endswith("attn.qkv.bias"):
+        return "qkv_bias"
+    if key.endswith(".weight") and not key.endswith(("norm.weight", "norm1.weight", "norm2.weight", "ln_q.weight",
+                                                     "layernorm.weight", "embed_tokens.weight")):
+        return "linear"
+    return "same"
+
+
+def hub_to_ours(key: str, w: np.ndarray) -> np.ndarray:
+    kind = _layout(key)
+    if kind == "linear":
+        return w.T
+    if kind == "conv":
+        return w.reshape(w.shape[0], -1).T
+    if kind == "qkv":  # (3*out, in) -> (in, 3, out)
+        return w.reshape(3, -1, w.shape[1]).transpose(2, 0, 1)
+    if kind == "qkv_bias":
+        return w.reshape(3, -1)
+    return w
+
+
+def ours_to_hub(key: str, w: np.ndarray, cfg: ModelConfig) -> np.ndarray:
+    kind = _layout(key)
+    if kind == "linear":
+        return w.T
+    if kind == "conv":
+        v = cfg.vision
+        return w.T.reshape(-1, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
+    if kind == "qkv":
+        return w.transpose(1, 2, 0).reshape(-1, w.shape[0])
+    if kind == "qkv_bias":
+        return w.reshape(-1)
+    return w
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+class SafetensorsDir:
+    """Tensors of a checkpoint directory (one ``model.safetensors`` or shards with an index), by normalised name."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        index = self.path / SAFETENSORS_INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        else:
+            files = sorted(self.path.glob("*.safetensors"))
+            if not files:
+                raise FileNotFoundError(f"no *.safetensors (or {SAFETENSORS_INDEX}) in {self.path}")
+            weight_map = {}
+            for file in files:
+                with safe_open(file, "np") as f:
+                    weight_map.update({k: file.name for k in f.keys()})
+        self.files: dict[str, tuple[str, str]] = {}  # normalised name -> (file, stored key)
+        for key, file in weight_map.items():
+            name = normalise_hub_key(key)
+            if name in self.files:
+                raise CheckpointMismatch(f"tensor {name} appears twice in {self.path} (as {key})")
+            self.files[name] = (file, key)
+
+    def get(self, name: str) -> np.ndarray:
+        file, key = self.files[name]
+        with safe_open(self.path / file, "np") as f:
+            return f.get_tensor(key)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        file, key = self.files[name]
+        with safe_open(self.path / file, "np") as f:
+            return tuple(f.get_slice(key).get_shape())
+
+
+def _place(array: np.ndarray, sharding: jax.sharding.Sharding | None) -> jax.Array:
+    if sharding is None:
+        return jnp.asarray(array)
+    return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
+
+
+def load_hf(
+    path: str | Path,
+    dtype: str = "float32",
+    param_dtype: str | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: dict | None = None,
+    remat: bool = False,
+) -> Qwen2_5_VL:
+    """Load a Hugging Face Qwen2.5-VL checkpoint directory into our model.
+
+    ``dtype`` is the compute dtype and (unless ``param_dtype`` is given) the parameter dtype. With a ``mesh``,
+    every parameter is placed directly with the sharding its logical axes get from ``rules`` (see
+    ``medix_jax.parallel``). Missing, unexpected or mis-shaped tensors raise ``CheckpointMismatch`` naming them.
+    """
+    from medix_jax import parallel
+
+    path = Path(path)
+    cfg = model_config_from_hf(path, dtype=dtype, param_dtype=param_dtype or dtype, remat=remat)
+    graphdef, state = nnx.split(abstract_model(cfg))
+    shardings = parallel.param_shardings(state, mesh, rules) if mesh is not None else None
+    source = SafetensorsDir(path)
+
+    abstract = dict(nnx.to_flat_state(state))
+    wanted = {hub_name(p): p for p in abstract}
+    present = set(source.files)
+    ignored = {"lm_head.weight"} & present if cfg.text.tie_word_embeddings else set()
+    if ignored:
+        log.info("tied embeddings: ignoring lm_head.weight in %s", path)
+    missing, unexpected = sorted(set(wanted) - present), sorted(present - set(wanted) - ignored)
+    problems = [f"missing tensor {k}" for k in missing] + [f"unexpected tensor {k}" for k in unexpected]
+    for key, p in wanted.items():
+        if key in present:
+            want = _hub_shape(key, abstract[p].shape, cfg)
+            if source.shape(key) != want:
+                problems.append(f"tensor {key} has shape {source.shape(key)}, expected {want}")
+    if problems:
+        raise CheckpointMismatch(f"{path} does not match the model:\n  " + "\n  ".join(problems))
+
+    pdtype = jnp.dtype(cfg.param_dtype)
+    for key, p in wanted.items():
+        array = np.ascontiguousarray(hub_to_ours(key, source.get(key)).astype(pdtype))
+        abstract[p].set_value(_place(array, shardings[p] if shardings else None))
+    return nnx.merge(graphdef, nnx.from_flat_state(abstract))
+
+
+def _hub_shape(key: str, ours: tuple[int, ...], cfg: ModelConfig) -> tuple[int, ...]:
+    """Hub-layout shape of a parameter, computed on a zero-stride view (no memory)."""
+    return tuple(ours_to_hub(key, np.broadcast_to(np.zeros((), np.uint8), ours), cfg).shape)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saving
+
+
+def hub_tensors(model: Qwen2_5_VL, dtype: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """(hub key, host array) for every parameter, one at a time, in hub layout."""
+    for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        key = hub_name(p)
+        array = np.asarray(jax.device_get(var[...]))
+        if dtype is not None:
+            array = array.astype(jnp.dtype(dtype))
+        yield key, np.ascontiguousarray(ours_to_hub(key, array, model.config))
+
+
+def save_hf(
+    model: Qwen2_5_VL,
+    out_dir: str | Path,
+    base_dir: str | Path | None = None,
+    dtype: str | None = None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> Path:
+    """Write ``model`` as a Hugging Face checkpoint directory.
+
+    Safetensors shards of at most ``max_shard_bytes`` (a single ``model.safetensors`` when one suffices, otherwise
+    ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``), a hub-style ``config.json``, and
+    the tokenizer / processor / chat-template files of ``base_dir`` when given. ``dtype`` casts the weights
+    (default: as stored).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in list(out.glob("model*.safetensors")) + [out / SAFETENSORS_INDEX]:
+        stale.unlink(missing_ok=True)
+
+    shard: dict[str, np.ndarray] = {}
+    written: list[tuple[str, list[str]]] = []  # (temporary file name, keys), renamed once the count is known
+    total = 0
+
+    def flush():
+        name = f"part-{len(written):05d}.safetensors"
+        save_file(shard, str(out / name), metadata={"format": "pt"})
+        written.append((name, list(shard)))
+        shard.clear()
+
+    for key, array in hub_tensors(model, dtype):
+        if shard and sum(a.nbytes for a in shard.values()) + array.nbytes > max_shard_bytes:
+            flush()
+        shard[key] = array
+        total += array.nbytes
+    flush()
+
+    if len(written) == 1:
+        (out / written[0][0]).rename(out / "model.safetensors")
+    else:
+        weight_map = {}
+        for i, (name, keys) in enumerate(written):
+            final = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+            (out / name).rename(out / final)
+            weight_map.update({k: final for k in keys})
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+    stored = str(jnp.dtype(dtype or model.config.param_dtype))
+    (out / "config.json").write_text(json.dumps(model_config_to_hf(model.config, torch_dtype=stored), indent=2) + "\n")
+    if base_dir is not None:
+        for name in AUX_FILES:
+            if (Path(base_dir) / name).is_file():
+                shutil.copy2(Path(base_dir) / name, out / name)
+    return out

@@ -1,0 +1,108 @@
+"""Building blocks shared by the vision tower and the decoder.
+
+Every parameter is an ``nnx.Param`` carrying ``axes`` metadata: one logical axis name per dimension (``None`` for
+a dimension that is never sharded). ``medix_jax.parallel`` maps logical names to mesh axes with one rules table.
+
+Dtype policy: parameters are stored in ``param_dtype``; matmuls run in ``dtype``; RMSNorm statistics, rotary
+embeddings and the attention softmax are computed in float32 (as transformers does for Qwen2.5-VL).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Axes = tuple[str | None, ...]
+
+
+def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], dtype, axes: Axes) -> nnx.Param:
+    assert len(axes) == len(shape), (shape, axes)
+    return nnx.Param(init(rngs.params(), shape, dtype), axes=axes)
+
+
+class Dense(nnx.Module):
+    """``y = x @ kernel + bias`` with ``kernel`` of shape ``(in, *out)`` (HF ``nn.Linear.weight`` transposed)."""
+
+    def __init__(self, d_in: int, d_out: int | tuple[int, ...], axes: Axes, *, bias: bool, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        out = (d_out,) if isinstance(d_out, int) else tuple(d_out)
+        self.dtype = dtype
+        self.kernel = param(rngs, nnx.initializers.normal(0.02), (d_in, *out), param_dtype, axes)
+        self.bias = param(rngs, nnx.initializers.zeros, out, param_dtype, axes[1:]) if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.kernel[...].astype(self.dtype)
+        y = jnp.tensordot(x.astype(self.dtype), kernel, axes=((x.ndim - 1,), (0,)))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embed(nnx.Module):
+    def __init__(self, vocab: int, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.embedding = param(rngs, nnx.initializers.normal(0.02), (vocab, dim), param_dtype, ("vocab", "embed"))
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Tied output projection: ``x @ embedding.T``."""
+        return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+
+
+class RMSNorm(nnx.Module):
+    """``weight * (x / sqrt(mean(x^2) + eps))`` with the statistics in float32 (Qwen2RMSNorm)."""
+
+    def __init__(self, dim: int, eps: float, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.eps = eps
+        self.dtype = dtype
+        self.weight = param(rngs, nnx.initializers.ones, (dim,), param_dtype, ("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(self.dtype) * normed.astype(self.dtype)
+
+
+class SwiGLU(nnx.Module):
+    """``down(silu(gate(x)) * up(x))``; the vision tower uses biases, the decoder does not."""
+
+    def __init__(self, dim: int, hidden: int, axes: tuple[str, str], *, bias: bool, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        kw = dict(bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Dense(dim, hidden, axes, **kw)
+        self.up_proj = Dense(dim, hidden, axes, **kw)
+        self.down_proj = Dense(hidden, dim, axes[::-1], **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def rotate_half(x: jax.Array) -> jax.Array:
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
+def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """``x * cos + rotate_half(x) * sin`` in float32; ``x`` is ``[..., T, H, D]`` and cos/sin ``[..., T, D]``."""
+    x32 = x.astype(jnp.float32)
+    cos, sin = cos[..., None, :], sin[..., None, :]
+    return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Scaled dot-product attention with grouped KV heads and a boolean mask; softmax in float32.
+
+    q: ``[B, T, H, D]``; k, v: ``[B, S, K, D]`` with ``H`` a multiple of ``K``; mask: ``[B, T, S]`` (True = attend).
+    A query row with nothing to attend to yields a uniform average instead of NaN (it is padding, never read).
+    """
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    q = q.reshape(b, t, kv, h // kv, d)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * (d**-0.5)
+    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)

@@ -1,0 +1,151 @@
+"""Qwen2.5-VL for conditional generation: vision tower + Qwen2 decoder + LM head.
+
+Two layers of API:
+
+* ``prepare_inputs`` (host, numpy) turns what the Hugging Face processor gives -- ``input_ids``,
+  ``attention_mask``, ``pixel_values``, ``image_grid_thw`` -- into fixed-shape ``ModelInputs``: 3-D M-RoPE
+  positions, ``rope_delta`` and the vision window layout, optionally padded to pixel-row buckets.
+* ``Qwen2_5_VL.__call__(inputs)`` (jit-able) returns logits ``[B, S, vocab]``. ``forward`` does both steps, under
+  ``jax.jit``, for callers that hold processor outputs.
+
+Image features replace the embeddings of image placeholder tokens in row-major order (transformers
+``masked_scatter``); the number of placeholders must equal the number of merged image tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from medix_jax.models.qwen2_5_vl.config import ModelConfig
+from medix_jax.models.qwen2_5_vl.language import TextModel
+from medix_jax.models.qwen2_5_vl.layers import Dense
+from medix_jax.models.qwen2_5_vl.rope import mrope_cos_sin, mrope_positions
+from medix_jax.models.qwen2_5_vl.vision import VisionInputs, VisionTower, vision_layout
+
+
+class ModelInputs(NamedTuple):
+    input_ids: jax.Array  # [B, S] int32
+    attention_mask: jax.Array  # [B, S] bool, False at padding
+    positions: jax.Array  # [3, B, S] int32 (t, h, w)
+    rope_delta: jax.Array  # [B] int32: decode step k uses position (number of tokens) + rope_delta + k
+    vision: VisionInputs | None  # None for a text-only batch
+
+
+def prepare_inputs(
+    cfg: ModelConfig,
+    input_ids,
+    attention_mask=None,
+    pixel_values=None,
+    image_grid_thw=None,
+    pixel_rows: int | None = None,
+) -> ModelInputs:
+    """Host-side preparation of processor outputs (numpy in, numpy out). ``pixel_rows`` pads to a row bucket."""
+    input_ids = np.asarray(input_ids, np.int32)
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
+    mask = np.ones_like(input_ids, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
+    if mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {mask.shape} != input_ids shape {input_ids.shape}")
+    grids = None if image_grid_thw is None else np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
+    positions, rope_delta = mrope_positions(
+        input_ids, mask, grids, cfg.tokens.image_token_id, cfg.vision.spatial_merge_size
+    )
+    vision = None
+    if grids is not None and len(grids):
+        if pixel_values is None:
+            raise ValueError("image_grid_thw given without pixel_values")
+        pixel_values = np.asarray(pixel_values, np.float32)
+        rows = int(np.prod(grids, axis=1).sum())
+        if pixel_values.shape != (rows, cfg.vision.patch_dim):
+            raise ValueError(
+                f"pixel_values shape {pixel_values.shape} does not match image_grid_thw: expected "
+                f"({rows}, {cfg.vision.patch_dim})"
+            )
+        layout = vision_layout(cfg.vision, grids, pixel_rows)
+        padded = np.zeros((len(layout["patch_order"]), cfg.vision.patch_dim), np.float32)
+        padded[:rows] = pixel_values
+        vision = VisionInputs(pixel_values=padded, **layout)
+    elif np.any((input_ids == cfg.tokens.image_token_id) & mask):
+        raise ValueError("input_ids contain image placeholder tokens but no image_grid_thw was given")
+    return ModelInputs(input_ids, mask, positions, rope_delta, vision)
+
+
+def scatter_image_features(embeds: jax.Array, is_image: jax.Array, features: jax.Array) -> jax.Array:
+    """Put ``features[k]`` at the k-th image placeholder (row-major), keep ``embeds`` elsewhere."""
+    flat = is_image.reshape(-1)
+    index = jnp.clip(jnp.cumsum(flat) - 1, 0, features.shape[0] - 1).reshape(is_image.shape)
+    return jnp.where(is_image[..., None], jnp.take(features, index, axis=0).astype(embeds.dtype), embeds)
+
+
+class Qwen2_5_VL(nnx.Module):
+    """Parameter tree mirrors the hub checkpoint: ``visual.*``, ``model.*`` (decoder), ``lm_head`` (if untied)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, remat=cfg.remat, rngs=rngs)
+        self.visual = VisionTower(cfg.vision, **kw)
+        self.model = TextModel(cfg.text, **kw)
+        untied = not cfg.text.tie_word_embeddings
+        self.lm_head = nnx.data(Dense(cfg.text.hidden_size, cfg.text.vocab_size, ("embed", "vocab"), bias=False,
+                                      dtype=dtype, param_dtype=param_dtype, rngs=rngs) if untied else None)
+
+    def embed(self, inputs: ModelInputs) -> jax.Array:
+        """Token embeddings with image features scattered at the placeholders ``[B, S, hidden]``."""
+        embeds = self.model.embed_tokens(inputs.input_ids)
+        if inputs.vision is None:
+            return embeds
+        is_image = (inputs.input_ids == self.config.tokens.image_token_id) & inputs.attention_mask
+        return scatter_image_features(embeds, is_image, self.visual(inputs.vision))
+
+    def hidden_states(self, inputs: ModelInputs) -> jax.Array:
+        """Final-norm hidden states ``[B, S, hidden]`` under a causal mask that also hides padding keys."""
+        t = self.config.text
+        cos, sin = mrope_cos_sin(inputs.positions, t.head_dim, t.rope_theta, t.mrope_section)
+        s = inputs.input_ids.shape[1]
+        causal = jnp.tril(jnp.ones((s, s), bool))
+        mask = causal[None] & inputs.attention_mask[:, None, :]
+        return self.model(self.embed(inputs), cos, sin, mask)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        if self.lm_head is None:
+            return self.model.embed_tokens.attend(hidden)
+        return self.lm_head(hidden)
+
+    def __call__(self, inputs: ModelInputs) -> jax.Array:
+        return self.logits(self.hidden_states(inputs))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _apply(graphdef, state, inputs: ModelInputs) -> jax.Array:
+    return nnx.merge(graphdef, state)(inputs)
+
+
+def forward(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None) -> jax.Array:
+    """Logits for Hugging Face processor outputs; positions and the vision layout are computed here.
+
+    >>> logits = forward(model, **processor(text=..., images=..., return_tensors="np"))  # doctest: +SKIP
+    """
+    inputs = prepare_inputs(model.config, input_ids, attention_mask, pixel_values, image_grid_thw)
+    graphdef, state = nnx.split(model)
+    return _apply(graphdef, state, inputs)
+
+
+def init_model(cfg: ModelConfig, seed: int = 0) -> Qwen2_5_VL:
+    """A randomly initialised model (unsharded; see ``medix_jax.parallel.init_sharded`` for a mesh)."""
+    return Qwen2_5_VL(cfg, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(cfg: ModelConfig) -> Qwen2_5_VL:
+    """The model with ``ShapeDtypeStruct`` leaves: shapes and logical axes, no memory allocated."""
+    return nnx.eval_shape(lambda: Qwen2_5_VL(cfg, rngs=nnx.Rngs(0)))
+
+
+def param_count(model: Qwen2_5_VL) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
