@@ -1,0 +1,83 @@
+"""Qwen2-VL image preprocessing in numpy/PIL (parity target: transformers' PIL ``Qwen2VLImageProcessorPil``).
+
+1. ``smart_resize``: both sides become multiples of ``factor = patch * merge`` (28) by Python rounding
+   (half-to-even), then the image is scaled down (floor) or up (ceil) to fit ``[min_pixels, max_pixels]``, keeping
+   the aspect ratio; an aspect ratio above 200 is an error;
+2. PIL bicubic resize of the RGB uint8 image (transparency composited onto white);
+3. ``/255``, then ``(x - mean) / std`` per channel (OpenAI CLIP statistics);
+4. patchify to rows of ``C * T * P * P`` (1176): patches listed in 2x2 merge-block order, each row laid out as
+   (channel, time, py, px), the still image repeated ``T`` times; ``grid_thw = [1, h / P, w / P]``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from PIL import Image
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MAX_ASPECT_RATIO = 200
+
+
+def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
+                 max_pixels: int = 14 * 14 * 4 * 1280) -> tuple[int, int]:
+    """Target (height, width): multiples of ``factor`` with ``min_pixels <= h*w <= max_pixels``."""
+    if min(height, width) <= 0:
+        raise ValueError(f"image has an empty side: {height}x{width}")
+    ratio = max(height, width) / min(height, width)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ValueError(f"absolute aspect ratio must be at most {MAX_ASPECT_RATIO}, got {ratio:.1f} ({height}x{width})")
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+def patchify(image: np.ndarray, patch_size: int = 14, merge_size: int = 2, temporal_patch_size: int = 2) -> np.ndarray:
+    """``[C, H, W]`` float image -> rows ``[H/P * W/P, C*T*P*P]`` in merge-block order."""
+    c, h, w = image.shape
+    gh, gw = h // patch_size, w // patch_size
+    x = image.reshape(c, gh // merge_size, merge_size, patch_size, gw // merge_size, merge_size, patch_size)
+    x = x.transpose(1, 4, 2, 5, 0, 3, 6)  # (gh/m, gw/m, m, m, C, P, P)
+    x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], temporal_patch_size, *x.shape[5:]))
+    return x.reshape(gh * gw, c * temporal_patch_size * patch_size * patch_size)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB, with any transparency composited onto white (as transformers' ``convert_to_rgb``)."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def preprocess_image(
+    image: Image.Image,
+    min_pixels: int = 56 * 56,
+    max_pixels: int = 14 * 14 * 4 * 1280,
+    patch_size: int = 14,
+    merge_size: int = 2,
+    temporal_patch_size: int = 2,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One PIL image -> (pixel rows ``[N, 1176]`` float32, ``grid_thw`` ``[1, h/P, w/P]`` int64)."""
+    image = to_rgb(image)
+    height, width = smart_resize(image.height, image.width, patch_size * merge_size, min_pixels, max_pixels)
+    resized = np.asarray(image.resize((width, height), resample=Image.Resampling.BICUBIC), np.float32)
+    normed = (resized / 255.0 - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
+    rows = patchify(normed.transpose(2, 0, 1), patch_size, merge_size, temporal_patch_size)
+    return rows.astype(np.float32), np.array([1, height // patch_size, width // patch_size], np.int64)
+
+
+def preprocess_images(images, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """Several images -> concatenated rows and ``image_grid_thw`` ``[n, 3]`` (the processor's batch layout)."""
+    rows, grids = zip(*(preprocess_image(im, **kwargs) for im in images))
+    return np.concatenate(rows), np.stack(grids)

@@ -1,0 +1,27 @@
+"""Shared fixtures. 8 simulated CPU devices for mesh tests (must be set before jax is imported); no hub access."""
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from tests.helpers import make_tiny_hf_model  # noqa: E402
+
+
+@pytest.fixture(scope="session", params=[False, True], ids=["untied", "tied"])
+def tiny_checkpoint(request, tmp_path_factory):
+    """(transformers model, checkpoint dir) of a tiny random Qwen2.5-VL, untied and tied."""
+    model = make_tiny_hf_model(tied=request.param)
+    path = tmp_path_factory.mktemp("tied" if request.param else "untied")
+    model.save_pretrained(path)
+    return model, path
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

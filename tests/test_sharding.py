@@ -1,0 +1,77 @@
+"""Sharded load and forward on 8 simulated CPU devices (fsdp=4, tensor=2) equal the single-device forward."""
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from medix_jax import parallel
+from medix_jax.models.qwen2_5_vl import prepare_inputs
+from medix_jax.models.qwen2_5_vl.hf_io import load_hf
+from medix_jax.models.qwen2_5_vl.model import _apply
+from tests.helpers import left_pad, tokens_for
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    if jax.device_count() < 8:
+        pytest.fail("the sharding tests need 8 devices: XLA_FLAGS=--xla_force_host_platform_device_count=8")
+    return parallel.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+
+
+def test_mesh_sizes_and_errors():
+    assert parallel.make_mesh({"fsdp": -1, "tensor": 2}).shape == {"data": 1, "fsdp": 4, "tensor": 2}
+    with pytest.raises(ValueError, match="needs 6 devices"):
+        parallel.make_mesh({"fsdp": 3, "tensor": 2})
+    with pytest.raises(ValueError, match="at most one -1"):
+        parallel.make_mesh({"fsdp": -1, "tensor": -1})
+    with pytest.raises(ValueError, match="unknown mesh axes"):
+        parallel.make_mesh({"pipeline": 8})
+
+
+def test_sharded_load_and_forward_match_single_device(tiny_checkpoint, mesh, rng):
+    _, path = tiny_checkpoint
+    single = load_hf(path)
+    sharded = load_hf(path, mesh=mesh)
+
+    q = sharded.model.layers[0].self_attn.q_proj.kernel[...]
+    assert q.sharding.spec == P("fsdp", "tensor")
+    assert q.addressable_shards[0].data.shape == (q.shape[0] // 4, q.shape[1] // 2)
+    up = sharded.visual.blocks[0].mlp.up_proj.kernel[...]
+    assert up.sharding.spec == P("fsdp", "tensor")
+    emb = sharded.model.embed_tokens.embedding[...]
+    assert emb.sharding.spec == P("tensor", "fsdp")
+    norm = sharded.model.norm.weight[...]
+    assert norm.sharding.spec == P(None)
+    sharded_bytes = sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(nnx.state(sharded, nnx.Param)))
+    full_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(single, nnx.Param)))
+    assert sharded_bytes < full_bytes / 3  # every device holds a fraction of the model
+
+    grids = np.array([[1, 8, 8], [1, 12, 20]])
+    rows = [tokens_for([3, "img", 5], grids[:1], rng), tokens_for([11], [], rng),
+            tokens_for(["img", 2], grids[1:], rng), tokens_for([4], [], rng)]
+    ids, mask = left_pad(rows)
+    pixels = rng.normal(size=(int(np.prod(grids, 1).sum()), 1176)).astype(np.float32)
+    inputs = prepare_inputs(single.config, ids, mask, pixels, grids)
+
+    graphdef, state = nnx.split(single)
+    expected = np.asarray(_apply(graphdef, state, inputs))
+
+    batch = NamedSharding(mesh, P(("data", "fsdp")))
+    placed = inputs._replace(
+        input_ids=jax.device_put(inputs.input_ids, batch),
+        attention_mask=jax.device_put(inputs.attention_mask, batch),
+        positions=jax.device_put(inputs.positions, NamedSharding(mesh, P(None, ("data", "fsdp")))),
+        rope_delta=jax.device_put(inputs.rope_delta, batch),
+    )
+    graphdef, state = nnx.split(sharded)
+    got = np.asarray(_apply(graphdef, state, placed))
+    assert np.abs(got - expected)[mask.astype(bool)].max() <= 1e-5
+
+
+def test_indivisible_dimensions_are_replicated(mesh):
+    spec = parallel.logical_spec(("embed", "kv_heads"), (64, 3), mesh)  # 3 kv-head columns on tensor=2
+    assert spec == P("fsdp", None)
+    with pytest.raises(ValueError, match="no sharding rule for logical axis 'bogus'"):
+        parallel.logical_spec(("bogus",), (8,), mesh)
