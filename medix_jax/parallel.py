@@ -9,8 +9,9 @@ A dimension whose size is not divisible by its mesh axes is replicated instead (
 
 from __future__ import annotations
 
+import functools
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import jax
 import jax.experimental.mesh_utils
@@ -35,6 +36,7 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "vision_merge": "fsdp",
     # never sharded
     "norm": None,
+    "layers": None,  # the stacked-layer axis of scanned models
     # activations
     "batch": ("data", "fsdp"),
 }
@@ -88,12 +90,23 @@ def param_shardings(state: nnx.State, mesh: Mesh, rules: Mapping | None = None) 
     return out
 
 
-def shard_model(model: nnx.Module, mesh: Mesh, rules: Mapping | None = None) -> nnx.Module:
-    """Move an existing model's parameters onto ``mesh`` with their logical shardings (in place)."""
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        axes = var.get_metadata()["axes"]
-        var.set_value(jax.device_put(var[...], NamedSharding(mesh, logical_spec(axes, var.shape, mesh, rules))))
-    return model
+def init_sharded(make: Callable[[], nnx.Module], mesh: Mesh, rules: Mapping | None = None) -> nnx.Module:
+    """Build ``make()`` with every parameter created directly in its sharding (one jit with ``out_shardings``):
+    no device ever holds the whole model."""
+    graphdef, state = nnx.split(nnx.eval_shape(make))
+    flat = dict(nnx.to_flat_state(state))
+    shardings = param_shardings(state, mesh, rules)
+    names = {".".join(map(str, path)): path for path in flat}
+
+    @functools.partial(jax.jit, out_shardings={name: shardings[path] for name, path in names.items()})
+    def build():
+        built = nnx.to_flat_state(nnx.state(make()))
+        return {".".join(map(str, path)): var[...] for path, var in built}
+
+    values = build()
+    for name, path in names.items():
+        flat[path].set_value(values[name])
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
 def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0, rules: Mapping | None = None) -> NamedSharding:

@@ -12,10 +12,10 @@ from tests.helpers import hf_logits, left_pad, tokens_for
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module")
-def pair(tiny_checkpoint):
+@pytest.fixture(scope="module", params=[{}, {"scan_layers": True, "remat": True}], ids=["unrolled", "scan+remat"])
+def pair(tiny_checkpoint, request):
     hf, path = tiny_checkpoint
-    return hf, load_hf(path)
+    return hf, load_hf(path, **request.param)
 
 
 def test_two_images_in_one_row(pair, rng):
@@ -65,3 +65,14 @@ def test_vision_tower_alone(pair, rng, pad_rows):
     got = np.asarray(ours.visual(VisionInputs(pixel_values=padded, **layout)))
     assert got.shape[0] == len(padded) // 4
     assert np.abs(got[: len(ref)] - ref).max() <= TOL
+
+
+def test_bfloat16_compute_returns_float32_logits_close_to_fp32(tiny_checkpoint, rng):
+    hf, path = tiny_checkpoint
+    ids, mask = left_pad([tokens_for([10], [], rng)])
+    bf16 = load_hf(path, dtype="bfloat16", param_dtype="float32")
+    got = forward(bf16, ids, mask)
+    assert got.dtype == np.float32
+    ref = hf_logits(hf, ids, mask)
+    err = np.abs(np.asarray(got) - ref).max()
+    assert 0 < err < 0.1 * np.abs(ref).max()  # bf16 matmuls: close, not exact

@@ -7,7 +7,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from medix_jax import parallel
-from medix_jax.models.qwen2_5_vl import prepare_inputs
+from medix_jax.models.qwen2_5_vl import Qwen2_5_VL, init_model, preset, prepare_inputs
 from medix_jax.models.qwen2_5_vl.hf_io import load_hf
 from medix_jax.models.qwen2_5_vl.model import _apply
 from tests.helpers import left_pad, tokens_for
@@ -68,6 +68,17 @@ def test_sharded_load_and_forward_match_single_device(tiny_checkpoint, mesh, rng
     graphdef, state = nnx.split(sharded)
     got = np.asarray(_apply(graphdef, state, placed))
     assert np.abs(got - expected)[mask.astype(bool)].max() <= 1e-5
+
+
+def test_init_sharded_creates_parameters_in_place(mesh):
+    cfg = preset("tiny")
+    model = parallel.init_sharded(lambda: Qwen2_5_VL(cfg, rngs=nnx.Rngs(3)), mesh)
+    reference = init_model(cfg, seed=3)
+    kernel = model.model.layers[1].mlp.down_proj.kernel[...]
+    assert kernel.sharding.spec == P("tensor", "fsdp")
+    for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model, nnx.Param)),
+                                 nnx.to_flat_state(nnx.state(reference, nnx.Param))):
+        np.testing.assert_allclose(np.asarray(a[...]), np.asarray(b[...]), atol=1e-7, err_msg=str(path))
 
 
 def test_indivisible_dimensions_are_replicated(mesh):

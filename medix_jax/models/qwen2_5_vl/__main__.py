@@ -10,12 +10,13 @@ import argparse
 import time
 
 import numpy as np
+from flax import nnx
 from PIL import Image
 
 from medix_jax import parallel
 from medix_jax.config import load_config
 from medix_jax.data.image import preprocess_image
-from medix_jax.models.qwen2_5_vl import forward, init_model, param_count
+from medix_jax.models.qwen2_5_vl import Qwen2_5_VL, forward, param_count
 from medix_jax.models.qwen2_5_vl.hf_io import load_hf
 
 
@@ -33,7 +34,7 @@ def main(argv=None) -> None:
         model = load_hf(args.hf, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, mesh=mesh,
                         rules=cfg.sharding_rules)
     else:
-        model = parallel.shard_model(init_model(cfg.model, cfg.seed), mesh, cfg.sharding_rules)
+        model = parallel.init_sharded(lambda: Qwen2_5_VL(cfg.model, rngs=nnx.Rngs(cfg.seed)), mesh, cfg.sharding_rules)
     print(f"model: {param_count(model):,} parameters on mesh {dict(mesh.shape)} "
           f"({time.perf_counter() - start:.1f}s to build)")
 

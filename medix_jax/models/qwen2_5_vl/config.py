@@ -104,6 +104,7 @@ class ModelConfig:
     param_dtype: str = "float32"  # storage dtype of the parameters
     dtype: str = "float32"  # matmul / activation dtype; rotary, softmax, norm statistics always fp32
     remat: bool = False  # rematerialise each decoder layer and vision block in the backward pass
+    scan_layers: bool = False  # stack layers on a leading axis and run them with nnx.scan (flat compile time)
 
     def __post_init__(self):
         for name in ("param_dtype", "dtype"):

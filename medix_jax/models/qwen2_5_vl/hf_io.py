@@ -52,6 +52,22 @@ class CheckpointMismatch(ValueError):
 # Names and layouts
 
 
+def stacked_at(path: tuple) -> int | None:
+    """Position of the layer-list name in a scanned (stacked) parameter's path, else None."""
+    for i, part in enumerate(path[:-1]):
+        if part in ("layers", "blocks") and not isinstance(path[i + 1], int):
+            return i
+    return None
+
+
+def hub_names(path: tuple, num_layers: int) -> list[str]:
+    """Hub keys of a parameter: one, or one per layer for a stacked parameter (leading axis = layer)."""
+    i = stacked_at(path)
+    if i is None:
+        return [hub_name(path)]
+    return [hub_name(path[: i + 1] + (layer,) + path[i + 1 :]) for layer in range(num_layers)]
+
+
 def hub_name(path: tuple) -> str:
     """Our parameter path -> on-disk hub key."""
     name = ".".join(str(p) for p in path)
@@ -158,24 +174,27 @@ def load_hf(
     param_dtype: str | None = None,
     mesh: jax.sharding.Mesh | None = None,
     rules: dict | None = None,
-    remat: bool = False,
+    **overrides,
 ) -> Qwen2_5_VL:
     """Load a Hugging Face Qwen2.5-VL checkpoint directory into our model.
 
     ``dtype`` is the compute dtype and (unless ``param_dtype`` is given) the parameter dtype. With a ``mesh``,
     every parameter is placed directly with the sharding its logical axes get from ``rules`` (see
-    ``medix_jax.parallel``). Missing, unexpected or mis-shaped tensors raise ``CheckpointMismatch`` naming them.
+    ``medix_jax.parallel``). ``overrides`` are further ``ModelConfig`` fields (``remat``, ``scan_layers``).
+    Missing, unexpected or mis-shaped tensors raise ``CheckpointMismatch`` naming them. A scanned model's stacked
+    parameters are assembled on the host one parameter at a time (all layers of that parameter).
     """
     from medix_jax import parallel
 
     path = Path(path)
-    cfg = model_config_from_hf(path, dtype=dtype, param_dtype=param_dtype or dtype, remat=remat)
+    cfg = model_config_from_hf(path, dtype=dtype, param_dtype=param_dtype or dtype, **overrides)
     graphdef, state = nnx.split(abstract_model(cfg))
     shardings = parallel.param_shardings(state, mesh, rules) if mesh is not None else None
     source = SafetensorsDir(path)
 
     abstract = dict(nnx.to_flat_state(state))
-    wanted = {hub_name(p): p for p in abstract}
+    keys_of = {p: hub_names(p, var.shape[0]) for p, var in abstract.items()}
+    wanted = {key: p for p, keys in keys_of.items() for key in keys}
     present = set(source.files)
     ignored = {"lm_head.weight"} & present if cfg.text.tie_word_embeddings else set()
     if ignored:
@@ -184,16 +203,18 @@ def load_hf(
     problems = [f"missing tensor {k}" for k in missing] + [f"unexpected tensor {k}" for k in unexpected]
     for key, p in wanted.items():
         if key in present:
-            want = _hub_shape(key, abstract[p].shape, cfg)
+            shape = abstract[p].shape[1:] if stacked_at(p) is not None else abstract[p].shape
+            want = _hub_shape(key, shape, cfg)
             if source.shape(key) != want:
                 problems.append(f"tensor {key} has shape {source.shape(key)}, expected {want}")
     if problems:
         raise CheckpointMismatch(f"{path} does not match the model:\n  " + "\n  ".join(problems))
 
     pdtype = jnp.dtype(cfg.param_dtype)
-    for key, p in wanted.items():
-        array = np.ascontiguousarray(hub_to_ours(key, source.get(key)).astype(pdtype))
-        abstract[p].set_value(_place(array, shardings[p] if shardings else None))
+    for p, keys in keys_of.items():
+        arrays = [hub_to_ours(key, source.get(key)).astype(pdtype) for key in keys]
+        array = np.stack(arrays) if stacked_at(p) is not None else arrays[0]
+        abstract[p].set_value(_place(np.ascontiguousarray(array), shardings[p] if shardings else None))
     return nnx.merge(graphdef, nnx.from_flat_state(abstract))
 
 
@@ -209,11 +230,13 @@ def _hub_shape(key: str, ours: tuple[int, ...], cfg: ModelConfig) -> tuple[int, 
 def hub_tensors(model: Qwen2_5_VL, dtype: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """(hub key, host array) for every parameter, one at a time, in hub layout."""
     for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        key = hub_name(p)
         array = np.asarray(jax.device_get(var[...]))
         if dtype is not None:
             array = array.astype(jnp.dtype(dtype))
-        yield key, np.ascontiguousarray(ours_to_hub(key, array, model.config))
+        keys = hub_names(p, array.shape[0])
+        layers = array if stacked_at(p) is not None else [array]
+        for key, layer in zip(keys, layers):
+            yield key, np.ascontiguousarray(ours_to_hub(key, layer, model.config))
 
 
 def save_hf(

@@ -10,7 +10,16 @@ import jax
 from flax import nnx
 
 from medix_jax.models.qwen2_5_vl.config import TextConfig
-from medix_jax.models.qwen2_5_vl.layers import Dense, Embed, RMSNorm, SwiGLU, apply_rotary, attention
+from medix_jax.models.qwen2_5_vl.layers import (
+    Dense,
+    Embed,
+    RMSNorm,
+    SwiGLU,
+    apply_rotary,
+    attention,
+    run_layers,
+    stack_layers,
+)
 
 
 class Attention(nnx.Module):
@@ -48,17 +57,15 @@ class DecoderLayer(nnx.Module):
 class TextModel(nnx.Module):
     """Token embedding, decoder layers and the final norm (HF on-disk prefix ``model.``)."""
 
-    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, remat: bool, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.remat = remat
-        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, **kw)
-        self.layers = nnx.List([DecoderLayer(cfg, **kw) for _ in range(cfg.num_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, remat: bool, scan: bool, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
+        self.remat, self.scan = remat, scan
+        self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, **kw, rngs=rngs)
+        make = lambda r: DecoderLayer(cfg, **kw, rngs=r)  # noqa: E731
+        self.layers = (stack_layers(make, cfg.num_layers, rngs) if scan
+                       else nnx.List([make(rngs) for _ in range(cfg.num_layers)]))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw, rngs=rngs)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        run = (lambda layer, *a: layer(*a))
-        if self.remat:
-            run = nnx.remat(run)
-        for layer in self.layers:
-            x = run(layer, x, cos, sin, mask)
+        x = run_layers(self.layers, x, (), (cos, sin, mask), scan=self.scan, remat=self.remat)
         return self.norm(x)

@@ -47,10 +47,6 @@ class Embed(nnx.Module):
     def __call__(self, ids: jax.Array) -> jax.Array:
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
-    def attend(self, x: jax.Array) -> jax.Array:
-        """Tied output projection: ``x @ embedding.T``."""
-        return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
-
 
 class RMSNorm(nnx.Module):
     """``weight * (x / sqrt(mean(x^2) + eps))`` with the statistics in float32 (Qwen2RMSNorm)."""
@@ -106,3 +102,41 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
     probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h, d)
+
+
+def stack_layers(make, n: int, rngs: nnx.Rngs) -> nnx.Module:
+    """``n`` layers built by ``make(rngs)`` with their parameters stacked on a leading ``layers`` axis.
+
+    The stacked module is applied with ``run_layers(..., scan=True)`` (``nnx.scan``): one compiled layer body
+    instead of ``n`` unrolled copies, which keeps compile time flat in depth for the large presets.
+    """
+
+    @nnx.split_rngs(splits=n)
+    @nnx.vmap(in_axes=0, out_axes=0, axis_size=n)
+    def create(rngs):
+        return make(rngs)
+
+    layers = create(rngs)
+    for _, var in nnx.to_flat_state(nnx.state(layers, nnx.Param)):
+        var.set_metadata("axes", ("layers", *var.get_metadata()["axes"]))
+    return layers
+
+
+def run_layers(layers, x: jax.Array, per_layer: tuple, shared: tuple, *, scan: bool, remat: bool) -> jax.Array:
+    """``x = layer_i(x, *per_layer[i], *shared)`` for every layer, unrolled (a list) or scanned (stacked).
+
+    ``per_layer`` holds arrays with one row per layer (e.g. which vision blocks attend globally); ``remat``
+    recomputes each layer's activations in the backward pass instead of storing them.
+    """
+
+    def body(x, layer, *args):
+        return layer(x, *args)
+
+    if remat:
+        body = nnx.remat(body)
+    if scan:
+        in_axes = (nnx.Carry, 0) + (0,) * len(per_layer) + (None,) * len(shared)
+        return nnx.scan(body, in_axes=in_axes, out_axes=nnx.Carry)(x, layers, *per_layer, *shared)
+    for i, layer in enumerate(layers):
+        x = body(x, layer, *(a[i] for a in per_layer), *shared)
+    return x

@@ -89,7 +89,7 @@ class Qwen2_5_VL(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        kw = dict(dtype=dtype, param_dtype=param_dtype, remat=cfg.remat, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, remat=cfg.remat, scan=cfg.scan_layers, rngs=rngs)
         self.visual = VisionTower(cfg.vision, **kw)
         self.model = TextModel(cfg.text, **kw)
         untied = not cfg.text.tie_word_embeddings
@@ -114,9 +114,11 @@ class Qwen2_5_VL(nnx.Module):
         return self.model(self.embed(inputs), cos, sin, mask)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        if self.lm_head is None:
-            return self.model.embed_tokens.attend(hidden)
-        return self.lm_head(hidden)
+        """float32 logits ``[..., vocab]``: the matmul takes compute-dtype inputs and accumulates in float32, since
+        log-probabilities (importance ratios, KL) are computed from them. Tied models reuse the embedding."""
+        dtype = jnp.dtype(self.config.dtype)
+        w = self.model.embed_tokens.embedding[...].T if self.lm_head is None else self.lm_head.kernel[...]
+        return jnp.dot(hidden.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32)
 
     def __call__(self, inputs: ModelInputs) -> jax.Array:
         return self.logits(self.hidden_states(inputs))

@@ -26,7 +26,15 @@ import numpy as np
 from flax import nnx
 
 from medix_jax.models.qwen2_5_vl.config import VisionConfig
-from medix_jax.models.qwen2_5_vl.layers import Dense, RMSNorm, SwiGLU, apply_rotary, attention
+from medix_jax.models.qwen2_5_vl.layers import (
+    Dense,
+    RMSNorm,
+    SwiGLU,
+    apply_rotary,
+    attention,
+    run_layers,
+    stack_layers,
+)
 from medix_jax.models.qwen2_5_vl.rope import vision_cos_sin
 
 
@@ -121,7 +129,8 @@ class VisionBlock(nnx.Module):
         self.attn = VisionAttention(cfg, **kw)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, ("vision_embed", "vision_mlp"), bias=True, **kw)
 
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, full_attention, cos, sin, image_mask, window_mask):
+        mask = jnp.where(full_attention, image_mask, window_mask)
         x = x + self.attn(self.norm1(x), cos, sin, mask)
         return x + self.mlp(self.norm2(x))
 
@@ -151,13 +160,15 @@ class PatchEmbed(nnx.Module):
 
 
 class VisionTower(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, remat: bool, rngs: nnx.Rngs):
-        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, remat: bool, scan: bool, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.cfg = cfg
-        self.remat = remat
-        self.patch_embed = PatchEmbed(cfg, **kw)
-        self.blocks = nnx.List([VisionBlock(cfg, **kw) for _ in range(cfg.depth)])
-        self.merger = PatchMerger(cfg, **kw)
+        self.remat, self.scan = remat, scan
+        self.patch_embed = PatchEmbed(cfg, **kw, rngs=rngs)
+        make = lambda r: VisionBlock(cfg, **kw, rngs=r)  # noqa: E731
+        self.blocks = (stack_layers(make, cfg.depth, rngs) if scan
+                       else nnx.List([make(rngs) for _ in range(cfg.depth)]))
+        self.merger = PatchMerger(cfg, **kw, rngs=rngs)
 
     def __call__(self, inputs: VisionInputs) -> jax.Array:
         """Merged image features ``[N / merge_unit, out_hidden_size]`` in raster order (padding rows last)."""
@@ -165,10 +176,7 @@ class VisionTower(nnx.Module):
         cos, sin = vision_cos_sin(inputs.rowcol, self.cfg.head_dim, self.cfg.rope_theta)
         window_mask = inputs.window_segment[:, None] == inputs.window_segment[None, :]
         image_mask = inputs.image_segment[:, None] == inputs.image_segment[None, :]
-        run = (lambda blk, *a: blk(*a))
-        if self.remat:
-            run = nnx.remat(run)
-        for i, block in enumerate(self.blocks):
-            mask = image_mask if i in self.cfg.fullatt_block_indexes else window_mask
-            x = run(block, x, cos, sin, mask)
+        full_attention = jnp.asarray([i in self.cfg.fullatt_block_indexes for i in range(self.cfg.depth)])
+        x = run_layers(self.blocks, x, (full_attention,), (cos, sin, image_mask, window_mask),
+                       scan=self.scan, remat=self.remat)
         return jnp.take(self.merger(x), inputs.merge_restore, axis=0)
