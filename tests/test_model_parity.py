@@ -51,19 +51,19 @@ def test_text_only_batch(pair, rng):
     assert np.abs(got - ref)[mask.astype(bool)].max() <= TOL
 
 
-@pytest.mark.parametrize("pad_rows", [None, 512])
-def test_vision_tower_alone(pair, rng, pad_rows):
+@pytest.mark.parametrize("buckets", [{}, {"num_images": 5, "rows_per_image": 512}], ids=["exact", "bucketed"])
+def test_vision_tower_alone(pair, rng, buckets):
     hf, ours = pair
     grids = np.array([[1, 12, 20], [1, 8, 8], [1, 4, 6]])
     n = int(np.prod(grids, 1).sum())
     pixels = rng.normal(size=(n, 1176)).astype(np.float32)
     with torch.no_grad():
         ref = hf.model.visual(torch.tensor(pixels), grid_thw=torch.tensor(grids)).pooler_output.numpy()
-    layout = vision_layout(ours.config.vision, grids, pad_rows)
-    padded = np.zeros((len(layout["patch_order"]), 1176), np.float32)
+    layout = vision_layout(ours.config.vision, grids, **buckets)
+    padded = np.zeros((n + 40, 1176), np.float32)
     padded[:n] = pixels
     got = np.asarray(ours.visual(VisionInputs(pixel_values=padded, **layout)))
-    assert got.shape[0] == len(padded) // 4
+    assert got.shape[0] == layout["valid"].size // 4
     assert np.abs(got[: len(ref)] - ref).max() <= TOL
 
 

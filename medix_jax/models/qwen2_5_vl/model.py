@@ -44,8 +44,14 @@ def prepare_inputs(
     pixel_values=None,
     image_grid_thw=None,
     pixel_rows: int | None = None,
+    num_images: int | None = None,
+    rows_per_image: int | None = None,
 ) -> ModelInputs:
-    """Host-side preparation of processor outputs (numpy in, numpy out). ``pixel_rows`` pads to a row bucket."""
+    """Host-side preparation of processor outputs (numpy in, numpy out).
+
+    Buckets (static shapes): ``pixel_rows`` pads the processor rows, ``num_images`` and ``rows_per_image`` the
+    vision layout (see ``vision.vision_layout``). Defaults are the exact sizes.
+    """
     input_ids = np.asarray(input_ids, np.int32)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be [batch, seq], got shape {input_ids.shape}")
@@ -67,8 +73,10 @@ def prepare_inputs(
                 f"pixel_values shape {pixel_values.shape} does not match image_grid_thw: expected "
                 f"({rows}, {cfg.vision.patch_dim})"
             )
-        layout = vision_layout(cfg.vision, grids, pixel_rows)
-        padded = np.zeros((len(layout["patch_order"]), cfg.vision.patch_dim), np.float32)
+        if pixel_rows is not None and pixel_rows < rows:
+            raise ValueError(f"pixel_rows bucket {pixel_rows} is smaller than the {rows} pixel rows given")
+        layout = vision_layout(cfg.vision, grids, num_images, rows_per_image)
+        padded = np.zeros((pixel_rows or rows, cfg.vision.patch_dim), np.float32)
         padded[:rows] = pixel_values
         vision = VisionInputs(pixel_values=padded, **layout)
     elif np.any((input_ids == cfg.tokens.image_token_id) & mask):

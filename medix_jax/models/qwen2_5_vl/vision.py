@@ -10,10 +10,12 @@ Reference behaviour (transformers ``Qwen2_5_VisionTransformerPretrainedModel``):
 4. merger: RMSNorm, then each 2x2 group of patches (consecutive rows) -> Linear -> GELU(erf) -> Linear;
 5. merged tokens are put back in raster order.
 
-All index bookkeeping (the window permutation, segment ids, rotary positions) is data preparation done on the host
-by ``vision_layout``; the compiled tower sees fixed-shape arrays and uses block-diagonal masks from segment ids
-instead of a Python loop over windows. Pixel rows may be padded to a bucket (a multiple of the merge unit): padding
-rows form their own segment and their merged outputs come last.
+All index bookkeeping is data preparation done on the host by ``vision_layout``; the compiled tower sees
+fixed-shape arrays and no Python loop over windows. Layout: every frame (a still image is one frame) is laid out in
+window order with each window padded to ``chunk = (window/patch)^2`` patch rows (64 for the released models), and
+every frame is padded to ``rows_per_image`` rows (a multiple of ``chunk``). Window attention is then batched
+attention over ``[windows, chunk]`` and full attention over ``[images, rows_per_image]``; padding rows only see
+padding rows, and their merged outputs are dropped by the final gather.
 """
 
 from __future__ import annotations
@@ -39,68 +41,70 @@ from medix_jax.models.qwen2_5_vl.rope import vision_cos_sin
 
 
 class VisionInputs(NamedTuple):
-    """Pixel rows as the HF processor gives them, plus the host-computed layout (all int32 index arrays)."""
+    """Pixel rows as the HF processor gives them, plus the host-computed layout."""
 
-    pixel_values: jax.Array  # [N, C*T*P*P] in processor (raster, merge-block) order
-    patch_order: jax.Array  # [N] window order -> processor row
-    rowcol: jax.Array  # [N, 2] (row, col) of each patch, in window order
-    window_segment: jax.Array  # [N] window id, -1 for padding
-    image_segment: jax.Array  # [N] image (frame) id, -1 for padding
-    merge_restore: jax.Array  # [N / merge_unit] merged token in window order -> raster order
+    pixel_values: jax.Array  # [P, C*T*P*P] processor rows (raster, merge-block order), maybe padded
+    patch_order: jax.Array  # [I, R] int32: layout slot -> processor row (any row for padding slots)
+    valid: jax.Array  # [I, R] bool: the slot holds a real patch
+    rowcol: jax.Array  # [I * R, 2] int32 (row, col) of the patch in each slot
+    merge_restore: jax.Array  # [I * R / merge_unit] int32: output order (raster, then padding) -> merged slot
 
 
-def vision_layout(cfg: VisionConfig, image_grid_thw: np.ndarray, num_rows: int | None = None) -> dict[str, np.ndarray]:
-    """Window permutation, segments and rotary positions for images of ``image_grid_thw`` (rows ``[t, h, w]``).
+def window_rows(cfg: VisionConfig) -> int:
+    """Patch rows of one (padded) attention window."""
+    return (cfg.window_size // cfg.patch_size) ** 2
 
-    ``num_rows`` pads to a bucket of pixel rows (default: no padding). Returns numpy arrays keyed as
-    ``VisionInputs`` fields (without ``pixel_values``).
+
+def vision_layout(cfg: VisionConfig, image_grid_thw: np.ndarray, num_images: int | None = None,
+                  rows_per_image: int | None = None) -> dict[str, np.ndarray]:
+    """Window layout for images of ``image_grid_thw`` (rows ``[t, h, w]``; each of the t frames is laid out alone).
+
+    ``num_images`` and ``rows_per_image`` pad to buckets (default: the exact count and the largest frame).
+    Window order within a frame follows transformers ``get_vision_window_index``: windows of ``win x win``
+    merged tokens in raster order, merged tokens in raster order inside each window.
     """
     grids = np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
     m, unit = cfg.spatial_merge_size, cfg.merge_unit
     win = cfg.window_size // m // cfg.patch_size  # merged tokens per window side
-    orders, rowcols, windows, images = [], [], [], []
-    unit_offset, window_offset, frame_offset = 0, 0, 0
+    chunk = window_rows(cfg)
+    frames = []  # per frame: processor row of each slot (-1 = padding) and (row, col)
+    unit_offset = 0
     for image_id, (t, h, w) in enumerate(grids):
         if h % m or w % m:
             raise ValueError(f"image {image_id}: grid {h}x{w} is not a multiple of spatial_merge_size {m}")
         mh, mw = h // m, w // m
-        # Window permutation of merged tokens (transformers get_vision_window_index), per frame.
         nh, nw = -(-mh // win), -(-mw // win)
-        grid = np.full((t, nh * win, nw * win), -1, np.int64)
-        grid[:, :mh, :mw] = np.arange(t * mh * mw).reshape(t, mh, mw)
-        by_window = grid.reshape(t, nh, win, nw, win).transpose(0, 1, 3, 2, 4).reshape(-1, win * win)
-        window_of_unit = np.broadcast_to(np.arange(len(by_window))[:, None], by_window.shape)
-        keep = by_window >= 0
-        units, unit_window = by_window[keep], window_of_unit[keep]
-        _, unit_window = np.unique(unit_window, return_inverse=True)  # renumber non-empty windows
-        # Patch level: each merged token is `unit` consecutive processor rows.
-        orders.append(((units + unit_offset)[:, None] * unit + np.arange(unit)).reshape(-1))
-        windows.append(np.repeat(unit_window + window_offset, unit))
-        images.append(np.repeat(frame_offset + units // (mh * mw), unit))  # full attention: one segment a frame
-        # (row, col) of every processor row (merge-block order), then permuted like the rows.
-        block_r, block_c = np.divmod(np.arange(mh * mw), mw)
+        grid = np.full((nh * win, nw * win), -1, np.int64)
+        grid[:mh, :mw] = np.arange(mh * mw).reshape(mh, mw)
+        by_window = grid.reshape(nh, win, nw, win).transpose(0, 2, 1, 3).reshape(-1)  # frame-local unit ids
+        real = by_window >= 0
+        block_r, block_c = np.divmod(np.where(real, by_window, 0), mw)
         in_r, in_c = np.divmod(np.arange(unit), m)
-        rows = (block_r[:, None] * m + in_r).reshape(-1)
-        cols = (block_c[:, None] * m + in_c).reshape(-1)
-        rowcol = np.tile(np.stack([rows, cols], -1), (t, 1))
-        rowcols.append(rowcol[orders[-1] - unit_offset * unit])
+        rowcol = np.stack([(block_r[:, None] * m + in_r), (block_c[:, None] * m + in_c)], -1).reshape(-1, 2)
+        for frame in range(t):
+            units = unit_offset + frame * mh * mw + by_window
+            rows = np.where(real[:, None], units[:, None] * unit + np.arange(unit), -1).reshape(-1)
+            frames.append((rows, rowcol))
         unit_offset += t * mh * mw
-        window_offset += unit_window.max() + 1
-        frame_offset += t
-    n = unit_offset * unit
-    num_rows = n if num_rows is None else num_rows
-    if num_rows < n or num_rows % unit:
-        raise ValueError(f"pixel row bucket {num_rows} must be >= {n} rows and a multiple of {unit}")
-    pad = num_rows - n
-    cat = lambda parts, dtype=np.int32: np.concatenate(parts).astype(dtype) if parts else np.zeros((0,), dtype)
-    patch_order = np.concatenate([cat(orders), np.arange(n, num_rows)]).astype(np.int32)
-    merged_order = patch_order[::unit] // unit
+    longest = max((len(r) for r, _ in frames), default=chunk)
+    rows_per_image = longest if rows_per_image is None else rows_per_image
+    num_images = len(frames) if num_images is None else num_images
+    if rows_per_image < longest or rows_per_image % chunk:
+        raise ValueError(f"rows_per_image bucket {rows_per_image} must be >= {longest} and a multiple of {chunk}")
+    if num_images < len(frames):
+        raise ValueError(f"num_images bucket {num_images} is smaller than the {len(frames)} images (frames) given")
+    rows = np.full((num_images, rows_per_image), -1, np.int64)
+    rowcols = np.zeros((num_images, rows_per_image, 2), np.int64)
+    for i, (r, rc) in enumerate(frames):
+        rows[i, : len(r)], rowcols[i, : len(r)] = r, rc
+    valid = rows >= 0
+    first_of_merged = rows.reshape(-1, unit)[:, 0]
+    order_key = np.where(first_of_merged >= 0, first_of_merged, np.iinfo(np.int64).max)
     return dict(
-        patch_order=patch_order,
-        rowcol=np.concatenate([cat(rowcols).reshape(-1, 2), np.zeros((pad, 2))]).astype(np.int32),
-        window_segment=np.concatenate([cat(windows), np.full(pad, -1)]).astype(np.int32),
-        image_segment=np.concatenate([cat(images), np.full(pad, -1)]).astype(np.int32),
-        merge_restore=np.argsort(merged_order).astype(np.int32),
+        patch_order=np.where(valid, rows, 0).astype(np.int32),
+        valid=valid,
+        rowcol=rowcols.reshape(-1, 2).astype(np.int32),
+        merge_restore=np.argsort(order_key, kind="stable").astype(np.int32),
     )
 
 
@@ -112,13 +116,20 @@ class VisionAttention(nnx.Module):
         self.qkv = Dense(d, (3, d), ("vision_embed", None, "vision_heads"), bias=True, **kw)
         self.proj = Dense(d, d, ("vision_heads", "vision_embed"), bias=True, **kw)
 
-    def __call__(self, x, cos, sin, mask):
+    def __call__(self, x, full_attention, cos, sin, image_mask, window_mask):
+        """Attention within each image (``image_mask`` ``[I, R, R]``) or each window (``window_mask``
+        ``[W, chunk, chunk]``); ``full_attention`` may be traced (scanned layers), so ``lax.cond`` picks."""
         n = x.shape[0]
-        qkv = self.qkv(x).reshape(1, n, 3, self.num_heads, self.head_dim)
-        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        qkv = self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim)
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = attention(q, k, v, mask[None])
-        return self.proj(out.reshape(n, -1))
+
+        def grouped(mask):
+            shape = (mask.shape[0], mask.shape[1], self.num_heads, self.head_dim)
+            return attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), mask).reshape(n, -1)
+
+        out = jax.lax.cond(full_attention, lambda: grouped(image_mask), lambda: grouped(window_mask))
+        return self.proj(out)
 
 
 class VisionBlock(nnx.Module):
@@ -130,8 +141,7 @@ class VisionBlock(nnx.Module):
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, ("vision_embed", "vision_mlp"), bias=True, **kw)
 
     def __call__(self, x, full_attention, cos, sin, image_mask, window_mask):
-        mask = jnp.where(full_attention, image_mask, window_mask)
-        x = x + self.attn(self.norm1(x), cos, sin, mask)
+        x = x + self.attn(self.norm1(x), full_attention, cos, sin, image_mask, window_mask)
         return x + self.mlp(self.norm2(x))
 
 
@@ -171,11 +181,13 @@ class VisionTower(nnx.Module):
         self.merger = PatchMerger(cfg, **kw, rngs=rngs)
 
     def __call__(self, inputs: VisionInputs) -> jax.Array:
-        """Merged image features ``[N / merge_unit, out_hidden_size]`` in raster order (padding rows last)."""
-        x = self.patch_embed(jnp.take(inputs.pixel_values, inputs.patch_order, axis=0))
+        """Merged image features ``[I * R / merge_unit, out_hidden_size]``: real tokens in raster order, then padding."""
+        x = self.patch_embed(jnp.take(inputs.pixel_values, inputs.patch_order.reshape(-1), axis=0))
         cos, sin = vision_cos_sin(inputs.rowcol, self.cfg.head_dim, self.cfg.rope_theta)
-        window_mask = inputs.window_segment[:, None] == inputs.window_segment[None, :]
-        image_mask = inputs.image_segment[:, None] == inputs.image_segment[None, :]
+        # Real slots attend to real slots of the same image / window; padding slots only to padding.
+        image_mask = inputs.valid[:, :, None] == inputs.valid[:, None, :]
+        windows = inputs.valid.reshape(-1, window_rows(self.cfg))
+        window_mask = windows[:, :, None] == windows[:, None, :]
         full_attention = jnp.asarray([i in self.cfg.fullatt_block_indexes for i in range(self.cfg.depth)])
         x = run_layers(self.blocks, x, (full_attention,), (cos, sin, image_mask, window_mask),
                        scan=self.scan, remat=self.remat)
