@@ -122,8 +122,10 @@ def stack_layers(make, n: int, rngs: nnx.Rngs) -> nnx.Module:
     return layers
 
 
-def run_layers(layers, x: jax.Array, per_layer: tuple, shared: tuple, *, scan: bool, remat: bool) -> jax.Array:
+def run_layers(layers, x, per_layer: tuple, shared: tuple, *, scan: bool, remat: bool):
     """``x = layer_i(x, *per_layer[i], *shared)`` for every layer, unrolled (a list) or scanned (stacked).
+
+    ``x`` is the carry: an array, or any pytree (the decoder carries ``(hidden, kv_cache)``).
 
     ``per_layer`` holds arrays with one row per layer (e.g. which vision blocks attend globally); ``remat``
     recomputes each layer's activations in the backward pass instead of storing them.

@@ -23,7 +23,7 @@ import numpy as np
 from flax import nnx
 
 from medix_jax.models.qwen2_5_vl.config import ModelConfig
-from medix_jax.models.qwen2_5_vl.language import TextModel
+from medix_jax.models.qwen2_5_vl.language import KVCache, TextModel
 from medix_jax.models.qwen2_5_vl.layers import Dense
 from medix_jax.models.qwen2_5_vl.rope import mrope_cos_sin, mrope_positions
 from medix_jax.models.qwen2_5_vl.vision import VisionInputs, VisionTower, vision_layout
@@ -114,12 +114,17 @@ class Qwen2_5_VL(nnx.Module):
 
     def hidden_states(self, inputs: ModelInputs) -> jax.Array:
         """Final-norm hidden states ``[B, S, hidden]`` under a causal mask that also hides padding keys."""
-        t = self.config.text
-        cos, sin = mrope_cos_sin(inputs.positions, t.head_dim, t.rope_theta, t.mrope_section)
         s = inputs.input_ids.shape[1]
-        causal = jnp.tril(jnp.ones((s, s), bool))
-        mask = causal[None] & inputs.attention_mask[:, None, :]
-        return self.model(self.embed(inputs), cos, sin, mask)
+        mask = jnp.tril(jnp.ones((s, s), bool))[None] & inputs.attention_mask[:, None, :]
+        hidden, _ = self.decode(self.embed(inputs), inputs.positions, mask)
+        return hidden
+
+    def decode(self, embeds, positions, mask, cache: KVCache | None = None, index=0):
+        """The decoder on embeddings ``[B, S, hidden]`` at 3-D ``positions`` ``[3, B, S]``; with a KV ``cache``
+        the step's keys/values are stored at ``index`` and ``mask`` is ``[B, S, cache length]``."""
+        t = self.config.text
+        cos, sin = mrope_cos_sin(positions, t.head_dim, t.rope_theta, t.mrope_section)
+        return self.model(embeds, cos, sin, mask, cache, index)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 logits ``[..., vocab]``: the matmul takes compute-dtype inputs and accumulates in float32, since

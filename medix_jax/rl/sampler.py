@@ -1,0 +1,247 @@
+"""In-JAX rollout sampler: one compiled prefill, then a compiled ``lax.while_loop`` decode over a donated KV cache.
+
+* **Prefill** (jit): the vision tower runs once per image, features are scattered at the placeholders, the decoder
+  fills a preallocated KV cache of length ``prompt + max_new_tokens`` and returns the last position's logits; the
+  cache, logits and positions are then repeated ``num_samples`` (G) times -- the prefill never runs G times.
+* **Decode** (jit, cache donated): step k samples token ``y_k`` from the current logits, stores it, and feeds it
+  back at cache slot ``prompt_len + k`` with M-RoPE position ``num_prompt_tokens + rope_delta + k`` on all three
+  axes (``rope.py``). A row stops at EOS; the loop exits early once every row has stopped.
+* **Log-probabilities** returned are ``log softmax(logits / T)[y_k]`` in float32 over the *full* vocabulary
+  (top-k/top-p truncation only restricts which tokens can be drawn, it does not renormalise the returned value):
+  exactly what the GRPO loss recomputes from the policy with the same temperature. Greedy (T = 0) reports T = 1.
+* Prompts must be **left-padded** (the last column is every row's last prompt token). Shapes come from buckets
+  (``Buckets``), so a new batch with the same buckets reuses the compiled programs (``Sampler.compile_count``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from medix_jax import parallel
+from medix_jax.models.qwen2_5_vl.language import KVCache
+from medix_jax.models.qwen2_5_vl.model import ModelInputs, Qwen2_5_VL, prepare_inputs
+from medix_jax.models.qwen2_5_vl.vision import window_rows
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0  # 1 = off
+    top_k: int = 0  # 0 = off
+    num_samples: int = 1  # G completions per prompt
+    eos_token_id: int | None = None  # None: the model's end-of-turn token
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.num_samples < 1:
+            raise ValueError(f"invalid sampling settings {self}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+    """Static shapes: each batch is padded up to the smallest bucket that fits (no bucket fits -> error)."""
+
+    prompt_lengths: tuple[int, ...] = (256, 512, 1024, 2048, 4352)
+    pixel_rows: tuple[int, ...] = (1024, 4096, 16384, 65536)
+    images: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+    rows_per_image: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384, 21504)
+
+
+class SampleOutput(NamedTuple):
+    tokens: jax.Array  # [B*G, max_new_tokens] int32; pad after EOS. Row r is sample r % G of prompt r // G
+    mask: jax.Array  # [B*G, max_new_tokens] bool: completion tokens (EOS included)
+    logprobs: jax.Array  # [B*G, max_new_tokens] float32, 0 where mask is False
+    lengths: jax.Array  # [B*G] int32
+
+
+def pick_bucket(n: int, buckets: tuple[int, ...], what: str) -> int:
+    fitting = [b for b in sorted(buckets) if b >= n]
+    if not fitting:
+        raise ValueError(f"{what} {n} exceeds the largest bucket {max(buckets)}")
+    return fitting[0]
+
+
+def prepare_prompts(model_cfg, input_ids, attention_mask, pixel_values=None, image_grid_thw=None,
+                    buckets: Buckets = Buckets()) -> ModelInputs:
+    """Left-pad processor outputs to the prompt bucket and the vision buckets (host, numpy)."""
+    ids = np.asarray(input_ids)
+    mask = np.asarray(attention_mask).astype(bool)
+    lengths = mask.sum(1)
+    width = pick_bucket(ids.shape[1], buckets.prompt_lengths, "prompt length")
+    left_ids = np.full((len(ids), width), model_cfg.tokens.pad_token_id, np.int32)
+    left_mask = np.zeros((len(ids), width), bool)
+    for row, n in enumerate(lengths):
+        left_ids[row, width - n:] = ids[row][mask[row]]
+        left_mask[row, width - n:] = True
+    vision = {}
+    if image_grid_thw is not None and len(image_grid_thw):
+        grids = np.asarray(image_grid_thw).reshape(-1, 3)
+        chunk = window_rows(model_cfg.vision)
+        win = model_cfg.vision.window_size // model_cfg.vision.patch_size
+        rows_needed = max(int(-(-h // win) * -(-w // win)) * chunk for _, h, w in grids)
+        vision = dict(
+            pixel_rows=pick_bucket(int(np.prod(grids, 1).sum()), buckets.pixel_rows, "pixel rows"),
+            num_images=pick_bucket(int(grids[:, 0].sum()), buckets.images, "image count"),
+            rows_per_image=pick_bucket(rows_needed, buckets.rows_per_image, "rows per image"),
+        )
+    return prepare_inputs(model_cfg, left_ids, left_mask, pixel_values, image_grid_thw, **vision)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Token choice
+
+
+def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
+    """Keep the ``top_k`` largest logits and the smallest prefix of tokens (by probability) whose mass reaches
+    ``top_p`` (the token that crosses ``top_p`` is kept); everything else becomes -inf."""
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        sorted_logits = jnp.where(mass_before < top_p, sorted_logits, -jnp.inf)
+        logits = jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
+    return logits
+
+
+def choose_tokens(logits: jax.Array, key: jax.Array, s: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+    """(tokens, float32 logprobs under ``softmax(logits / T)``) for float32 ``logits`` ``[rows, vocab]``."""
+    if s.temperature == 0:
+        tokens = jnp.argmax(logits, axis=-1)
+        scaled = logits
+    else:
+        scaled = logits / s.temperature
+        tokens = jax.random.categorical(key, filter_logits(scaled, s.top_k, s.top_p), axis=-1)
+    logprobs = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tokens[:, None], axis=-1)[:, 0]
+    return tokens.astype(jnp.int32), logprobs
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Compiled programs
+
+
+def _constrain(tree, mesh: Mesh | None, axes_of):
+    if mesh is None:
+        return tree
+    return jax.tree.map(
+        lambda a: jax.lax.with_sharding_constraint(
+            a, NamedSharding(mesh, parallel.logical_spec(axes_of(a), a.shape, mesh))), tree)
+
+
+def _cache_axes(a):
+    return ("layers", "batch", None, "kv_heads", None)
+
+
+def _batch_axes(a):
+    return ("batch",) + (None,) * (a.ndim - 1)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
+def _prefill(graphdef, state, inputs: ModelInputs, max_new_tokens: int, num_samples: int, mesh: Mesh | None):
+    model: Qwen2_5_VL = nnx.merge(graphdef, state)
+    b, s = inputs.input_ids.shape
+    length = s + max_new_tokens
+    cache = KVCache.zeros(model.config.text, b, length, jnp.dtype(model.config.dtype))
+    cache = _constrain(cache, mesh, _cache_axes)
+    causal = jnp.tril(jnp.ones((s, s), bool))[None] & inputs.attention_mask[:, None, :]
+    mask = jnp.pad(causal, ((0, 0), (0, 0), (0, max_new_tokens)))
+    hidden, cache = model.decode(model.embed(inputs), inputs.positions, mask, cache, 0)
+    logits = model.logits(hidden[:, -1])
+    next_position = inputs.attention_mask.sum(1).astype(jnp.int32) + inputs.rope_delta
+    key_valid = jnp.pad(inputs.attention_mask, ((0, 0), (0, max_new_tokens)), constant_values=True)
+    repeat = lambda a, axis=0: jnp.repeat(a, num_samples, axis=axis)  # noqa: E731
+    cache = _constrain(KVCache(repeat(cache.k, 1), repeat(cache.v, 1)), mesh, _cache_axes)
+    rest = _constrain((repeat(logits), repeat(next_position), repeat(key_valid)), mesh, _batch_axes)
+    return cache, *rest
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8), donate_argnums=(2,))
+def _decode(graphdef, state, cache: KVCache, logits, next_position, key_valid, sampling: SamplingConfig,
+            prompt_len: int, eos: int, key):
+    rows, steps = logits.shape[0], sampling.max_new_tokens
+    pad = nnx.merge(graphdef, state).config.tokens.pad_token_id
+    slots = jnp.arange(key_valid.shape[1])
+
+    def cond(carry):
+        step, _, _, _, done, _, _, _ = carry
+        return (step < steps) & ~jnp.all(done)
+
+    def body(carry):
+        step, tokens, logprobs, alive, done, cache, logits, key = carry
+        # Fresh Variables at this trace level (nnx.scan refuses ones created outside the loop body).
+        model: Qwen2_5_VL = nnx.merge(graphdef, jax.tree.map(lambda a: a, state))
+        key, sub = jax.random.split(key)
+        token, logprob = choose_tokens(logits, sub, sampling)
+        token = jnp.where(done, pad, token)
+        tokens = tokens.at[:, step].set(token)
+        logprobs = logprobs.at[:, step].set(jnp.where(done, 0.0, logprob))
+        alive = alive.at[:, step].set(~done)
+        done = done | (token == eos)
+        # Feed the token back: cache slot prompt_len + step, position num_prompt_tokens + rope_delta + step.
+        index = prompt_len + step
+        positions = jnp.broadcast_to((next_position + step)[None, :, None], (3, rows, 1))
+        mask = (key_valid & (slots <= index))[:, None, :]
+        hidden, cache = model.decode(model.model.embed_tokens(token[:, None]), positions, mask, cache, index)
+        return step + 1, tokens, logprobs, alive, done, cache, model.logits(hidden[:, 0]), key
+
+    init = (jnp.int32(0), jnp.full((rows, steps), pad, jnp.int32), jnp.zeros((rows, steps), jnp.float32),
+            jnp.zeros((rows, steps), bool), jnp.zeros((rows,), bool), cache, logits, key)
+    _, tokens, logprobs, alive, _, cache, _, _ = jax.lax.while_loop(cond, body, init)
+    # The cache is returned so that XLA can alias the donated input buffer to it (updated in place).
+    return SampleOutput(tokens, alive, logprobs, alive.sum(1).astype(jnp.int32)), cache
+
+
+class Sampler:
+    """Rollouts for GRPO: ``Sampler(sampling, mesh).generate(model, prompts, key)``.
+
+    ``model`` is used as the caller holds it (e.g. the trainer's sharded parameters); nothing is copied. With a
+    ``mesh``, the batch is sharded over the ``batch`` rule (data x fsdp) and the KV cache's heads over ``tensor``.
+    """
+
+    def __init__(self, sampling: SamplingConfig, mesh: Mesh | None = None):
+        self.sampling = sampling
+        self.mesh = mesh
+
+    @property
+    def compile_count(self) -> int:
+        """Programs compiled so far by the prefill and decode functions (all samplers in this process)."""
+        return _prefill._cache_size() + _decode._cache_size()
+
+    def generate(self, model: Qwen2_5_VL, prompts: ModelInputs, key: jax.Array) -> SampleOutput:
+        mask = np.asarray(prompts.attention_mask)
+        if not mask[:, -1].all():
+            raise ValueError("prompts must be left-padded: the last column must be a real token in every row")
+        if self.mesh is not None:
+            prompts = self._shard(prompts)
+        graphdef, state = nnx.split(model)
+        s = self.sampling
+        eos = model.config.tokens.eos_token_id if s.eos_token_id is None else s.eos_token_id
+        cache, logits, next_position, key_valid = _prefill(
+            graphdef, state, prompts, s.max_new_tokens, s.num_samples, self.mesh)
+        out, _ = _decode(graphdef, state, cache, logits, next_position, key_valid, s,
+                         prompts.input_ids.shape[1], eos, key)
+        return out
+
+    def _shard(self, prompts: ModelInputs) -> ModelInputs:
+        def put(a, axes):
+            return jax.device_put(a, NamedSharding(self.mesh, parallel.logical_spec(axes, a.shape, self.mesh)))
+
+        return prompts._replace(
+            input_ids=put(prompts.input_ids, ("batch", None)),
+            attention_mask=put(prompts.attention_mask, ("batch", None)),
+            positions=put(prompts.positions, (None, "batch", None)),
+            rope_delta=put(prompts.rope_delta, ("batch",)),
+        )
