@@ -60,6 +60,15 @@ def test_bad_values_name_the_key(override, message):
         load_config(None, [override])
 
 
+def test_rollout_and_buckets_sections():
+    cfg = load_config(None, ["rollout.temperature=0.6", "rollout.top_p=0.95", "rollout.num_samples=5",
+                             "buckets.prompt_lengths=[512,4352]"])
+    assert cfg.rollout.temperature == 0.6 and cfg.rollout.num_samples == 5
+    assert cfg.buckets.prompt_lengths == (512, 4352)
+    with pytest.raises(ConfigError, match="rollout: invalid sampling settings"):
+        load_config(None, ["rollout.top_p=1.5"])
+
+
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")
