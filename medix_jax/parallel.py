@@ -65,7 +65,7 @@ def logical_spec(axes, shape, mesh: Mesh, rules: Mapping | None = None) -> Parti
     rules = {**DEFAULT_RULES, **(rules or {})}
     used: set[str] = set()
     spec = []
-    for name, size in zip(axes, shape):
+    for name, size in zip(axes, shape, strict=True):
         if name is not None and name not in rules:
             raise ValueError(f"no sharding rule for logical axis {name!r}")
         target = rules.get(name) if name is not None else None
@@ -107,11 +107,3 @@ def init_sharded(make: Callable[[], nnx.Module], mesh: Mesh, rules: Mapping | No
     for name, path in names.items():
         flat[path].set_value(values[name])
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-
-def batch_sharding(mesh: Mesh, ndim: int, batch_axis: int = 0, rules: Mapping | None = None) -> NamedSharding:
-    """Shard dimension ``batch_axis`` of an ``ndim`` array over the batch mesh axes (``data`` x ``fsdp``)."""
-    target = {**DEFAULT_RULES, **(rules or {})}["batch"]
-    spec = [None] * ndim
-    spec[batch_axis] = target
-    return NamedSharding(mesh, PartitionSpec(*spec))

@@ -85,7 +85,7 @@ def test_sharded_save_and_load(tmp_path, rng):
     assert not (out / "model.safetensors").exists()
     back = load_hf(out)
     for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.state(ours, nnx.Param)),
-                              nnx.to_flat_state(nnx.state(back, nnx.Param))):
+                              nnx.to_flat_state(nnx.state(back, nnx.Param)), strict=True):
         np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]), err_msg=str(p))
     hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(out, attn_implementation="eager").eval()
     ids, mask, pixels, grids = sample_inputs(cfg, rng)

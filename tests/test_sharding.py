@@ -77,7 +77,7 @@ def test_init_sharded_creates_parameters_in_place(mesh):
     kernel = model.model.layers[1].mlp.down_proj.kernel[...]
     assert kernel.sharding.spec == P("tensor", "fsdp")
     for (path, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model, nnx.Param)),
-                                 nnx.to_flat_state(nnx.state(reference, nnx.Param))):
+                                 nnx.to_flat_state(nnx.state(reference, nnx.Param)), strict=True):
         np.testing.assert_allclose(np.asarray(a[...]), np.asarray(b[...]), atol=1e-7, err_msg=str(path))
 
 

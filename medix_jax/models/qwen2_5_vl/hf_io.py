@@ -235,7 +235,7 @@ def hub_tensors(model: Qwen2_5_VL, dtype: str | None = None) -> Iterator[tuple[s
             array = array.astype(jnp.dtype(dtype))
         keys = hub_names(p, array.shape[0])
         layers = array if stacked_at(p) is not None else [array]
-        for key, layer in zip(keys, layers):
+        for key, layer in zip(keys, layers, strict=True):
             yield key, np.ascontiguousarray(ours_to_hub(key, layer, model.config))
 
 
