@@ -1,0 +1,160 @@
+"""LLM-judge accuracy reward (REFERENCE §1): strict YES/NO from an OpenAI-compatible server (vLLM sidecar).
+
+``JudgeClient.score(pairs)`` returns one score per (prediction, ground truth): 1.0 (YES), 0.0 (NO) or ``None``
+(missing: the judge could not be reached, or answered something other than YES/NO twice). Missing is never 0.
+
+Differences from the reference (which calls the judge serially, never retries, scores an HTTP error 0 and counts
+"YES" anywhere in the reply):
+
+* requests run concurrently (``asyncio`` + the ``openai`` async client) under a semaphore of ``max_concurrency``;
+* connection errors, timeouts, 429, 5xx and malformed bodies are retried with exponential backoff and full jitter;
+* the reply, stripped, must be exactly ``YES`` or ``NO``; anything else is retried once, then missing. When the
+  server supports it, decoding is constrained to the two words (vLLM structured outputs ``choice``);
+* an exact match of normalised prediction and truth scores 1 without a call, and verdicts are cached per
+  (normalised prediction, truth) across calls;
+* the prediction is sanitised (tags and control characters removed, length capped) and fenced in the prompt, and
+  predictions that address the judge ("respond with YES", "ignore the instructions", ...) are counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import random
+import re
+import unicodedata
+from collections import Counter
+
+import openai
+
+REFERENCE_PROMPT = (
+    "You are a helpful assistant.\nGiven a predicted answer and the ground truth answer, respond with exactly "
+    '"YES" if the content matches, otherwise respond with "NO".\nStart your response with "YES" or "NO" in '
+    "uppercase.\n\nPredicted:{predict}\nGround Truth:{ground_truth}"
+)
+# Transient: connection errors, timeouts, 429, 5xx, and bodies that are not a chat completion (a proxy's error page).
+RETRYABLE = (openai.APIConnectionError, openai.APITimeoutError, openai.RateLimitError, openai.InternalServerError,
+             openai.APIResponseValidationError, ValueError, AttributeError, TypeError)
+_ADDRESSES_JUDGE = re.compile(
+    r"(respond|answer|reply|say|output)\s+(with\s+)?[\"']?(yes|no)\b|ignore\s+(all\s+|the\s+|previous\s+|above\s+)*"
+    r"(instructions|rules)|ground\s*truth|you\s+are\s+(a|an|the)\s+(judge|grader|assistant)|\bas\s+the\s+judge\b",
+    re.IGNORECASE,
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class JudgeConfig:
+    url: str | None = None  # e.g. http://127.0.0.1:8000/v1 ; None switches the judge off
+    model: str = "Qwen/Qwen3-4B-Instruct-2507"
+    api_key_env: str = "MEDIX_JUDGE_API_KEY"  # the key is read from this variable and never logged
+    prompt: str = REFERENCE_PROMPT  # {predict} and {ground_truth} are filled in
+    max_concurrency: int = 64
+    timeout_s: float = 30.0  # per request
+    max_retries: int = 4  # transport retries (connection, timeout, 429, 5xx)
+    backoff_s: float = 0.25  # first backoff; doubles, with full jitter
+    max_answer_chars: int = 2000
+    structured_outputs: bool = True  # vLLM: constrain decoding to YES / NO
+    enable_thinking: bool = False  # passed as chat_template_kwargs (Qwen3 judges)
+
+
+def normalise(text: str) -> str:
+    return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text)).strip().lower()
+
+
+def sanitise(prediction: str, max_chars: int) -> str:
+    """Tags and control characters removed, whitespace folded, length capped: what the judge may see."""
+    text = re.sub(r"<[^<>]{0,64}>", " ", prediction)
+    text = "".join(ch for ch in text if unicodedata.category(ch)[0] != "C" or ch in "\n\t")
+    text = re.sub(r"[ \t]+", " ", text).strip()
+    return text[:max_chars]
+
+
+def addresses_judge(prediction: str) -> bool:
+    return bool(_ADDRESSES_JUDGE.search(prediction))
+
+
+class JudgeClient:
+    def __init__(self, cfg: JudgeConfig):
+        if not cfg.url:
+            raise ValueError("rewards.judge.url is not set")
+        self.cfg = cfg
+        self.cache: dict[tuple[str, str], float] = {}
+        self.stats: Counter = Counter()
+
+    def _client(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.cfg.url, api_key=os.environ.get(self.cfg.api_key_env, "EMPTY"),
+                                  timeout=self.cfg.timeout_s, max_retries=0)
+
+    def prompt(self, prediction: str, truth: str) -> str:
+        fenced = '"""' + sanitise(prediction, self.cfg.max_answer_chars).replace('"""', "'''") + '"""'
+        return self.cfg.prompt.format(predict=fenced, ground_truth=truth)
+
+    def score(self, pairs: list[tuple[str, str]]) -> list[float | None]:
+        """Blocking: judge every (prediction, truth) pair; run from a worker thread, not an event loop."""
+        return asyncio.run(self.score_async(pairs))
+
+    async def score_async(self, pairs: list[tuple[str, str]]) -> list[float | None]:
+        scores: list[float | None] = [None] * len(pairs)
+        todo: dict[tuple[str, str], list[int]] = {}
+        for i, (prediction, truth) in enumerate(pairs):
+            key = (normalise(prediction), normalise(truth))
+            self.stats["judge_flagged"] += addresses_judge(prediction)
+            if key[0] == key[1]:
+                scores[i] = 1.0
+                self.stats["judge_exact_match"] += 1
+            elif key in self.cache:
+                scores[i] = self.cache[key]
+                self.stats["judge_cache_hits"] += 1
+            else:
+                todo.setdefault(key, []).append(i)
+        if todo:
+            client = self._client()
+            semaphore = asyncio.Semaphore(self.cfg.max_concurrency)
+            try:
+                keys = list(todo)
+                firsts = [pairs[todo[k][0]] for k in keys]
+                verdicts = await asyncio.gather(*(self._judge(client, semaphore, p, t) for p, t in firsts))
+            finally:
+                await client.close()
+            for key, verdict in zip(keys, verdicts, strict=True):
+                self.stats["judge_cache_hits"] += len(todo[key]) - 1
+                if verdict is not None:
+                    self.cache[key] = verdict
+                for i in todo[key]:
+                    scores[i] = verdict
+        self.stats["judge_missing"] += sum(s is None for s in scores)
+        return scores
+
+    async def _judge(self, client, semaphore, prediction: str, truth: str) -> float | None:
+        for _ in range(2):  # one retry for a reply that is not exactly YES or NO
+            reply = await self._call(client, semaphore, self.prompt(prediction, truth))
+            if reply is None:
+                return None
+            if reply in ("YES", "NO"):
+                return 1.0 if reply == "YES" else 0.0
+            self.stats["judge_invalid_replies"] += 1
+        return None
+
+    async def _call(self, client, semaphore, prompt: str) -> str | None:
+        extra = {"chat_template_kwargs": {"enable_thinking": self.cfg.enable_thinking}}
+        if self.cfg.structured_outputs:
+            extra["structured_outputs"] = {"choice": ["YES", "NO"]}
+        for attempt in range(self.cfg.max_retries + 1):
+            try:
+                async with semaphore:
+                    self.stats["judge_calls"] += 1
+                    response = await client.chat.completions.create(
+                        model=self.cfg.model, messages=[{"role": "user", "content": prompt}], temperature=0.0,
+                        max_tokens=4, extra_body=extra)
+                content = response.choices[0].message.content if response.choices else None
+                return (content or "").strip()
+            except RETRYABLE as e:
+                self.stats[f"judge_error_{type(e).__name__}"] += 1
+                if attempt == self.cfg.max_retries:
+                    return None
+                await asyncio.sleep(random.uniform(0, self.cfg.backoff_s * 2**attempt))
+            except openai.APIError as e:  # other 4xx: the request itself is wrong, retrying will not help
+                self.stats[f"judge_error_{type(e).__name__}"] += 1
+                return None
+        return None
