@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from medix_jax.models.qwen2_5_vl.config import ModelConfig, model_config_from_hf, preset
+from medix_jax.rewards.pool import RewardsConfig
 from medix_jax.rl.sampler import Buckets, SamplingConfig
 
 
@@ -44,6 +45,7 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     rollout: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)  # policy sampling (rl/sampler.py)
     buckets: Buckets = dataclasses.field(default_factory=Buckets)  # static shapes of prompts and pixels
+    rewards: RewardsConfig = dataclasses.field(default_factory=RewardsConfig)  # rewards/pool.py
     # Logical axis name -> mesh axis (or list of mesh axes, or null for replicated); merged over parallel.DEFAULT_RULES.
     sharding_rules: dict[str, Any] = dataclasses.field(default_factory=dict)
     seed: int = 0

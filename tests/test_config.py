@@ -69,6 +69,15 @@ def test_rollout_and_buckets_sections():
         load_config(None, ["rollout.top_p=1.5"])
 
 
+def test_rewards_section():
+    cfg = load_config(None, ["rewards.judge.url=http://127.0.0.1:8000/v1", "rewards.weights.format=0.2",
+                             "rewards.embedding.threshold=0.75", "rewards.judge.max_concurrency=128"])
+    assert cfg.rewards.judge.url.endswith("/v1") and cfg.rewards.weights.format == 0.2
+    assert cfg.rewards.embedding.threshold == 0.75 and cfg.rewards.weights.llm == pytest.approx(0.5175)
+    with pytest.raises(ConfigError, match="unknown config key 'rewards.judge.urll'"):
+        load_config(None, ["rewards.judge.urll=x"])
+
+
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "nope.yaml")

@@ -23,6 +23,7 @@ import dataclasses
 import os
 import random
 import re
+import time
 import unicodedata
 from collections import Counter
 
@@ -81,6 +82,7 @@ class JudgeClient:
         self.cfg = cfg
         self.cache: dict[tuple[str, str], float] = {}
         self.stats: Counter = Counter()
+        self.latencies: list[float] = []  # seconds per answered request, since the last reset by the caller
 
     def _client(self) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=self.cfg.url, api_key=os.environ.get(self.cfg.api_key_env, "EMPTY"),
@@ -144,9 +146,11 @@ class JudgeClient:
             try:
                 async with semaphore:
                     self.stats["judge_calls"] += 1
+                    start = time.perf_counter()
                     response = await client.chat.completions.create(
                         model=self.cfg.model, messages=[{"role": "user", "content": prompt}], temperature=0.0,
                         max_tokens=4, extra_body=extra)
+                    self.latencies.append(time.perf_counter() - start)
                 content = response.choices[0].message.content if response.choices else None
                 return (content or "").strip()
             except RETRYABLE as e:

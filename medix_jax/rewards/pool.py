@@ -1,0 +1,140 @@
+"""The host-side reward pool: every MediX-R1 reward component for a batch, concurrently, off the accelerator.
+
+Composite (REFERENCE §1): ``0.9 * (0.575 * llm + 0.375 * embed + 0.05 * modality) + 0.1 * format``
+= ``0.5175 * llm + 0.3375 * embed + 0.045 * modality + 0.1 * format`` (``RewardWeights``). A component that is
+switched off (no judge URL) is left out of the composite; a component that could not be computed for a sample is
+``NaN`` in its array, counted in the metrics, and makes the sample invalid (``valid`` False) -- it is never 0.
+
+``RewardPool.submit`` returns a future, so the trainer can score batch k while it samples batch k+1; the judge
+(asyncio HTTP) and the embedding model each run in their own worker thread, the regex rules inline. A batch is
+returned within ``deadline_s`` whatever the judge does: whatever is unfinished then is missing.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import time
+from typing import NamedTuple
+
+import numpy as np
+
+from medix_jax.rewards.embedding import EmbeddingConfig, EmbeddingScorer
+from medix_jax.rewards.judge import JudgeClient, JudgeConfig
+from medix_jax.rewards.rules import MEDIX_MODALITY_TAGS, extract_answer, format_reward, modality_reward, parse_solution
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardWeights:
+    llm: float = 0.9 * 0.575
+    embed: float = 0.9 * 0.375
+    modality: float = 0.9 * 0.05
+    format: float = 0.1
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardsConfig:
+    judge: JudgeConfig = dataclasses.field(default_factory=JudgeConfig)
+    embedding: EmbeddingConfig = dataclasses.field(default_factory=EmbeddingConfig)
+    weights: RewardWeights = dataclasses.field(default_factory=RewardWeights)
+    modality_tags: tuple[str, ...] = MEDIX_MODALITY_TAGS
+    embedding_on: bool = True
+    deadline_s: float = 600.0  # a batch's rewards are returned within this many seconds, complete or not
+    low_similarity: float = 0.3  # judge YES with an embedding cosine below this is flagged (possible judge hack)
+
+
+class RewardBatch(NamedTuple):
+    components: dict[str, np.ndarray]  # name -> [N] float32, NaN where missing
+    composite: np.ndarray  # [N] float32 (0 where invalid: masked out of the loss, not a score)
+    valid: np.ndarray  # [N] bool
+    metrics: dict[str, float]
+
+
+class RewardPool:
+    def __init__(self, cfg: RewardsConfig):
+        self.cfg = cfg
+        self.judge = JudgeClient(cfg.judge) if cfg.judge.url else None
+        self.embedder = EmbeddingScorer(cfg.embedding) if cfg.embedding_on else None
+        self._batches = cf.ThreadPoolExecutor(max_workers=2, thread_name_prefix="rewards")
+        self._judge_worker = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="judge")
+        self._embed_worker = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+
+    @property
+    def active(self) -> list[str]:
+        return ["format", "modality"] + (["llm"] if self.judge else []) + (["embed"] if self.embedder else [])
+
+    def submit(self, completions: list[str], solutions: list[str]) -> cf.Future:
+        """Score asynchronously; ``.result()`` gives a ``RewardBatch``."""
+        if len(completions) != len(solutions):
+            raise ValueError(f"{len(completions)} completions for {len(solutions)} solutions")
+        return self._batches.submit(self.score, list(completions), list(solutions))
+
+    def score(self, completions: list[str], solutions: list[str]) -> RewardBatch:
+        start = time.perf_counter()
+        deadline = start + self.cfg.deadline_s
+        truths = [parse_solution(s, self.cfg.modality_tags)[1] for s in solutions]
+        answers = [extract_answer(c) for c in completions]
+        n = len(completions)
+        components = {
+            "format": np.array([format_reward(c) for c in completions], np.float32),
+            "modality": np.array([modality_reward(c, s, self.cfg.modality_tags)
+                                  for c, s in zip(completions, solutions, strict=True)], np.float32),
+        }
+        # Accuracy rewards: a completion without an answer scores 0 (it is an answer, a wrong one), no call needed.
+        asked = [i for i, a in enumerate(answers) if a]
+        pairs = [(answers[i], truths[i]) for i in asked]
+        jobs = {}
+        if self.judge:
+            self.judge.latencies.clear()
+            jobs["llm"] = self._judge_worker.submit(self.judge.score, pairs)
+        if self.embedder:
+            jobs["embed"] = self._embed_worker.submit(self.embedder.cosine, pairs)
+        cosine = None
+        for name, job in jobs.items():
+            values = np.zeros(n, np.float32)
+            try:
+                got = job.result(timeout=max(0.0, deadline - time.perf_counter()))
+                got = np.array([np.nan if v is None else v for v in got], np.float32)
+            except cf.TimeoutError:
+                got = np.full(len(asked), np.nan, np.float32)
+            except Exception:  # noqa: BLE001 -- a broken component is missing data, never a crash in the trainer
+                got = np.full(len(asked), np.nan, np.float32)
+            if name == "embed":
+                cosine = np.full(n, np.nan, np.float32)
+                cosine[asked] = got
+                e = self.cfg.embedding
+                got = np.where(np.isnan(got), np.nan, (got >= e.threshold) if e.binary else got).astype(np.float32)
+            values[asked] = got
+            components[name] = values
+        return self._assemble(components, cosine, n, time.perf_counter() - start)
+
+    def _assemble(self, components, cosine, n, seconds) -> RewardBatch:
+        w = dataclasses.asdict(self.cfg.weights)
+        valid = np.ones(n, bool)
+        composite = np.zeros(n, np.float32)
+        metrics: dict[str, float] = {"reward_seconds": seconds}
+        for name, values in components.items():
+            missing = np.isnan(values)
+            valid &= ~missing
+            composite += w[name] * np.nan_to_num(values)
+            metrics[f"reward_{name}_mean"] = float(np.nanmean(values)) if (~missing).any() else float("nan")
+            metrics[f"reward_{name}_missing"] = float(missing.sum())
+        composite = np.where(valid, composite, 0.0).astype(np.float32)
+        metrics["reward_composite_mean"] = float(composite[valid].mean()) if valid.any() else float("nan")
+        metrics["reward_invalid"] = float((~valid).sum())
+        if self.judge:
+            stats = self.judge.stats
+            for key in ("judge_calls", "judge_cache_hits", "judge_exact_match", "judge_flagged",
+                        "judge_invalid_replies"):
+                metrics[key] = float(stats[key])
+            if self.judge.latencies:
+                metrics["judge_latency_p50"] = float(np.percentile(self.judge.latencies, 50))
+                metrics["judge_latency_p95"] = float(np.percentile(self.judge.latencies, 95))
+            if cosine is not None:
+                suspicious = (components["llm"] == 1.0) & (cosine < self.cfg.low_similarity)
+                metrics["judge_yes_low_similarity"] = float(suspicious.sum())
+        return RewardBatch(components, composite, valid, metrics)
+
+    def close(self) -> None:
+        for executor in (self._batches, self._judge_worker, self._embed_worker):
+            executor.shutdown(wait=False, cancel_futures=True)

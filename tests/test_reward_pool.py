@@ -1,0 +1,84 @@
+"""Reward pool: composite with the reference weights, missing masks, deadlines, embeddings, futures."""
+
+import numpy as np
+import pytest
+
+from medix_jax.rewards.embedding import EmbeddingConfig, EmbeddingScorer
+from medix_jax.rewards.judge import JudgeConfig
+from medix_jax.rewards.pool import RewardPool, RewardsConfig
+from tests.judge_server import JudgeServer
+
+FAST = dict(backoff_s=0.01, timeout_s=2.0, max_retries=1)
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    return EmbeddingScorer(EmbeddingConfig())
+
+
+def test_embedding_orders_paraphrases_above_unrelated(embedder):
+    cos = embedder.cosine([("hepatic cyst", "a cyst in the liver"), ("hepatic cyst", "fractured femur"),
+                           ("pneumonia in the left lower lobe", "left lower lobe pneumonia"),
+                           ("pneumonia in the left lower lobe", "normal fundus photograph")])
+    assert cos[0] > cos[1] and cos[2] > cos[3]
+    assert cos[0] >= 0.8 and cos[1] < 0.5
+
+
+def completion(tag, answer):
+    return f"{tag}<thinking>reasoning</thinking><answer>{answer}</answer>"
+
+
+def test_composite_uses_the_reference_weights():
+    with JudgeServer() as server:
+        pool = RewardPool(RewardsConfig(judge=JudgeConfig(url=server.url, **FAST)))
+        batch = pool.submit(
+            [completion("<CT_SCAN>", "hepatic cyst"),  # all four components
+             completion("<MRI_SCAN>", "hepatic cyst"),  # wrong modality
+             "<CT_SCAN> hepatic cyst",  # no tags: no answer, no format; modality has no position
+             completion("<CT_SCAN>", "fractured femur")],  # wrong answer
+            ["<CT_SCAN> Hepatic cyst"] * 4).result()
+        pool.close()
+    np.testing.assert_allclose(batch.components["llm"], [1, 1, 0, 0])
+    np.testing.assert_allclose(batch.components["embed"], [1, 1, 0, 0])
+    np.testing.assert_allclose(batch.components["modality"], [1, 0, 0, 1])
+    np.testing.assert_allclose(batch.components["format"], [1, 1, 0, 1])
+    np.testing.assert_allclose(batch.composite, [1.0, 1.0 - 0.045, 0.0, 0.045 + 0.1], atol=1e-6)
+    assert batch.valid.all() and batch.metrics["reward_invalid"] == 0
+    assert batch.metrics["judge_exact_match"] == 2 and batch.metrics["judge_calls"] == 1
+    assert batch.metrics["judge_latency_p50"] > 0 and batch.metrics["judge_yes_low_similarity"] == 0
+
+
+def test_judge_outage_marks_samples_missing_not_zero():
+    with JudgeServer(default="500") as server:
+        pool = RewardPool(RewardsConfig(judge=JudgeConfig(url=server.url, **FAST), embedding_on=False))
+        batch = pool.score([completion("<CT_SCAN>", "cyst"), "no answer at all"], ["<CT_SCAN> tumour"] * 2)
+        pool.close()
+    assert np.isnan(batch.components["llm"][0]) and batch.components["llm"][1] == 0.0
+    assert list(batch.valid) == [False, True] and batch.composite[0] == 0.0
+    assert batch.metrics["reward_llm_missing"] == 1 and batch.metrics["reward_invalid"] == 1
+
+
+def test_a_hanging_judge_is_cut_at_the_deadline():
+    with JudgeServer(default="hang", hang_s=5.0) as server:
+        pool = RewardPool(RewardsConfig(judge=JudgeConfig(url=server.url, timeout_s=30, max_retries=0),
+                                        embedding_on=False, deadline_s=1.0))
+        batch = pool.score([completion("<CT_SCAN>", "a")], ["<CT_SCAN> b"])
+        assert batch.metrics["reward_seconds"] < 5.0  # returned at the deadline, not when the judge answered
+        assert not batch.valid[0] and batch.components["format"][0] == 1.0
+        pool.close()
+
+
+def test_judge_off_composite_and_active_components(embedder):
+    pool = RewardPool(RewardsConfig(embedding_on=True))
+    assert pool.active == ["format", "modality", "embed"]
+    batch = pool.score([completion("<X_RAY>", "left pneumothorax")], ["<X_RAY> pneumothorax on the left"])
+    assert "llm" not in batch.components and batch.valid.all()
+    assert batch.composite[0] == pytest.approx(0.1 + 0.045 + 0.3375 * batch.components["embed"][0])
+    pool.close()
+
+
+def test_bad_ground_truth_is_an_error_not_a_zero():
+    pool = RewardPool(RewardsConfig(embedding_on=False))
+    with pytest.raises(ValueError, match="modality tag"):
+        pool.score([completion("<CT_SCAN>", "x")], ["no tag here"])
+    pool.close()
