@@ -4,6 +4,7 @@ ChatML template, random Qwen2 weights (head_dim 32). Served by real OpenAI-compa
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -48,35 +49,59 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class ServedModel:
-    """``transformers serve MODEL`` on 127.0.0.1 as a subprocess; ``url`` is the OpenAI base URL."""
+VLLM_PYTHON = Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python"
 
-    def __init__(self, model_dir: Path, startup_s: float = 180.0):
-        self.model_dir, self.port, self.startup_s = model_dir, free_port(), startup_s
+
+class ServedModel:
+    """An OpenAI-compatible server for ``model_dir`` on 127.0.0.1 as a subprocess; ``url`` is the base URL.
+
+    ``kind="transformers"``: ``transformers serve`` from our venv. ``kind="vllm"``: vLLM on CPU from
+    ``.venv-vllm`` (``scripts/setup_vllm_cpu.sh``), fp32, eager, a small KV-cache reservation.
+    """
+
+    def __init__(self, model_dir: Path, kind: str = "transformers", startup_s: float = 240.0):
+        self.model_dir, self.kind, self.port, self.startup_s = model_dir, kind, free_port(), startup_s
         self.url = f"http://127.0.0.1:{self.port}/v1"
 
-    def __enter__(self):
+    def command(self) -> list[str]:
+        if self.kind == "vllm":
+            if not VLLM_PYTHON.exists():
+                raise FileNotFoundError(f"{VLLM_PYTHON} missing: run scripts/setup_vllm_cpu.sh first")
+            return [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.model_dir),
+                    "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32", "--enforce-eager",
+                    "--max-model-len", "1024", "--gpu-memory-utilization", "0.1"]
         cli = Path(sys.executable).with_name("transformers")
+        return [str(cli), "serve", "--host", "127.0.0.1", "--port", str(self.port), str(self.model_dir)]
+
+    def __enter__(self):
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        self.log = open(self.model_dir / "serve.log", "w")  # noqa: SIM115
-        self.proc = subprocess.Popen([str(cli), "serve", "--host", "127.0.0.1", "--port", str(self.port),
-                                      str(self.model_dir)], stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.log = open(self.model_dir / f"{self.kind}.log", "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(self.command(), stdout=self.log, stderr=subprocess.STDOUT, env=env,
+                                     start_new_session=True)
         deadline = time.monotonic() + self.startup_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"transformers serve exited: {(self.model_dir / 'serve.log').read_text()[-2000:]}")
+                log = (self.model_dir / f"{self.kind}.log").read_text()[-3000:]
+                raise RuntimeError(f"{self.kind} server exited during start-up:\n{log}")
             try:
                 urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2)
                 return self
             except OSError:
                 time.sleep(0.5)
         self.__exit__()
-        raise TimeoutError(f"transformers serve did not come up in {self.startup_s}s")
+        raise TimeoutError(f"{self.kind} server did not come up in {self.startup_s}s")
+
+    def kill(self) -> None:
+        """Kill the server and every process it started (vLLM runs its engine in child processes)."""
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
 
     def __exit__(self, *exc):
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.kill()
         self.log.close()
