@@ -1,5 +1,11 @@
 """Benchmarks that time medix_jax against a peer in the same run and print both figures and the ratio.
 
+``python -m medix_jax.bench rewards --judge-url URL --judge-model NAME [--answers 2560] [--runs 3]``
+
+Rewards: judge throughput of our client (concurrent, deduplicating, cached within the batch) vs the reference's
+serial loop (one blocking request per answer, exact-match short-cut only) against the same OpenAI-compatible
+server, on answers in groups of 5 with realistic duplication (512 prompts x 5 rollouts by default).
+
 ``python -m medix_jax.bench sampler [--config configs/bench/small.yaml] [--runs 3] [key=value ...]``
 
 Sampler: our compiled sampler vs transformers ``generate`` on the same weights (exported with ``save_hf``) and the
@@ -103,9 +109,66 @@ def bench_sampler(config: str | None, overrides: list[str], runs: int, batch: in
     return result
 
 
+def group_answers(n_answers: int, group: int = 5, seed: int = 0) -> list[tuple[str, str]]:
+    """(answer, truth) pairs in groups of ``group`` rollouts per prompt: some exact, some repeated paraphrases."""
+    rng = np.random.default_rng(seed)
+    findings = ["hepatic cyst", "left lower lobe pneumonia", "displaced femur fracture", "pleural effusion",
+                "meningioma", "diabetic retinopathy", "renal calculus", "aortic dissection"]
+    pairs = []
+    for prompt in range(-(-n_answers // group)):
+        truth = f"{findings[prompt % len(findings)]} ({prompt})"
+        variants = [truth, f"probably {truth}", f"{findings[(prompt + 3) % len(findings)]} ({prompt})",
+                    f"no evidence of {truth}"]
+        pairs += [(variants[int(i)], truth) for i in rng.choice(4, size=group, p=[0.2, 0.4, 0.25, 0.15])]
+    return pairs[:n_answers]
+
+
+def bench_rewards(url: str, model: str, runs: int, n_answers: int) -> dict:
+    import openai
+
+    from medix_jax.rewards.judge import JudgeClient, JudgeConfig, normalise
+
+    pairs = group_answers(n_answers)
+    cfg = JudgeConfig(url=url, model=model)
+
+    def run_serial():  # the reference: one blocking call per answer, no retry, no cache, no concurrency
+        client = openai.OpenAI(base_url=url, api_key="EMPTY", max_retries=0, timeout=cfg.timeout_s)
+        judge = JudgeClient(cfg)
+        for prediction, truth in pairs:
+            if normalise(prediction) == normalise(truth):
+                continue
+            client.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": judge.prompt(prediction, truth)}],
+                temperature=0.0, max_tokens=4, extra_body={"structured_outputs": {"choice": ["YES", "NO"]}})
+
+    stats = {}
+
+    def run_ours():  # a fresh client per run: deduplication within the batch only, no cache carried over
+        judge = JudgeClient(cfg)
+        scores = judge.score(pairs)
+        stats.update(judge.stats, missing=sum(s is None for s in scores))
+
+    ours_s, ours_times = _timed(run_ours, runs)
+    serial_s, serial_times = _timed(run_serial, runs)
+    result = dict(answers=len(pairs), ours_per_s=len(pairs) / ours_s, serial_per_s=len(pairs) / serial_s,
+                  ratio=serial_s / ours_s, calls=stats.get("judge_calls"), missing=stats.get("missing"))
+    print(f"bench rewards: {len(pairs)} answers in groups of 5 against {url} ({model})")
+    print(f"  medix_jax judge pool   : {result['ours_per_s']:8.1f} answers/s  (median of {runs}: "
+          f"{', '.join(f'{x:.2f}s' for x in ours_times)}; {stats.get('judge_calls')} requests, "
+          f"{stats.get('judge_exact_match')} exact, {stats.get('judge_cache_hits')} deduplicated, "
+          f"{stats.get('missing')} missing)")
+    print(f"  reference serial loop  : {result['serial_per_s']:8.1f} answers/s  (median of {runs}: "
+          f"{', '.join(f'{x:.2f}s' for x in serial_times)})")
+    print(f"  ratio (ours / peer)    : {result['ratio']:.1f}x")
+    return result
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["sampler"])
+    parser.add_argument("what", choices=["sampler", "rewards"])
+    parser.add_argument("--judge-url", help="rewards: OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
+    parser.add_argument("--judge-model", help="rewards: the served model name")
+    parser.add_argument("--answers", type=int, default=2560)
     parser.add_argument("--config", help="model config (default: configs/bench/small.yaml)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
@@ -115,7 +178,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be >= 1")
-    bench_sampler(args.config, args.overrides, args.runs, args.batch, args.new_tokens, args.image_size)
+    if args.what == "rewards":
+        if not (args.judge_url and args.judge_model):
+            parser.error("rewards needs --judge-url and --judge-model")
+        bench_rewards(args.judge_url, args.judge_model, args.runs, args.answers)
+    else:
+        bench_sampler(args.config, args.overrides, args.runs, args.batch, args.new_tokens, args.image_size)
 
 
 if __name__ == "__main__":
