@@ -28,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 from medix_jax import parallel
 from medix_jax.models.qwen2_5_vl.language import KVCache
 from medix_jax.models.qwen2_5_vl.model import ModelInputs, Qwen2_5_VL, prepare_inputs
-from medix_jax.models.qwen2_5_vl.vision import window_rows
+from medix_jax.models.qwen2_5_vl.vision import rows_per_frame
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,9 +86,7 @@ def prepare_prompts(model_cfg, input_ids, attention_mask, pixel_values=None, ima
     vision = {}
     if image_grid_thw is not None and len(image_grid_thw):
         grids = np.asarray(image_grid_thw).reshape(-1, 3)
-        chunk = window_rows(model_cfg.vision)
-        win = model_cfg.vision.window_size // model_cfg.vision.patch_size
-        rows_needed = max(int(-(-h // win) * -(-w // win)) * chunk for _, h, w in grids)
+        rows_needed = max(rows_per_frame(model_cfg.vision, h, w) for _, h, w in grids)
         vision = dict(
             pixel_rows=pick_bucket(int(np.prod(grids, 1).sum()), buckets.pixel_rows, "pixel rows"),
             num_images=pick_bucket(int(grids[:, 0].sum()), buckets.images, "image count"),

@@ -55,6 +55,13 @@ def window_rows(cfg: VisionConfig) -> int:
     return (cfg.window_size // cfg.patch_size) ** 2
 
 
+def rows_per_frame(cfg: VisionConfig, h: int, w: int) -> int:
+    """Layout rows of one frame of patch grid ``h x w``: its windows, each padded to ``window_rows``."""
+    win = cfg.window_size // cfg.spatial_merge_size // cfg.patch_size  # merged tokens per window side
+    mh, mw = h // cfg.spatial_merge_size, w // cfg.spatial_merge_size
+    return -(-mh // win) * -(-mw // win) * window_rows(cfg)
+
+
 def vision_layout(cfg: VisionConfig, image_grid_thw: np.ndarray, num_images: int | None = None,
                   rows_per_image: int | None = None) -> dict[str, np.ndarray]:
     """Window layout for images of ``image_grid_thw`` (rows ``[t, h, w]``; each of the t frames is laid out alone).
@@ -86,7 +93,7 @@ def vision_layout(cfg: VisionConfig, image_grid_thw: np.ndarray, num_images: int
             rows = np.where(real[:, None], units[:, None] * unit + np.arange(unit), -1).reshape(-1)
             frames.append((rows, rowcol))
         unit_offset += t * mh * mw
-    longest = max((len(r) for r, _ in frames), default=chunk)
+    longest = max((rows_per_frame(cfg, h, w) for _, h, w in grids), default=chunk)
     rows_per_image = longest if rows_per_image is None else rows_per_image
     num_images = len(frames) if num_images is None else num_images
     if rows_per_image < longest or rows_per_image % chunk:
