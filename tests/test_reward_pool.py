@@ -1,5 +1,7 @@
 """Reward pool: composite with the reference weights, missing masks, deadlines, embeddings, futures."""
 
+import time
+
 import numpy as np
 import pytest
 
@@ -66,6 +68,22 @@ def test_a_hanging_judge_is_cut_at_the_deadline():
         assert batch.metrics["reward_seconds"] < 5.0  # returned at the deadline, not when the judge answered
         assert not batch.valid[0] and batch.components["format"][0] == 1.0
         pool.close()
+
+
+def test_a_hung_batch_keeps_its_answered_verdicts_and_does_not_block_the_next():
+    with JudgeServer(script=["hang"], default="judge", hang_s=6.0) as server:
+        pool = RewardPool(RewardsConfig(judge=JudgeConfig(url=server.url, timeout_s=30, max_retries=0),
+                                        embedding_on=False, deadline_s=1.5))
+        first = pool.submit([completion("<CT_SCAN>", "a"), completion("<CT_SCAN>", "b")],
+                            ["<CT_SCAN> c", "<CT_SCAN> d"]).result()
+        start = time.perf_counter()
+        second = pool.submit([completion("<CT_SCAN>", "e")], ["<CT_SCAN> f"]).result()
+        waited = time.perf_counter() - start
+        pool.close()
+    assert sorted(np.isnan(first.components["llm"]).tolist()) == [False, True]  # one hung, one answered NO
+    assert first.metrics["judge_cancelled"] == 1
+    assert second.valid.all() and second.components["llm"][0] == 0.0
+    assert waited < 1.5  # the hung request was cancelled at the first batch's deadline, not left holding the worker
 
 
 def test_judge_off_composite_and_active_components(embedder):

@@ -92,11 +92,15 @@ class JudgeClient:
         fenced = '"""' + sanitise(prediction, self.cfg.max_answer_chars).replace('"""', "'''") + '"""'
         return self.cfg.prompt.format(predict=fenced, ground_truth=truth)
 
-    def score(self, pairs: list[tuple[str, str]]) -> list[float | None]:
-        """Blocking: judge every (prediction, truth) pair; run from a worker thread, not an event loop."""
-        return asyncio.run(self.score_async(pairs))
+    def score(self, pairs: list[tuple[str, str]], timeout: float | None = None) -> list[float | None]:
+        """Blocking: judge every (prediction, truth) pair; run from a worker thread, not an event loop.
 
-    async def score_async(self, pairs: list[tuple[str, str]]) -> list[float | None]:
+        After ``timeout`` seconds the unfinished requests are cancelled and their pairs are missing, so one hung
+        batch never holds the worker (or the server's queue) into the next.
+        """
+        return asyncio.run(self.score_async(pairs, timeout))
+
+    async def score_async(self, pairs: list[tuple[str, str]], timeout: float | None = None) -> list[float | None]:
         scores: list[float | None] = [None] * len(pairs)
         todo: dict[tuple[str, str], list[int]] = {}
         for i, (prediction, truth) in enumerate(pairs):
@@ -113,13 +117,18 @@ class JudgeClient:
         if todo:
             client = self._client()
             semaphore = asyncio.Semaphore(self.cfg.max_concurrency)
+            tasks = {key: asyncio.ensure_future(self._judge(client, semaphore, *pairs[idx[0]]))
+                     for key, idx in todo.items()}
             try:
-                keys = list(todo)
-                firsts = [pairs[todo[k][0]] for k in keys]
-                verdicts = await asyncio.gather(*(self._judge(client, semaphore, p, t) for p, t in firsts))
+                _, late = await asyncio.wait(tasks.values(), timeout=timeout)
+                for task in late:
+                    task.cancel()
+                await asyncio.gather(*late, return_exceptions=True)
+                self.stats["judge_cancelled"] += len(late)
             finally:
                 await client.close()
-            for key, verdict in zip(keys, verdicts, strict=True):
+            for key, task in tasks.items():
+                verdict = None if task.cancelled() else task.result()
                 self.stats["judge_cache_hits"] += len(todo[key]) - 1
                 if verdict is not None:
                     self.cache[key] = verdict

@@ -7,7 +7,8 @@ switched off (no judge URL) is left out of the composite; a component that could
 
 ``RewardPool.submit`` returns a future, so the trainer can score batch k while it samples batch k+1; the judge
 (asyncio HTTP) and the embedding model each run in their own worker thread, the regex rules inline. A batch is
-returned within ``deadline_s`` whatever the judge does: whatever is unfinished then is missing.
+returned within ``deadline_s`` whatever the judge does: its unfinished requests are cancelled then and their samples
+are missing, so a hung batch never delays the next one.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import numpy as np
 from medix_jax.rewards.embedding import EmbeddingConfig, EmbeddingScorer
 from medix_jax.rewards.judge import JudgeClient, JudgeConfig
 from medix_jax.rewards.rules import MEDIX_MODALITY_TAGS, extract_answer, format_reward, modality_reward, parse_solution
+
+_JUDGE_MARGIN_S = 0.25  # time left to cancel the judge's requests and hand back what it has
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +89,9 @@ class RewardPool:
         jobs = {}
         if self.judge:
             self.judge.latencies.clear()
-            jobs["llm"] = self._judge_worker.submit(self.judge.score, pairs)
+            # The judge cancels its own requests a little before the deadline, so its partial verdicts are kept.
+            budget = max(0.0, deadline - time.perf_counter() - _JUDGE_MARGIN_S)
+            jobs["llm"] = self._judge_worker.submit(self.judge.score, pairs, budget)
         if self.embedder:
             jobs["embed"] = self._embed_worker.submit(self.embedder.cosine, pairs)
         cosine = None
@@ -123,7 +128,7 @@ class RewardPool:
         if self.judge:
             stats = self.judge.stats
             for key in ("judge_calls", "judge_cache_hits", "judge_exact_match", "judge_flagged",
-                        "judge_invalid_replies"):
+                        "judge_invalid_replies", "judge_cancelled"):
                 metrics[key] = float(stats[key])
             if self.judge.latencies:
                 metrics["judge_latency_p50"] = float(np.percentile(self.judge.latencies, 50))
