@@ -3,6 +3,7 @@
 #   scripts/serve_judge.sh [MODEL_PATH] [PORT] [MAX_MODEL_LEN] [GPU_MEMORY_FRACTION]
 # Defaults follow the reference: Qwen3-4B-Instruct-2507, max length 2048. MODEL_PATH is a local directory or a hub
 # id your machine can download. Then train with  rewards.judge.url=http://HOST:PORT/v1
+# The per-request access log is off: at thousands of judge calls a step it costs the server real CPU.
 # vLLM lives in its own environment (its pins differ from ours): VLLM_PYTHON=/path/to/vllm-env/bin/python
 set -euo pipefail
 model="${1:-Qwen/Qwen3-4B-Instruct-2507}"
@@ -17,4 +18,5 @@ exec "$python_bin" -m vllm.entrypoints.openai.api_server \
   --port "$port" \
   --max-model-len "$max_len" \
   --gpu-memory-utilization "$gpu_fraction" \
+  --disable-uvicorn-access-log \
   --dtype auto
