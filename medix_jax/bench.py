@@ -12,6 +12,13 @@ Sampler: our compiled sampler vs transformers ``generate`` on the same weights (
 same prompts -- batch 8, one 448x448 image each, 128 new tokens, greedy, KV cache on. Both generate exactly 128
 tokens per row (EOS disabled) so that tokens/s compare like for like; timings are medians of ``--runs`` timed runs
 after one warm-up run (which includes our compilation).
+
+``python -m medix_jax.bench data [--records 256] [--runs 3] [--batch 8] [--image-size 448]``
+
+Data: samples/s of our grain pipeline (prepared ArrayRecord -> decode, resize, patchify, prompt, tokenise, bucketed
+batches with 3-D positions) with 0 and 2 worker processes, vs the reference's per-sample path (PIL decode, then
+transformers' Qwen2-VL image processor and the tokenizer with its chat template, serially) on the same records.
+Each figure is the median of ``--runs`` full passes, worker start-up included; "steady" excludes the first batch.
 """
 
 from __future__ import annotations
@@ -163,12 +170,79 @@ def bench_rewards(url: str, model: str, runs: int, n_answers: int) -> dict:
     return result
 
 
+def bench_data(runs: int, records: int, batch: int, image_size: int) -> dict:
+    import dataclasses
+    import io
+
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from medix_jax.data.pipeline import DataConfig, PromptBatches, data_source
+    from medix_jax.data.prepare import PrepareOptions, prepare
+    from medix_jax.data.prompts import MEDIX_PROMPT, token_ids, user_content
+    from medix_jax.data.synthetic import synthetic_records, write_synthetic
+    from medix_jax.data.tokenizer import train_tokenizer
+    from medix_jax.models.qwen2_5_vl.config import preset
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-data-"))
+    write_synthetic(tmp / "src", "parquet", train=records, test=0, image_size=(image_size, image_size))
+    prepare(tmp / "src", tmp / "data", opts=PrepareOptions(test_fraction=0))
+    tokenizer = train_tokenizer([MEDIX_PROMPT] * 4 + [r["problem"] for r in synthetic_records(64)], tmp / "tok")
+    model_cfg = dataclasses.replace(preset("tiny"), tokens=token_ids(tokenizer))
+    pixels = image_size * image_size
+    buckets = Buckets(prompt_lengths=(512, 1024), pixel_rows=(batch * pixels // 196,), images=(batch,),
+                      rows_per_image=(pixels // 196 * 2,))
+    source = data_source(DataConfig(data_dir=str(tmp / "data")))
+
+    def ours(workers: int) -> tuple[float, float]:
+        cfg = DataConfig(data_dir=str(tmp / "data"), batch_size=batch, epochs=1, num_workers=workers,
+                         min_pixels=pixels, max_pixels=pixels)
+        start = time.perf_counter()
+        it = PromptBatches(source, cfg, model_cfg, tokenizer, buckets, seed=0)
+        next(it)
+        first = time.perf_counter()
+        n = 1 + sum(1 for _ in it)
+        end = time.perf_counter()
+        it.close()
+        return n * batch / (end - start), (n - 1) * batch / (end - first)
+
+    processor = Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels)
+
+    def peer() -> float:
+        start = time.perf_counter()
+        for i in range(len(source) // batch * batch):
+            record = source[i]
+            image = Image.open(io.BytesIO(record["images"][0])).convert("RGB")
+            out = processor(images=[image], return_tensors="np")
+            messages = [{"role": "user", "content": user_content(MEDIX_PROMPT, record["problem"].decode(), 1)}]
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = text.replace("<|image_pad|>", "<|image_pad|>" * (int(out["image_grid_thw"][0].prod()) // 4))
+            tokenizer(text, add_special_tokens=False)
+        return len(source) // batch * batch / (time.perf_counter() - start)
+
+    figures = {}
+    for name, fn in (("ours_0_workers", lambda: ours(0)), ("ours_2_workers", lambda: ours(2)),
+                     ("peer", lambda: (peer(), None))):
+        results = [fn() for _ in range(runs)]
+        figures[name] = statistics.median(r[0] for r in results)
+        if results[0][1] is not None:
+            figures[name + "_steady"] = statistics.median(r[1] for r in results)
+    print(f"bench data: {len(source)} records, one {image_size}x{image_size} image each, batches of {batch}; "
+          f"median of {runs} full passes")
+    for name, label in (("ours_0_workers", "medix_jax grain, 0 workers"),
+                        ("ours_2_workers", "medix_jax grain, 2 workers")):
+        print(f"  {label:<32}: {figures[name]:8.1f} samples/s  (steady {figures[name + '_steady']:.1f})  "
+              f"ratio {figures[name] / figures['peer']:.2f}x")
+    print(f"  {'transformers processor, serial':<32}: {figures['peer']:8.1f} samples/s")
+    return figures
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["sampler", "rewards"])
+    parser.add_argument("what", choices=["sampler", "rewards", "data"])
     parser.add_argument("--judge-url", help="rewards: OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
     parser.add_argument("--judge-model", help="rewards: the served model name")
     parser.add_argument("--answers", type=int, default=2560)
+    parser.add_argument("--records", type=int, default=256, help="data: synthetic records to prepare")
     parser.add_argument("--config", help="model config (default: configs/bench/small.yaml)")
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--batch", type=int, default=8)
@@ -178,7 +252,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be >= 1")
-    if args.what == "rewards":
+    if args.what == "data":
+        bench_data(args.runs, args.records, args.batch, args.image_size)
+    elif args.what == "rewards":
         if not (args.judge_url and args.judge_model):
             parser.error("rewards needs --judge-url and --judge-model")
         bench_rewards(args.judge_url, args.judge_model, args.runs, args.answers)

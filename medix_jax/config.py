@@ -19,6 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
+from medix_jax.data.pipeline import DataConfig
 from medix_jax.models.qwen2_5_vl.config import ModelConfig, model_config_from_hf, preset
 from medix_jax.rewards.pool import RewardsConfig
 from medix_jax.rl.sampler import Buckets, SamplingConfig
@@ -43,6 +44,7 @@ class Config:
 
     model: ModelConfig = dataclasses.field(default_factory=lambda: preset("tiny"))
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)  # data/pipeline.py
     rollout: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)  # policy sampling (rl/sampler.py)
     buckets: Buckets = dataclasses.field(default_factory=Buckets)  # static shapes of prompts and pixels
     rewards: RewardsConfig = dataclasses.field(default_factory=RewardsConfig)  # rewards/pool.py

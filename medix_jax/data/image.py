@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import numpy as np
@@ -52,8 +53,42 @@ def patchify(image: np.ndarray, patch_size: int = 14, merge_size: int = 2, tempo
     return x.reshape(gh * gw, c * temporal_patch_size * patch_size * patch_size)
 
 
+class BadImage(ValueError):
+    """An image that cannot be used; ``reason`` is the short name counted in data-preparation reports."""
+
+    def __init__(self, reason: str, detail: str = ""):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """Encoded bytes -> a fully decoded PIL image; ``BadImage`` (empty, undecodable, truncated, too large) else."""
+    if not data:
+        raise BadImage("empty_image", "zero bytes")
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        raise BadImage("image_too_large", str(e)) from None
+    except (OSError, ValueError, SyntaxError) as e:
+        raise BadImage("undecodable_image", str(e)) from None
+    try:
+        image.load()  # decodes every pixel: a truncated file fails here, not half-way through training
+    except (OSError, ValueError, SyntaxError) as e:
+        raise BadImage("truncated_image" if "truncated" in str(e) else "undecodable_image", str(e)) from None
+    return image
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
-    """RGB, with any transparency composited onto white (as transformers' ``convert_to_rgb``)."""
+    """RGB, with any transparency composited onto white (as transformers' ``convert_to_rgb``).
+
+    Images of more than 8 bits a sample (16-bit PNG, 32-bit integer or float: common for radiographs) are first
+    rescaled linearly from their own [min, max] to [0, 255]; PIL's plain conversion would clip them to white.
+    """
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        values = np.asarray(image, np.float64)
+        low, high = float(values.min()), float(values.max())
+        scaled = (values - low) * (255.0 / (high - low)) if high > low else np.zeros_like(values)
+        image = Image.fromarray(np.round(scaled).astype(np.uint8), mode="L")
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")

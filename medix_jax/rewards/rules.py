@@ -64,15 +64,24 @@ def modality_reward(text: str, solution: str, tags: tuple[str, ...] = MEDIX_MODA
     return 1.0 if predicted is not None and predicted.upper() == truth.upper() else 0.0
 
 
+class BadSolution(ValueError):
+    """A malformed ground truth; ``reason`` (missing_tag, unknown_tag, empty_answer) is counted by data preparation."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
 def parse_solution(solution: str, tags: tuple[str, ...] = MEDIX_MODALITY_TAGS) -> tuple[str, str]:
-    """``"<CT_SCAN> left lower lobe"`` -> ``("<CT_SCAN>", "left lower lobe")``; ValueError when malformed."""
+    """``"<CT_SCAN> left lower lobe"`` -> ``("<CT_SCAN>", "left lower lobe")``; ``BadSolution`` when malformed."""
     match = _SOLUTION.fullmatch(solution or "")
     if not match:
-        raise ValueError(f"ground truth {solution[:80]!r} does not start with a modality tag like <CT_SCAN>")
+        raise BadSolution("missing_tag", f"ground truth {solution[:80]!r} does not start with a modality tag like "
+                                         "<CT_SCAN>")
     tag, answer = match.group(1), match.group(2).strip()
     known = {t.upper() for t in tags}
     if tag.upper() not in known:
-        raise ValueError(f"ground truth modality tag {tag} is not one of the configured tags")
+        raise BadSolution("unknown_tag", f"ground truth modality tag {tag} is not one of the configured tags")
     if not answer:
-        raise ValueError(f"ground truth {solution[:80]!r} has an empty answer")
+        raise BadSolution("empty_answer", f"ground truth {solution[:80]!r} has an empty answer")
     return tag.upper(), answer

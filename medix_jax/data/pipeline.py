@@ -1,0 +1,190 @@
+"""The training input pipeline (grain): prepared records -> prompt batches of static, bucketed shapes.
+
+``tfds.data_source`` -> this process's shard (``[index::count]`` of a length trimmed to a multiple of ``count``,
+so every host runs the same number of steps) -> seeded shuffle, a new order each epoch -> ``repeat(epochs)`` ->
+``Preprocess`` (in ``num_workers`` worker processes when > 0: decode, ``smart_resize`` with ``data.min_pixels`` /
+``data.max_pixels``, patchify, prompt rendering and tokenisation) -> in this process: over-long prompts dropped and
+counted, ``batch_size`` prompts gathered and padded to the buckets (``rl.sampler.prepare_prompts``: prompt length,
+pixel rows, image count, rows per image; 3-D M-RoPE positions) -> ``PromptBatch``.
+
+``PromptBatches.get_state()`` is a small dict saved with the checkpoint; ``set_state`` resumes exactly after the
+last batch returned (same ``num_workers`` required: grain's state depends on it). A final incomplete batch of a
+finite run is dropped (static shapes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from collections import Counter
+from typing import NamedTuple
+
+import numpy as np
+from PIL import Image
+
+from medix_jax.data.image import BadImage, decode_image, preprocess_images, smart_resize, to_rgb
+from medix_jax.data.prompts import MEDIX_PROMPT, check_template, prompt_ids
+from medix_jax.models.qwen2_5_vl.model import ModelInputs
+from medix_jax.models.qwen2_5_vl.vision import rows_per_frame
+from medix_jax.rl.sampler import Buckets, prepare_prompts
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    name: str = "medix_rl"  # tfds dataset name (python -m medix_jax.data.prepare --name)
+    data_dir: str | None = None  # tfds data dir; None: the job's embedded synthetic dataset
+    split: str = "train"
+    batch_size: int = 8  # prompts per batch (each is sampled rollout.num_samples times)
+    epochs: int | None = None  # None: repeat forever
+    shuffle: bool = True
+    num_workers: int = 0  # grain worker processes for decoding and tokenising (0: in this process)
+    min_pixels: int = 262144  # REFERENCE §1
+    max_pixels: int = 4194304
+    max_prompt_tokens: int = 4352  # longer prompts are dropped (counted as data_dropped_overlong)
+    prompt: str = MEDIX_PROMPT  # the user turn; {question} and <image> are filled in (data/prompts.py)
+
+    def __post_init__(self):
+        check_template(self.prompt)
+        if self.batch_size < 1 or self.num_workers < 0 or (self.epochs is not None and self.epochs < 1):
+            raise ValueError(f"invalid data settings: batch_size {self.batch_size}, num_workers "
+                             f"{self.num_workers}, epochs {self.epochs}")
+        if not 0 < self.min_pixels <= self.max_pixels:
+            raise ValueError(f"need 0 < min_pixels <= max_pixels, got {self.min_pixels}, {self.max_pixels}")
+
+
+class PromptBatch(NamedTuple):
+    inputs: ModelInputs  # left-padded to the buckets, numpy
+    ids: list[str]
+    solutions: list[str]  # "<TAG> answer", what the reward pool scores against
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+class Preprocess:
+    """One prepared record -> a tokenised example with pixel rows, or ``{"dropped": reason}`` (picklable)."""
+
+    def __init__(self, cfg: DataConfig, model_cfg, tokenizer, max_prompt_tokens: int, max_rows_per_image: int):
+        self.cfg, self.model_cfg, self.tokenizer = cfg, model_cfg, tokenizer
+        self.max_prompt_tokens, self.max_rows_per_image = max_prompt_tokens, max_rows_per_image
+
+    def __call__(self, record: dict) -> dict:
+        vision = self.model_cfg.vision
+        factor = vision.patch_size * vision.spatial_merge_size
+        try:  # sizes from the headers first: an over-long prompt is dropped before any pixel is decoded
+            sizes = [Image.open(io.BytesIO(data)).size for data in record["images"]]
+            shapes = [smart_resize(h, w, factor, self.cfg.min_pixels, self.cfg.max_pixels) for w, h in sizes]
+        except (OSError, ValueError):
+            return {"dropped": "bad_image"}
+        image_tokens = [h * w // factor**2 for h, w in shapes]
+        ids = prompt_ids(self.tokenizer, self.cfg.prompt, _text(record["problem"]), image_tokens,
+                         self.model_cfg.tokens.image_token_id)
+        if len(ids) > self.max_prompt_tokens:
+            return {"dropped": "overlong"}
+        if any(rows_per_frame(vision, h // vision.patch_size, w // vision.patch_size) > self.max_rows_per_image
+               for h, w in shapes):
+            return {"dropped": "image_rows"}
+        example = {"id": _text(record["id"]), "solution": _text(record["solution"]), "input_ids": ids}
+        if record["images"]:
+            try:
+                images = [to_rgb(decode_image(data)) for data in record["images"]]
+            except BadImage:
+                return {"dropped": "bad_image"}
+            example["pixel_values"], example["image_grid_thw"] = preprocess_images(
+                images, min_pixels=self.cfg.min_pixels, max_pixels=self.cfg.max_pixels, patch_size=vision.patch_size,
+                merge_size=vision.spatial_merge_size, temporal_patch_size=vision.temporal_patch_size)
+        return example
+
+
+def collate(examples: list[dict], model_cfg, buckets: Buckets) -> PromptBatch:
+    """Right-padded token ids and concatenated pixel rows -> ``prepare_prompts`` (left-padded to the buckets)."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = np.full((len(examples), width), model_cfg.tokens.pad_token_id, np.int32)
+    mask = np.zeros((len(examples), width), bool)
+    for row, e in enumerate(examples):
+        ids[row, : len(e["input_ids"])] = e["input_ids"]
+        mask[row, : len(e["input_ids"])] = True
+    with_images = [e for e in examples if "pixel_values" in e]
+    pixels = np.concatenate([e["pixel_values"] for e in with_images]) if with_images else None
+    grids = np.concatenate([e["image_grid_thw"] for e in with_images]) if with_images else None
+    inputs = prepare_prompts(model_cfg, ids, mask, pixels, grids, buckets)
+    return PromptBatch(inputs, [e["id"] for e in examples], [e["solution"] for e in examples])
+
+
+class PromptBatches:
+    """Iterator of ``PromptBatch`` over one split, for this process's shard; resumable with get/set_state."""
+
+    def __init__(self, source, cfg: DataConfig, model_cfg, tokenizer, buckets: Buckets, seed: int,
+                 process_index: int = 0, process_count: int = 1):
+        import grain
+
+        vision = model_cfg.vision
+        max_prompt = min(cfg.max_prompt_tokens, max(buckets.prompt_lengths))
+        largest_image_rows = cfg.max_pixels // vision.patch_size**2
+        if cfg.batch_size * largest_image_rows > max(buckets.pixel_rows):
+            raise ValueError(
+                f"data.batch_size {cfg.batch_size} prompts with an image of up to data.max_pixels {cfg.max_pixels} "
+                f"need up to {cfg.batch_size * largest_image_rows} pixel rows, more than the largest "
+                f"buckets.pixel_rows {max(buckets.pixel_rows)}: raise that bucket or lower the batch or max_pixels")
+        self.cfg, self.model_cfg, self.buckets = cfg, model_cfg, buckets
+        per_process = len(source) // process_count
+        if per_process == 0:
+            raise ValueError(f"{len(source)} records cannot be shared by {process_count} processes")
+        dataset = grain.MapDataset.source(source)[: per_process * process_count][process_index::process_count]
+        if cfg.shuffle:
+            dataset = dataset.shuffle(seed=seed)
+        dataset = dataset.repeat(cfg.epochs).map(
+            Preprocess(cfg, model_cfg, tokenizer, max_prompt, max(buckets.rows_per_image)))
+        stream = dataset.to_iter_dataset()
+        if cfg.num_workers:
+            _absl_flags_parsed()
+            stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
+        self.records_per_epoch = per_process
+        self._stream = iter(stream)
+        self.dropped: Counter = Counter()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> PromptBatch:
+        examples = []
+        while len(examples) < self.cfg.batch_size:
+            example = next(self._stream)  # StopIteration ends a finite run; its incomplete batch is dropped
+            if "dropped" in example:
+                self.dropped[example["dropped"]] += 1
+            else:
+                examples.append(example)
+        return collate(examples, self.model_cfg, self.buckets)
+
+    def get_state(self) -> dict:
+        return {"grain": self._stream.get_state(), "dropped": dict(self.dropped), "num_workers": self.cfg.num_workers}
+
+    def set_state(self, state: dict) -> None:
+        if state["num_workers"] != self.cfg.num_workers:
+            raise ValueError(f"the data state was saved with data.num_workers={state['num_workers']}; resume with "
+                             f"the same value (now {self.cfg.num_workers})")
+        self._stream.set_state(state["grain"])
+        self.dropped = Counter(state["dropped"])
+
+    def close(self) -> None:
+        close = getattr(self._stream, "close", None)
+        if close:
+            close()
+
+
+def _absl_flags_parsed() -> None:
+    """grain's worker processes read absl flags; outside ``absl.app.run`` they must be marked parsed."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+
+
+def data_source(cfg: DataConfig):
+    """The prepared split as a random-access source (``tfds.data_source``; no TensorFlow)."""
+    import tensorflow_datasets as tfds
+
+    if not cfg.data_dir:
+        raise ValueError("data.data_dir is not set (prepare a dataset with python -m medix_jax.data.prepare)")
+    return tfds.data_source(cfg.name, data_dir=cfg.data_dir, split=cfg.split)

@@ -1,0 +1,160 @@
+"""The grain pipeline: deterministic, exactly resumable, worker-count independent, bucketed shapes only; prompts
+rendered through the chat template with one placeholder per merged patch; pixels as transformers' processor."""
+
+import dataclasses
+import io
+import pickle
+
+import numpy as np
+import pytest
+from PIL import Image
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+from medix_jax.data.pipeline import DataConfig, Preprocess, PromptBatches, data_source
+from medix_jax.data.prepare import PrepareOptions, prepare
+from medix_jax.data.prompts import MEDIX_PROMPT, token_ids, user_content
+from medix_jax.data.synthetic import synthetic_records, write_synthetic
+from medix_jax.data.tokenizer import train_tokenizer
+from medix_jax.models.qwen2_5_vl.config import preset
+from medix_jax.rl.sampler import Buckets
+
+MIN_PIXELS, MAX_PIXELS = 28 * 28, 168 * 168
+BUCKETS = Buckets(prompt_lengths=(192, 208, 224, 256), pixel_rows=(256, 512, 1024), images=(2, 4),
+                  rows_per_image=(64, 128, 256))
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    write_synthetic(root / "src", "parquet", train=61, test=0, seed=3, image_size=(20, 200))
+    prepare(root / "src", root / "data", opts=PrepareOptions(test_fraction=0))
+    texts = [MEDIX_PROMPT] * 4 + [r["problem"] + " " + r["solution"] for r in synthetic_records(40)]
+    tokenizer = train_tokenizer(texts, root / "tokenizer")
+    model_cfg = dataclasses.replace(preset("tiny"), tokens=token_ids(tokenizer))
+    cfg = DataConfig(data_dir=str(root / "data"), batch_size=4, epochs=2, min_pixels=MIN_PIXELS,
+                     max_pixels=MAX_PIXELS)
+    return cfg, model_cfg, tokenizer
+
+
+def batches(setup, seed=0, state=None, limit=None, **changes):
+    cfg, model_cfg, tokenizer = setup
+    cfg = dataclasses.replace(cfg, **changes)
+    it = PromptBatches(data_source(cfg), cfg, model_cfg, tokenizer, BUCKETS, seed)
+    if state is not None:
+        it.set_state(state)
+    out = []
+    for batch in it:
+        out.append(batch)
+        if limit and len(out) == limit:
+            break
+    saved = pickle.loads(pickle.dumps(it.get_state()))  # what a checkpoint stores
+    it.close()
+    return out, saved
+
+
+def flat(batch):
+    leaves = [batch.inputs.input_ids, batch.inputs.attention_mask, batch.inputs.positions, batch.inputs.rope_delta]
+    leaves += list(batch.inputs.vision)
+    return leaves, batch.ids, batch.solutions
+
+
+def assert_same(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        (lx, ix, sx), (ly, iy, sy) = flat(x), flat(y)
+        assert ix == iy and sx == sy
+        for u, v in zip(lx, ly, strict=True):
+            np.testing.assert_array_equal(u, v)
+
+
+def test_same_seed_same_batches_only_bucketed_shapes(setup):
+    first, _ = batches(setup)
+    again, _ = batches(setup)
+    assert len(first) == 61 * 2 // 4  # two epochs of 61, the last incomplete batch dropped
+    assert_same(first, again)
+    other, _ = batches(setup, seed=1)
+    assert [b.ids for b in other] != [b.ids for b in first]
+    epoch = [i for b in first for i in b.ids][:61]
+    assert sorted(epoch) == sorted(f"synthetic-train-{i:06d}" for i in range(61))  # each record once an epoch
+    shapes = set()
+    for b in first:
+        v = b.inputs.vision
+        shapes.add((b.inputs.input_ids.shape, v.pixel_values.shape, v.patch_order.shape))
+        assert b.inputs.input_ids.shape[1] in BUCKETS.prompt_lengths
+        assert v.pixel_values.shape[0] in BUCKETS.pixel_rows
+        assert v.patch_order.shape[0] in BUCKETS.images and v.patch_order.shape[1] in BUCKETS.rows_per_image
+        assert b.inputs.positions.shape == (3, *b.inputs.input_ids.shape)
+    assert len(shapes) > 1  # the data really does span several buckets
+
+
+def test_resume_mid_epoch_yields_exactly_the_remaining_batches(setup):
+    full, _ = batches(setup)
+    head, state = batches(setup, limit=11)  # 44 records in: mid first epoch
+    rest, _ = batches(setup, state=state)
+    assert_same(head + rest, full)
+
+
+def test_two_workers_give_the_batches_of_zero_and_resume_exactly(setup):
+    full, _ = batches(setup)
+    with_workers, _ = batches(setup, num_workers=2)
+    assert_same(with_workers, full)
+    head, state = batches(setup, limit=5, num_workers=2)
+    rest, _ = batches(setup, state=state, num_workers=2)
+    assert_same(head + rest, full)
+    with pytest.raises(ValueError, match="num_workers"):
+        batches(setup, state=state, num_workers=0)
+
+
+def test_processes_get_disjoint_equal_shards(setup):
+    cfg, model_cfg, tokenizer = setup
+    cfg = dataclasses.replace(cfg, epochs=1, batch_size=1, shuffle=False)
+    shards = []
+    for index in range(3):
+        it = PromptBatches(data_source(cfg), cfg, model_cfg, tokenizer, BUCKETS, 0, index, 3)
+        shards.append([b.ids[0] for b in it])
+    assert [len(s) for s in shards] == [20, 20, 20]  # 61 trimmed to 60
+    assert len(set().union(*shards)) == 60
+
+
+def test_overlong_prompts_are_dropped_and_counted(setup):
+    cfg, model_cfg, tokenizer = setup
+    prep = Preprocess(cfg, model_cfg, tokenizer, 10**6, 10**6)
+    source = data_source(cfg)
+    lengths = [len(prep(source[i])["input_ids"]) for i in range(len(source))]
+    limit = int(np.median(lengths))
+    expected = sum(n > limit for n in lengths)
+    assert 0 < expected < len(lengths)
+    cfg = dataclasses.replace(cfg, epochs=1, batch_size=1, max_prompt_tokens=limit)
+    it = PromptBatches(source, cfg, model_cfg, tokenizer, BUCKETS, 0)
+    kept = list(it)
+    assert len(kept) == len(lengths) - expected and it.dropped == {"overlong": expected}
+    assert all(b.inputs.attention_mask.sum() <= limit for b in kept)
+
+
+def test_prompt_and_pixels_match_the_chat_template_and_transformers(setup):
+    cfg, model_cfg, tokenizer = setup
+    image = Image.new("RGB", (150, 70), (30, 60, 90))
+    buffer = io.BytesIO()
+    image.save(buffer, "PNG")
+    record = {"id": b"x", "solution": b"<CT_SCAN> a", "problem": "Quelle forme ? 形".encode(),
+              "images": [buffer.getvalue()]}
+    example = Preprocess(cfg, model_cfg, tokenizer, 10**6, 10**6)(record)
+    hf = Qwen2VLImageProcessorPil(min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)(images=[image], return_tensors="np")
+    np.testing.assert_allclose(example["pixel_values"], hf["pixel_values"], atol=1e-5)
+    np.testing.assert_array_equal(example["image_grid_thw"], hf["image_grid_thw"])
+    pads = int(np.prod(hf["image_grid_thw"][0])) // 4
+    messages = [{"role": "user", "content": user_content(MEDIX_PROMPT, "Quelle forme ? 形", 1)}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert text.count("<|image_pad|>") == 1 and text.endswith("<|im_start|>assistant\n")
+    assert tokenizer.decode(example["input_ids"]) == text.replace("<|image_pad|>", "<|image_pad|>" * pads)
+    assert (example["input_ids"] == model_cfg.tokens.image_token_id).sum() == pads
+
+
+def test_bad_settings_are_errors(setup):
+    cfg, model_cfg, tokenizer = setup
+    with pytest.raises(ValueError, match="pixel rows"):
+        PromptBatches(data_source(cfg), dataclasses.replace(cfg, batch_size=64), model_cfg, tokenizer, BUCKETS, 0)
+    with pytest.raises(ValueError, match="question"):
+        DataConfig(prompt="no field here <image>")
+    with pytest.raises(ValueError, match="data_dir"):
+        data_source(DataConfig())
