@@ -1,0 +1,115 @@
+"""The GRPO objective and its DAPO / GSPO variants, in float32: every equation the trainer optimises is here.
+
+Notation: G rollouts per prompt, rewards ``r``, per-token log-probabilities under the policy being trained
+(``logp``), the policy that sampled (``old``) and a frozen reference (``ref``); ``mask`` marks completion tokens of
+valid samples. Settings of the reference runs: REFERENCE §1.
+
+1. Group advantage (GRPO):  ``A_i = (r_i - mean_g r) / (std_g r + eps)``, unbiased std over the group's valid
+   samples (``scale_by_std=False``: ``A_i = r_i - mean_g r``, Dr.GRPO). A group with fewer than two valid samples
+   has no baseline: its advantages are 0.
+2. Importance ratio per token: ``rho_t = exp(logp_t - old_t)``. GSPO-token (Zheng et al. 2025, eq. 14): the
+   sequence ratio ``s_i = exp(mean_t (logp_t - old_t))`` enters each token as ``sg[s_i] * pi_t / sg[pi_t]`` -- the
+   value is the sequence ratio, the gradient flows per token.
+3. Clipped surrogate with separate bounds (DAPO clip-higher): ``L_t = -min(rho_t A, clip(rho_t, 1 - eps_low,
+   1 + eps_high) A)``; dual clip (Ye et al. 2020) for ``A < 0``: ``L_t = min(L_t, -C A)``.
+4. KL to the reference as a loss term, low-variance k3 estimator (Schulman 2020), clamped to [-10, 10] like the
+   reference's ``low_var_kl``: ``k3_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1``; ``L_t += beta * k3_t``.
+5. Aggregation: ``token_mean`` (DAPO) ``sum_{i,t} L / sum_{i,t} mask``; ``seq_mean`` (GRPO, GSPO)
+   ``mean_i (sum_t L / |o_i|)``. Both take their denominators from the whole mini-batch (``Totals``), so gradient
+   accumulation over micro-batches gives exactly the full-batch gradient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+Aggregation = Literal["token_mean", "seq_mean"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    clip_low: float = 0.2
+    clip_high: float = 0.3  # DAPO clip-higher: 0.28; GSPO: 3e-4 / 4e-4
+    dual_clip: float | None = 3.0  # C; None switches it off
+    aggregation: Aggregation = "seq_mean"  # token_mean for DAPO
+    sequence_ratio: bool = False  # GSPO-token
+    kl_coef: float = 0.0  # beta; the reference GRPO run uses 1e-2 (k3)
+    scale_by_std: bool = True
+    eps: float = 1e-6
+
+    def __post_init__(self):
+        if self.clip_low <= 0 or self.clip_high <= 0 or self.kl_coef < 0:
+            raise ValueError(f"invalid loss settings {self}")
+        if self.dual_clip is not None and self.dual_clip <= 1:
+            raise ValueError(f"dual_clip must be > 1, got {self.dual_clip}")
+
+
+def group_advantages(rewards, valid, group_size: int, scale_by_std: bool = True, eps: float = 1e-6) -> jax.Array:
+    """Eq. 1 over consecutive groups of ``group_size``; invalid samples get 0 and do not enter the statistics."""
+    r = jnp.asarray(rewards, jnp.float32).reshape(-1, group_size)
+    v = jnp.asarray(valid, bool).reshape(-1, group_size)
+    n = v.sum(1, keepdims=True)
+    mean = jnp.where(v, r, 0.0).sum(1, keepdims=True) / jnp.maximum(n, 1)
+    var = jnp.where(v, (r - mean) ** 2, 0.0).sum(1, keepdims=True) / jnp.maximum(n - 1, 1)
+    centred = r - mean
+    advantages = centred / (jnp.sqrt(var) + eps) if scale_by_std else centred
+    return jnp.where(v & (n >= 2), advantages, 0.0).reshape(-1)
+
+
+class Totals(NamedTuple):
+    """Mini-batch denominators for eq. 5 (so micro-batches sum to the full-batch loss)."""
+
+    tokens: jax.Array  # sum of mask over the mini-batch
+    sequences: jax.Array  # valid samples in the mini-batch
+
+
+def totals(mask) -> Totals:
+    mask = jnp.asarray(mask, bool)
+    return Totals(jnp.maximum(mask.sum(), 1).astype(jnp.float32),
+                  jnp.maximum(mask.any(1).sum(), 1).astype(jnp.float32))
+
+
+def policy_loss(logp, old_logp, advantages, mask, cfg: LossConfig, denominators: Totals,
+                ref_logp=None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Eqs. 2-5. ``logp``/``old_logp``/``ref_logp``/``mask``: ``[N, T]``; ``advantages``: ``[N]``."""
+    logp, old_logp = logp.astype(jnp.float32), old_logp.astype(jnp.float32)
+    m = mask.astype(jnp.float32)
+    lengths = jnp.maximum(m.sum(1), 1.0)
+    log_ratio = jnp.where(mask, logp - old_logp, 0.0)
+    if cfg.sequence_ratio:  # eq. 2, GSPO-token
+        seq_log_ratio = log_ratio.sum(1, keepdims=True) / lengths[:, None]
+        log_ratio = jax.lax.stop_gradient(seq_log_ratio) + logp - jax.lax.stop_gradient(logp)
+    ratio = jnp.exp(log_ratio)
+    a = advantages.astype(jnp.float32)[:, None]
+    unclipped = -ratio * a
+    clipped = -jnp.clip(ratio, 1.0 - cfg.clip_low, 1.0 + cfg.clip_high) * a
+    loss = jnp.maximum(unclipped, clipped)  # eq. 3: -min(rho A, clip(rho) A)
+    if cfg.dual_clip is not None:
+        loss = jnp.where(a < 0, jnp.minimum(loss, -cfg.dual_clip * a), loss)
+    kl = jnp.zeros_like(loss)
+    if ref_logp is not None:  # eq. 4
+        diff = ref_logp.astype(jnp.float32) - logp
+        kl = jnp.clip(jnp.exp(diff) - diff - 1.0, -10.0, 10.0)
+        loss = loss + cfg.kl_coef * kl
+    if cfg.aggregation == "token_mean":  # eq. 5
+        total = (loss * m).sum() / denominators.tokens
+    else:
+        total = ((loss * m).sum(1) / lengths).sum() / denominators.sequences
+    per_token = lambda x: (x * m).sum() / denominators.tokens  # noqa: E731
+    metrics = {
+        "clip_fraction": per_token((clipped > unclipped).astype(jnp.float32)),
+        "ratio_mean": per_token(ratio),
+        "kl": per_token(kl),
+    }
+    return total, metrics
+
+
+def entropy(logits, mask, denominators: Totals) -> jax.Array:
+    """Mean token entropy ``-sum_v p log p`` of ``[N, T, V]`` logits over the mini-batch's tokens."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    h = -(jnp.exp(logp) * logp).sum(-1)
+    return (h * mask).sum() / denominators.tokens
