@@ -107,3 +107,20 @@ def init_sharded(make: Callable[[], nnx.Module], mesh: Mesh, rules: Mapping | No
     for name, path in names.items():
         flat[path].set_value(values[name])
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def put(a, axes, mesh: Mesh | None):
+    """``a`` placed on ``mesh`` by logical ``axes`` (as is without a mesh)."""
+    if mesh is None:
+        return a
+    return jax.device_put(a, NamedSharding(mesh, logical_spec(axes, np.shape(a), mesh)))
+
+
+def shard_prompts(prompts, mesh: Mesh | None):
+    """Token-level prompt arrays split over the ``batch`` rule; the vision layout stays replicated."""
+    return prompts._replace(
+        input_ids=put(prompts.input_ids, ("batch", None), mesh),
+        attention_mask=put(prompts.attention_mask, ("batch", None), mesh),
+        positions=put(prompts.positions, (None, "batch", None), mesh),
+        rope_delta=put(prompts.rope_delta, ("batch",), mesh),
+    )

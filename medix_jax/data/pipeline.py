@@ -56,6 +56,7 @@ class PromptBatch(NamedTuple):
     inputs: ModelInputs  # left-padded to the buckets, numpy
     ids: list[str]
     solutions: list[str]  # "<TAG> answer", what the reward pool scores against
+    examples: list[dict]  # the unpadded examples (token ids, pixel rows, grids): re-collated for the update step
 
 
 def _text(value) -> str:
@@ -109,7 +110,7 @@ def collate(examples: list[dict], model_cfg, buckets: Buckets) -> PromptBatch:
     pixels = np.concatenate([e["pixel_values"] for e in with_images]) if with_images else None
     grids = np.concatenate([e["image_grid_thw"] for e in with_images]) if with_images else None
     inputs = prepare_prompts(model_cfg, ids, mask, pixels, grids, buckets)
-    return PromptBatch(inputs, [e["id"] for e in examples], [e["solution"] for e in examples])
+    return PromptBatch(inputs, [e["id"] for e in examples], [e["solution"] for e in examples], examples)
 
 
 class PromptBatches:

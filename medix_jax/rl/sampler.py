@@ -222,8 +222,7 @@ class Sampler:
         mask = np.asarray(prompts.attention_mask)
         if not mask[:, -1].all():
             raise ValueError("prompts must be left-padded: the last column must be a real token in every row")
-        if self.mesh is not None:
-            prompts = self._shard(prompts)
+        prompts = parallel.shard_prompts(prompts, self.mesh)
         graphdef, state = nnx.split(model)
         s = self.sampling
         eos = model.config.tokens.eos_token_id if s.eos_token_id is None else s.eos_token_id
@@ -232,14 +231,3 @@ class Sampler:
         out, _ = _decode(graphdef, state, cache, logits, next_position, key_valid, s,
                          prompts.input_ids.shape[1], eos, key)
         return out
-
-    def _shard(self, prompts: ModelInputs) -> ModelInputs:
-        def put(a, axes):
-            return jax.device_put(a, NamedSharding(self.mesh, parallel.logical_spec(axes, a.shape, self.mesh)))
-
-        return prompts._replace(
-            input_ids=put(prompts.input_ids, ("batch", None)),
-            attention_mask=put(prompts.attention_mask, ("batch", None)),
-            positions=put(prompts.positions, (None, "batch", None)),
-            rope_delta=put(prompts.rope_delta, ("batch",)),
-        )

@@ -1,0 +1,99 @@
+"""Training curves of a run as a PNG, from its ``metrics.jsonl``.
+
+``python -m medix_jax.plot RUN_DIR [--out FILE.png] [--keys k1,k2,...]``
+
+One subplot per key against the step; by default the rewards, loss, KL, entropy, clip fraction and response length
+that the run logged (keys it never logged are skipped). Null values (NaN/inf when logged) are gaps in the curve.
+Writes ``RUN_DIR/curves.png`` unless ``--out`` says otherwise; exits with status 2 when there is nothing to plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+from pathlib import Path
+
+from medix_jax.metrics import METRICS_FILE, read_metrics
+
+DEFAULT_KEYS = (
+    "reward_composite_mean",
+    "reward_format_mean",
+    "reward_modality_mean",
+    "reward_llm_mean",
+    "reward_embed_mean",
+    "loss",
+    "kl",
+    "entropy",
+    "clip_fraction",
+    "response_length_mean",
+)
+
+
+def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of the records that have ``key``; null or non-numeric values become NaN (a gap)."""
+    steps, values = [], []
+    for record in records:
+        if key in record:
+            value = record[key]
+            steps.append(record["step"])
+            values.append(float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan)
+    return steps, values
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None, keys: list[str] | None = None) -> Path:
+    """Render the curves of ``keys`` (default: ``DEFAULT_KEYS``) to ``out`` (default ``run_dir/curves.png``).
+
+    Raises FileNotFoundError without a metrics.jsonl and ValueError when none of the keys has a finite value.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    run_dir = Path(run_dir)
+    if not (run_dir / METRICS_FILE).is_file():
+        raise FileNotFoundError(f"{run_dir / METRICS_FILE} does not exist")
+    # Last record wins for a step logged twice (a resume without truncate_after), then step order.
+    by_step = {record["step"]: record for record in read_metrics(run_dir) if isinstance(record.get("step"), int)}
+    records = [by_step[step] for step in sorted(by_step)]
+    series = {key: _series(records, key) for key in (keys or DEFAULT_KEYS)}
+    series = {key: xy for key, xy in series.items() if any(math.isfinite(v) for v in xy[1])}
+    if not series:
+        raise ValueError(f"no values to plot in {run_dir / METRICS_FILE} for keys {', '.join(keys or DEFAULT_KEYS)}")
+
+    ncols = 1 if len(series) == 1 else 2
+    nrows = math.ceil(len(series) / ncols)
+    fig = Figure(figsize=(6 * ncols, 2.8 * nrows), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, (key, (steps, values)) in zip(axes, series.items()):
+        ax.plot(steps, values, marker="." if len(steps) < 50 else None)  # markers keep isolated points visible
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in axes[len(series):]:
+        ax.set_visible(False)
+    fig.suptitle(run_dir.resolve().name)
+
+    out = Path(out) if out is not None else run_dir / "curves.png"
+    tmp = out.with_name(f"{out.stem}.tmp{out.suffix}")  # a viewer never sees a half-written image
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, out)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m medix_jax.plot", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    parser.add_argument("--out", type=Path, help="image file (default: RUN_DIR/curves.png)")
+    parser.add_argument("--keys", help=f"comma-separated metric keys (default: {','.join(DEFAULT_KEYS)})")
+    args = parser.parse_args(argv)
+    keys = [key.strip() for key in args.keys.split(",") if key.strip()] if args.keys else None
+    try:
+        out = plot_run(args.run_dir, args.out, keys)
+    except (FileNotFoundError, ValueError) as e:
+        parser.error(str(e))  # exit status 2
+    print(out)
+
+
+if __name__ == "__main__":
+    main()

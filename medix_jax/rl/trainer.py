@@ -1,0 +1,317 @@
+"""The GRPO training loop: prompts -> sampler (G each) -> text -> reward pool -> advantages -> jit update steps.
+
+One step (``Trainer.step``):
+
+1. **Collect.** Draw a prompt batch, sample G completions per prompt with the in-JAX sampler (``rl/sampler.py``),
+   decode them, score them on the host (``rewards/pool.py``) and compute group advantages (``grpo.py`` eq. 1).
+   With ``dynamic_filtering`` (DAPO) groups whose valid rewards are all equal are dropped and more prompts are drawn,
+   at most ``max_tries`` batches, until ``data.batch_size`` groups are kept; a shortfall is filled with masked
+   copies (static shapes; they contribute nothing).
+2. **Update.** ``ppo_epochs`` passes over ``mini_batches`` mini-batches; each is one AdamW update (``optim``)
+   whose gradient is accumulated over ``micro_batches`` micro-batches (``grpo.Totals`` keeps the mini-batch
+   denominators, so accumulation is exact). The policy's log-probabilities come from one forward pass over prompt +
+   completion (``completion_logits``); the vision tower runs once per prompt, not once per sample. Old
+   log-probabilities are the sampler's unless ``recompute_old_logprobs``; the reference policy exists only when
+   ``loss.kl_coef > 0``.
+
+Randomness is ``fold_in(seed, step)``, so a run resumed from a checkpoint (parameters, optimizer, step, data
+iterator state) repeats exactly what the uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Literal, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from medix_jax import parallel
+from medix_jax.data.pipeline import PromptBatch, collate
+from medix_jax.models.qwen2_5_vl.model import ModelInputs, Qwen2_5_VL
+from medix_jax.rl import grpo
+from medix_jax.rl.sampler import Buckets, Sampler, SamplingConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    learning_rate: float = 1e-6  # REFERENCE §1: AdamW 1e-6 constant, no warm-up, wd 0.01, clip 1.0
+    weight_decay: float = 0.01
+    b1: float = 0.9
+    b2: float = 0.999
+    grad_clip: float = 1.0
+    warmup_steps: int = 0  # optimizer updates
+    schedule: Literal["constant", "cosine"] = "constant"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    run_dir: str = "runs/default"
+    steps: int = 200
+    loss: grpo.LossConfig = dataclasses.field(default_factory=grpo.LossConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    ppo_epochs: int = 1
+    mini_batches: int = 1  # optimizer updates per epoch (reference: 512 prompts / 128 = 4)
+    micro_batches: int = 1  # gradient accumulation inside each update
+    recompute_old_logprobs: bool = False
+    dynamic_filtering: bool = False  # DAPO
+    max_tries: int = 20  # prompt batches drawn per step at most when filtering
+    save_every: int = 50  # checkpoint every this many steps (and at the end, and on SIGTERM / SIGINT)
+    keep_checkpoints: int = 3
+    export_hf: bool = True  # write an HF directory (run_dir/hf) at the end
+
+    def __post_init__(self):
+        if min(self.steps, self.ppo_epochs, self.mini_batches, self.micro_batches, self.max_tries,
+               self.save_every, self.keep_checkpoints) < 1:
+            raise ValueError(f"train: counts must be >= 1 ({self})")
+
+
+def make_optimizer(cfg: OptimConfig, total_updates: int) -> optax.GradientTransformation:
+    if cfg.schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps,
+                                                max(total_updates, cfg.warmup_steps + 1))
+    else:
+        lr = optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps),
+                                   optax.constant_schedule(cfg.learning_rate)], [cfg.warmup_steps])
+    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
+                       optax.adamw(lr, cfg.b1, cfg.b2, weight_decay=cfg.weight_decay))
+
+
+class Group(NamedTuple):
+    """One prompt's G rollouts, on the host."""
+
+    example: dict  # the unpadded prompt (pipeline.Preprocess output)
+    tokens: np.ndarray  # [G, T] int32
+    mask: np.ndarray  # [G, T] bool, completion tokens of valid samples
+    logprobs: np.ndarray  # [G, T] float32, the sampler's
+    advantages: np.ndarray  # [G] float32
+    rewards: np.ndarray  # [G] composite
+
+
+class Completions(NamedTuple):
+    tokens: jax.Array  # [N, T]
+    mask: jax.Array  # [N, T]
+    old_logprobs: jax.Array  # [N, T]
+    advantages: jax.Array  # [N]
+
+
+def completion_logits(model: Qwen2_5_VL, prompts: ModelInputs, tokens: jax.Array, mask: jax.Array,
+                      num_samples: int) -> jax.Array:
+    """float32 logits ``[B*G, T, V]`` for completion tokens ``[B*G, T]`` of left-padded prompts ``[B, P]``.
+
+    Logit t predicts token t. Positions continue each prompt's M-RoPE positions exactly as the sampler does
+    (``num_prompt_tokens + rope_delta + t`` on all three axes); the prompt (with its images) is embedded once and
+    repeated G times.
+    """
+    p, t = prompts.input_ids.shape[1], tokens.shape[1]
+    repeat = functools.partial(jnp.repeat, repeats=num_samples, axis=0)
+    embeds = jnp.concatenate([repeat(model.embed(prompts)), model.model.embed_tokens(tokens)], axis=1)
+    start = repeat(prompts.attention_mask.sum(1).astype(jnp.int32) + prompts.rope_delta)
+    completion_positions = jnp.broadcast_to((start[:, None] + jnp.arange(t))[None], (3, start.shape[0], t))
+    positions = jnp.concatenate([jnp.repeat(prompts.positions, num_samples, axis=1), completion_positions], axis=2)
+    keys = jnp.concatenate([repeat(prompts.attention_mask), mask], axis=1)
+    attention = jnp.tril(jnp.ones((p + t, p + t), bool))[None] & keys[:, None, :]
+    hidden, _ = model.decode(embeds, positions, attention)
+    return model.logits(hidden[:, p - 1: p + t - 1])
+
+
+def token_logprobs(logits: jax.Array, tokens: jax.Array, temperature: float) -> jax.Array:
+    """``log softmax(logits / T)[token]`` -- what the sampler reports (greedy: T = 1)."""
+    scaled = logits / (temperature if temperature > 0 else 1.0)
+    return jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tokens[..., None], axis=-1)[..., 0]
+
+
+def _loss(params, graphdef, ref_params, prompts, batch: Completions, totals: grpo.Totals, loss_cfg: grpo.LossConfig,
+          num_samples: int, temperature: float):
+    model = nnx.merge(graphdef, params)
+    logits = completion_logits(model, prompts, batch.tokens, batch.mask, num_samples)
+    logp = token_logprobs(logits, batch.tokens, temperature)
+    ref = None
+    if ref_params is not None:
+        ref_logits = completion_logits(nnx.merge(graphdef, ref_params), prompts, batch.tokens, batch.mask,
+                                       num_samples)
+        ref = jax.lax.stop_gradient(token_logprobs(ref_logits, batch.tokens, temperature))
+    loss, metrics = grpo.policy_loss(logp, batch.old_logprobs, batch.advantages, batch.mask, loss_cfg, totals, ref)
+    scaled = logits / (temperature if temperature > 0 else 1.0)
+    metrics["entropy"] = grpo.entropy(jax.lax.stop_gradient(scaled), batch.mask, totals)
+    metrics["loss"] = loss
+    return loss, metrics
+
+
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8))
+def _gradients(graphdef, params, ref_params, prompts, batch, totals, loss_cfg, num_samples, temperature):
+    grads, metrics = jax.grad(_loss, has_aux=True)(params, graphdef, ref_params, prompts, batch, totals, loss_cfg,
+                                                   num_samples, temperature)
+    return grads, metrics
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _logprobs(graphdef, params, prompts, batch: Completions, num_samples, temperature):
+    logits = completion_logits(nnx.merge(graphdef, params), prompts, batch.tokens, batch.mask, num_samples)
+    return token_logprobs(logits, batch.tokens, temperature)
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _accumulate(total, grads):
+    return jax.tree.map(jnp.add, total, grads)
+
+
+class Trainer:
+    """Holds the policy (``graphdef`` + ``params``), optimizer state and step; ``step()`` runs one GRPO step."""
+
+    def __init__(self, model: Qwen2_5_VL, tokenizer, data, rewards, train: TrainConfig, rollout: SamplingConfig,
+                 buckets: Buckets, mesh=None, seed: int = 0):
+        self.train, self.rollout, self.buckets, self.mesh, self.seed = train, rollout, buckets, mesh, seed
+        self.tokenizer, self.data, self.rewards = tokenizer, data, rewards
+        self.model_cfg = model.config
+        self.graphdef, self.params = nnx.split(model, nnx.Param)
+        batch_size = data.cfg.batch_size
+        if batch_size % (train.mini_batches * train.micro_batches):
+            raise ValueError(f"data.batch_size {batch_size} must divide into train.mini_batches "
+                             f"{train.mini_batches} x train.micro_batches {train.micro_batches}")
+        self.tx = make_optimizer(train.optim, train.steps * train.ppo_epochs * train.mini_batches)
+        self.opt_state = jax.jit(self.tx.init)(self.params)
+        self.ref_params = jax.tree.map(jnp.copy, self.params) if train.loss.kl_coef > 0 else None
+        self.sampler = Sampler(rollout, mesh)
+        self.step_count = 0
+        self._apply = jax.jit(self._apply_fn, donate_argnums=(0, 1))
+
+    @property
+    def model(self) -> Qwen2_5_VL:
+        return nnx.merge(self.graphdef, self.params)
+
+    def _apply_fn(self, params, opt_state, grads):
+        updates, opt_state = self.tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, optax.global_norm(grads)
+
+    @property
+    def compile_count(self) -> int:
+        return (self.sampler.compile_count + _gradients._cache_size() + _logprobs._cache_size()
+                + self._apply._cache_size())
+
+    # -- collect ---------------------------------------------------------------------------------------------------
+
+    def _rollout(self, batch: PromptBatch, key) -> tuple[list[Group], dict]:
+        g = self.rollout.num_samples
+        out = jax.device_get(self.sampler.generate(self.model, batch.inputs, key))
+        texts = [self.tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(out.tokens, out.lengths,
+                                                                                           strict=True)]
+        scored = self.rewards.score(texts, [s for s in batch.solutions for _ in range(g)])
+        advantages = np.asarray(grpo.group_advantages(scored.composite, scored.valid, g,
+                                                      self.train.loss.scale_by_std, self.train.loss.eps))
+        mask = out.mask & scored.valid[:, None]
+        groups = [Group(ex, out.tokens[i * g:(i + 1) * g], mask[i * g:(i + 1) * g], out.logprobs[i * g:(i + 1) * g],
+                        advantages[i * g:(i + 1) * g], scored.composite[i * g:(i + 1) * g])
+                  for i, ex in enumerate(batch.examples)]
+        metrics = dict(scored.metrics, response_length_mean=float(out.lengths.mean()),
+                       response_tokens=float(out.lengths.sum()))
+        return groups, metrics
+
+    def collect(self, key) -> tuple[list[Group], dict]:
+        want = self.data.cfg.batch_size
+        kept: list[Group] = []
+        per_try: list[dict] = []
+        tries = 0
+        rollout_s = reward_s = 0.0
+        while len(kept) < want and tries < (self.train.max_tries if self.train.dynamic_filtering else 1):
+            start = time.perf_counter()
+            batch = next(self.data)
+            groups, m = self._rollout(batch, jax.random.fold_in(key, tries))
+            reward_s += m["reward_seconds"]
+            rollout_s += time.perf_counter() - start - m["reward_seconds"]
+            per_try.append(m)
+            tries += 1
+            if self.train.dynamic_filtering:
+                groups = [grp for grp in groups if _informative(grp)]
+            kept += groups
+        metrics = {k: _combine(k, [m[k] for m in per_try if k in m]) for k in per_try[0]}
+        metrics.update(rollout_seconds=rollout_s, reward_seconds=reward_s, rollout_batches=float(tries),
+                       groups_kept=float(min(len(kept), want)))
+        kept = kept[:want]
+        if kept and len(kept) < want:  # static shapes: masked copies contribute nothing
+            filler = kept[0]._replace(mask=np.zeros_like(kept[0].mask), advantages=np.zeros_like(kept[0].advantages))
+            kept += [filler] * (want - len(kept))
+        if kept:
+            adv = np.concatenate([grp.advantages for grp in kept])
+            metrics.update(advantage_mean=float(adv.mean()), advantage_std=float(adv.std()),
+                           advantage_abs_max=float(np.abs(adv).max()))
+        return kept, metrics
+
+    # -- update ----------------------------------------------------------------------------------------------------
+
+    def _device_batch(self, groups: list[Group]) -> tuple[ModelInputs, Completions]:
+        prompts = collate([grp.example for grp in groups], self.model_cfg, self.buckets).inputs
+        stack = lambda field: np.concatenate([getattr(grp, field) for grp in groups])  # noqa: E731
+        batch = Completions(stack("tokens"), stack("mask"), stack("logprobs"), stack("advantages"))
+        batch = Completions(*(parallel.put(a, ("batch",) + (None,) * (a.ndim - 1), self.mesh) for a in batch))
+        return parallel.shard_prompts(prompts, self.mesh), batch
+
+    def update(self, groups: list[Group]) -> dict:
+        t = self.train
+        n_mini = len(groups) // t.mini_batches
+        temperature = self.rollout.temperature
+        micro = [groups[i: i + n_mini // t.micro_batches] for i in range(0, len(groups), n_mini // t.micro_batches)]
+        device = [self._device_batch(m) for m in micro]
+        if t.recompute_old_logprobs:
+            device = [(p, b._replace(old_logprobs=_logprobs(self.graphdef, self.params, p, b, self.rollout.num_samples,
+                                                            temperature))) for p, b in device]
+        sums: dict[str, float] = {}
+        norms = []
+        for _ in range(t.ppo_epochs):
+            for k in range(t.mini_batches):
+                chunk = device[k * t.micro_batches: (k + 1) * t.micro_batches]
+                totals = grpo.totals(np.concatenate([np.asarray(b.mask) for _, b in chunk]))
+                grads = None
+                for prompts, batch in chunk:
+                    g, m = _gradients(self.graphdef, self.params, self.ref_params, prompts, batch, totals,
+                                      t.loss, self.rollout.num_samples, temperature)
+                    grads = g if grads is None else _accumulate(grads, g)
+                    for key, value in m.items():
+                        sums[key] = sums.get(key, 0.0) + float(value)
+                self.params, self.opt_state, norm = self._apply(self.params, self.opt_state, grads)
+                norms.append(float(norm))
+        updates = t.ppo_epochs * t.mini_batches
+        metrics = {k: v / updates for k, v in sums.items()}
+        metrics["grad_norm"] = float(np.mean(norms))
+        return metrics
+
+    def step(self) -> dict:
+        """One GRPO step; returns its metrics."""
+        key = jax.random.fold_in(jax.random.PRNGKey(self.seed), self.step_count)
+        start = time.perf_counter()
+        groups, metrics = self.collect(key)
+        update_start = time.perf_counter()
+        if groups:
+            metrics.update(self.update(groups))
+        else:
+            metrics["skipped_update"] = 1.0  # every group was filtered out
+        self.step_count += 1
+        end = time.perf_counter()
+        metrics.update(update_seconds=end - update_start, step_seconds=end - start,
+                       tokens_per_second=metrics.get("response_tokens", 0.0) / (end - start),
+                       compile_count=float(self.compile_count))
+        for reason, n in getattr(self.data, "dropped", {}).items():
+            metrics[f"data_dropped_{reason}"] = float(n)
+        return metrics
+
+
+def _combine(key: str, values: list[float]) -> float:
+    """A metric over the step's rollout batches: counts add up, everything else is averaged (NaN = no data)."""
+    values = np.asarray(values, np.float64)
+    if key.startswith("judge_") and "latency" not in key and key != "judge_yes_low_similarity":
+        return float(values[-1])  # the judge's running totals
+    if key in ("response_tokens", "judge_yes_low_similarity") or key.endswith(("_missing", "_invalid")):
+        return float(np.nansum(values))
+    return float(np.nanmean(values)) if not np.isnan(values).all() else float("nan")
+
+
+def _informative(group: Group) -> bool:
+    """DAPO dynamic sampling: a group is kept only if its valid rewards are not all equal (else no signal)."""
+    valid = group.mask.any(1)
+    rewards = group.rewards[valid]
+    return len(rewards) >= 2 and float(rewards.max() - rewards.min()) > 0
