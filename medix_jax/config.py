@@ -7,6 +7,7 @@ names the dotted key. Values on the command line are parsed as YAML scalars (``2
 
 The ``model`` section may name a base with ``preset: NAME`` (see ``models.qwen2_5_vl.config.PRESETS``) or
 ``hf_config: PATH`` (a Hugging Face ``config.json`` or its directory); other keys in the section override the base.
+A top-level ``checkpoint: DIR`` (weights and tokenizer to start from) implies ``model.hf_config: DIR``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from medix_jax.data.pipeline import DataConfig
 from medix_jax.models.qwen2_5_vl.config import ModelConfig, model_config_from_hf, preset
 from medix_jax.rewards.pool import RewardsConfig
 from medix_jax.rl.sampler import Buckets, SamplingConfig
+from medix_jax.rl.trainer import TrainConfig
 
 
 class ConfigError(ValueError):
@@ -45,11 +47,15 @@ class Config:
     model: ModelConfig = dataclasses.field(default_factory=lambda: preset("tiny"))
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)  # data/pipeline.py
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)  # rl/trainer.py
     rollout: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)  # policy sampling (rl/sampler.py)
     buckets: Buckets = dataclasses.field(default_factory=Buckets)  # static shapes of prompts and pixels
     rewards: RewardsConfig = dataclasses.field(default_factory=RewardsConfig)  # rewards/pool.py
     # Logical axis name -> mesh axis (or list of mesh axes, or null for replicated); merged over parallel.DEFAULT_RULES.
     sharding_rules: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # A local Hugging Face checkpoint directory: initial weights and tokenizer (and, unless the model section names
+    # a preset or hf_config, the architecture). None: random weights and a tokenizer trained for the tiny preset.
+    checkpoint: str | None = None
     seed: int = 0
 
 
@@ -217,4 +223,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for item in overrides:
         parts, value = parse_override(item)
         _set_dotted(raw, parts, value)
+    model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    if raw.get("checkpoint") and "preset" not in model and "hf_config" not in model:
+        raw["model"] = {**model, "hf_config": raw["checkpoint"]}  # the checkpoint's own architecture
     return build(cls, raw)

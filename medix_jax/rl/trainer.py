@@ -187,7 +187,7 @@ class Trainer:
 
     def _apply_fn(self, params, opt_state, grads):
         updates, opt_state = self.tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, optax.global_norm(grads)
+        return optax.apply_updates(params, updates), opt_state, optax.tree.norm(grads)
 
     @property
     def compile_count(self) -> int:

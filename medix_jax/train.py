@@ -1,0 +1,181 @@
+"""The main job: ``python -m medix_jax.train [--config FILE] [key=value ...]``.
+
+With no arguments it runs the embedded default (``configs/tiny.yaml``): a tiny random Qwen2.5-VL with a tokenizer
+trained on the spot, on a synthetic dataset generated and prepared into the run directory, rewarded by the format
+and modality rules and the offline embedding model (the LLM judge joins when ``rewards.judge.url`` is set). Real
+runs name a config (``configs/qwen2_5_vl_3b_grpo.yaml``, ...) whose ``checkpoint`` is a local HF checkpoint
+directory (weights and tokenizer) and whose ``data.data_dir`` is a prepared dataset.
+
+Everything lands in ``train.run_dir``: ``checkpoints/`` (orbax; the run resumes from the newest one), ``metrics.jsonl``
+and ``tensorboard/``, ``config.yaml`` (resolved), ``curves.png`` and, at the end, ``hf/`` (an HF checkpoint).
+SIGTERM or SIGINT (TPU preemption, Ctrl-C) finishes the current step, saves and exits cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import signal
+import sys
+from pathlib import Path
+
+import jax
+import yaml
+from tqdm import tqdm
+
+from medix_jax import parallel
+from medix_jax.checkpoint import Checkpoints
+from medix_jax.config import Config, ConfigError, load_config, to_dict
+from medix_jax.metrics import MetricsWriter
+from medix_jax.plot import plot_run
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+SYNTHETIC_SIZES = {"train": 256, "test": 32}
+
+
+def prepare_embedded_data(run_dir: Path) -> str:
+    """The synthetic dataset, generated and prepared once into ``run_dir/data``; returns the tfds data dir."""
+    from medix_jax.data.builder import VERSION
+    from medix_jax.data.prepare import prepare
+    from medix_jax.data.synthetic import write_synthetic
+
+    data_dir = run_dir / "data" / "tfds"
+    if not (data_dir / "medix_rl" / VERSION).exists():
+        write_synthetic(run_dir / "data" / "source", "parquet", **SYNTHETIC_SIZES)
+        prepare(run_dir / "data" / "source", data_dir)
+    return str(data_dir)
+
+
+def tokenizer_and_model_config(cfg: Config, run_dir: Path):
+    """The tokenizer of ``checkpoint`` or, for a preset, one trained on the spot; the
+    model config's special token ids are taken from it."""
+    from transformers import AutoTokenizer
+
+    from medix_jax.data.prompts import token_ids
+    from medix_jax.data.synthetic import synthetic_records
+    from medix_jax.data.tokenizer import train_tokenizer
+
+    checkpoint = _checkpoint_dir(cfg)
+    if checkpoint:
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    else:
+        texts = [cfg.data.prompt] * 8 + [r["problem"] + " " + r["solution"] for r in synthetic_records(256)]
+        texts += ["<thinking>the lesion is round</thinking><answer>circle</answer>"] * 8
+        tokenizer = train_tokenizer(texts, run_dir / "tokenizer", cfg.model.text.vocab_size)
+    if len(tokenizer) > cfg.model.text.vocab_size:
+        raise ConfigError(f"model.text.vocab_size {cfg.model.text.vocab_size} is smaller than the tokenizer "
+                          f"({len(tokenizer)} tokens)")
+    return tokenizer, dataclasses.replace(cfg.model, tokens=token_ids(tokenizer)), checkpoint or run_dir / "tokenizer"
+
+
+def _checkpoint_dir(cfg: Config) -> Path | None:
+    if not cfg.checkpoint:
+        return None
+    path = Path(cfg.checkpoint)
+    if not any(path.glob("*.safetensors")):
+        raise ConfigError(f"checkpoint: no *.safetensors in {path}")
+    return path
+
+
+def build_model(cfg: Config, model_cfg, mesh):
+    from flax import nnx
+
+    from medix_jax.models.qwen2_5_vl import Qwen2_5_VL
+    from medix_jax.models.qwen2_5_vl.hf_io import load_hf
+
+    rules = {**parallel.DEFAULT_RULES, **cfg.sharding_rules}
+    checkpoint = _checkpoint_dir(cfg)
+    if checkpoint:
+        return load_hf(checkpoint, model_cfg.dtype, model_cfg.param_dtype, mesh, rules, tokens=model_cfg.tokens,
+                       remat=model_cfg.remat, scan_layers=model_cfg.scan_layers)
+    return parallel.init_sharded(lambda: Qwen2_5_VL(model_cfg, rngs=nnx.Rngs(cfg.seed)), mesh, rules)
+
+
+def run(cfg: Config, rewards=None) -> Path:
+    """Train to ``train.steps`` (resuming if the run has checkpoints). ``rewards``: anything with the reward pool's
+    ``score(completions, solutions) -> RewardBatch`` (default: ``RewardPool(cfg.rewards)``)."""
+    from medix_jax.data.pipeline import PromptBatches, data_source
+    from medix_jax.models.qwen2_5_vl.hf_io import save_hf
+    from medix_jax.rewards.pool import RewardPool
+    from medix_jax.rl.trainer import Trainer
+
+    run_dir = Path(cfg.train.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lead = jax.process_index() == 0
+    mesh = parallel.make_mesh(dataclasses.asdict(cfg.mesh))
+    if not cfg.data.data_dir:
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=prepare_embedded_data(run_dir)))
+    tokenizer, model_cfg, aux_dir = tokenizer_and_model_config(cfg, run_dir)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    model = build_model(cfg, model_cfg, mesh)
+    data = PromptBatches(data_source(cfg.data), cfg.data, model_cfg, tokenizer, cfg.buckets, cfg.seed,
+                         jax.process_index(), jax.process_count())
+    pool = rewards or RewardPool(cfg.rewards)
+    trainer = Trainer(model, tokenizer, data, pool, cfg.train, cfg.rollout, cfg.buckets, mesh, cfg.seed)
+    checkpoints = Checkpoints(run_dir / "checkpoints", cfg.train.keep_checkpoints)
+    restored = checkpoints.restore_latest({"params": trainer.params, "opt_state": trainer.opt_state})
+    if restored:
+        step, state, data_state = restored
+        trainer.params, trainer.opt_state, trainer.step_count = state["params"], state["opt_state"], step
+        data.set_state(data_state)
+    if lead:
+        print(f"medix_jax.train: run {run_dir.absolute()}, {jax.device_count()} {jax.devices()[0].platform} "
+              f"device(s), mesh {dict(mesh.shape)}; rewards: {', '.join(getattr(pool, 'active', ['custom']))}; "
+              + (f"resumed at step {trainer.step_count}" if restored else "starting at step 0")
+              + f" of {cfg.train.steps}", flush=True)
+
+    stop: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, _: stop.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
+    meta = {"config": to_dict(cfg)}
+    try:
+        with MetricsWriter(run_dir, enabled=lead) as writer:
+            writer.truncate_after(trainer.step_count)
+            bar = tqdm(total=cfg.train.steps, initial=trainer.step_count, desc="train", disable=not lead)
+            while trainer.step_count < cfg.train.steps and not stop:
+                metrics = trainer.step()
+                writer.write(trainer.step_count, metrics)
+                bar.update(1)
+                bar.set_postfix(reward=f"{metrics.get('reward_composite_mean', float('nan')):.3f}",
+                                loss=f"{metrics.get('loss', float('nan')):.4f}")
+                if (trainer.step_count % cfg.train.save_every == 0 or trainer.step_count == cfg.train.steps
+                        or stop):
+                    checkpoints.save(trainer.step_count, {"params": trainer.params, "opt_state": trainer.opt_state},
+                                     data.get_state(), {**meta, "step": trainer.step_count})
+            bar.close()
+        checkpoints.wait()
+    finally:
+        checkpoints.close()
+        data.close()
+        getattr(pool, "close", lambda: None)()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if stop:
+        if lead:
+            print(f"medix_jax.train: signal {stop[0]}: saved step {trainer.step_count}; run again to resume")
+        return run_dir
+    if lead:
+        if (run_dir / "metrics.jsonl").exists():
+            plot_run(run_dir)
+        if cfg.train.export_hf:
+            save_hf(trainer.model, run_dir / "hf", base_dir=aux_dir)
+        print(f"medix_jax.train: done, {trainer.step_count} steps; metrics {run_dir / 'metrics.jsonl'}, curves "
+              f"{run_dir / 'curves.png'}" + (f", HF checkpoint {run_dir / 'hf'}" if cfg.train.export_hf else ""))
+    return run_dir
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: the embedded tiny run)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 data.batch_size=2")
+    args = parser.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"medix_jax.train: {e}", file=sys.stderr)
+        return 2
+    run(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""A rule reward a tiny random policy can reach: the fraction of lower-case ASCII letters in the completion.
+
+Run as a script it is ``python -m medix_jax.train`` with this reward (used by the kill -9 / resume test).
+"""
+
+import sys
+
+import numpy as np
+
+from medix_jax.rewards.pool import RewardBatch
+
+
+class LetterReward:
+    active = ["letters"]
+
+    def score(self, completions, solutions):
+        r = np.array([sum(c.isascii() and c.islower() for c in t) / max(len(t), 1) for t in completions], np.float32)
+        metrics = {"reward_seconds": 0.0, "reward_composite_mean": float(r.mean()), "reward_letters_mean": float(r.mean())}
+        return RewardBatch({"letters": r}, r, np.ones(len(r), bool), metrics)
+
+
+if __name__ == "__main__":
+    from medix_jax.config import load_config
+    from medix_jax.train import DEFAULT_CONFIG, run
+
+    run(load_config(DEFAULT_CONFIG, sys.argv[1:]), rewards=LetterReward())
