@@ -13,6 +13,13 @@ same prompts -- batch 8, one 448x448 image each, 128 new tokens, greedy, KV cach
 tokens per row (EOS disabled) so that tokens/s compare like for like; timings are medians of ``--runs`` timed runs
 after one warm-up run (which includes our compilation).
 
+``python -m medix_jax.bench train [--config configs/bench/small.yaml] [--runs 3] [--batch 8] [--new-tokens 128]``
+
+Train: one GRPO update step (loss, backward, AdamW) on bench-small: prompts with one 448x448 image each plus 128
+completion tokens, G = 1 so that both sides do exactly the same work. Prints tokens/s, the achieved FLOP/s (XLA's
+cost analysis of the compiled step over its median time) as a fraction of this machine's matmul peak measured in
+the same run (a 4096^2 float32 matmul), and transformers' forward + backward of the same weights on the same batch.
+
 ``python -m medix_jax.bench data [--records 256] [--runs 3] [--batch 8] [--image-size 448]``
 
 Data: samples/s of our grain pipeline (prepared ArrayRecord -> decode, resize, patchify, prompt, tokenise, bucketed
@@ -170,6 +177,104 @@ def bench_rewards(url: str, model: str, runs: int, n_answers: int) -> dict:
     return result
 
 
+def _prompt_batch(cfg, batch: int, image_size: int, rng):
+    images = [Image.fromarray(rng.integers(0, 256, (image_size, image_size, 3), np.uint8)) for _ in range(batch)]
+    pixels, grids = preprocess_images(images, min_pixels=image_size**2, max_pixels=image_size**2)
+    t = cfg.tokens
+    n_image = int(np.prod(grids[0])) // cfg.vision.merge_unit
+    rows = [[*rng.integers(0, 1000, 12), t.vision_start_token_id, *[t.image_token_id] * n_image,
+             t.vision_end_token_id, *rng.integers(0, 1000, 20)] for _ in range(batch)]
+    return np.array(rows, np.int64), pixels, grids
+
+
+def matmul_peak_flops(runs: int, n: int = 4096) -> float:
+    """This machine's float32 matmul FLOP/s, measured (median of ``runs``)."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jax.numpy.float32)
+    dot = jax.jit(lambda x: x @ x)
+    seconds, _ = _timed(lambda: dot(a).block_until_ready(), runs)
+    return 2 * n**3 / seconds
+
+
+def bench_train(config: str | None, overrides: list[str], runs: int, batch: int, new_tokens: int,
+                image_size: int) -> dict:
+    import optax
+    import torch
+    from flax import nnx
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from medix_jax.rl import grpo
+    from medix_jax.rl.trainer import Completions, OptimConfig, _gradients, make_optimizer
+
+    cfg = load_config(config or DEFAULT_CONFIG, overrides).model
+    model = init_model(cfg, seed=0)
+    rng = np.random.default_rng(0)
+    ids, pixels, grids = _prompt_batch(cfg, batch, image_size, rng)
+    buckets = Buckets(prompt_lengths=(ids.shape[1],), pixel_rows=(len(pixels),), images=(batch,),
+                      rows_per_image=(1024, 4096, 16384))
+    prompts = prepare_prompts(cfg, ids, np.ones_like(ids), pixels, grids, buckets)
+    tokens = rng.integers(0, 1000, (batch, new_tokens)).astype(np.int32)
+    mask = np.ones_like(tokens, bool)
+    completions = Completions(tokens, mask, np.zeros(tokens.shape, np.float32),
+                              rng.standard_normal(batch).astype(np.float32))
+    totals = grpo.totals(mask)
+    loss_cfg = grpo.LossConfig()
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx = make_optimizer(OptimConfig(), 1)
+    opt_state = tx.init(params)
+
+    def update(params, opt_state):
+        grads, metrics = _gradients(graphdef, params, None, prompts, completions, totals, loss_cfg, 1, 1.0)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, metrics["loss"]
+
+    step = jax.jit(update)
+    flops = step.lower(params, opt_state).compile().cost_analysis()
+    flops = float((flops[0] if isinstance(flops, list) else flops)["flops"])
+    state = {"params": params, "opt_state": opt_state}
+
+    def run_ours():
+        p, o, loss = step(state["params"], state["opt_state"])
+        loss.block_until_ready()
+
+    ours_s, ours_times = _timed(run_ours, runs)
+    peak = matmul_peak_flops(runs)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_hf(model, tmp)
+        hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp, dtype=torch.float32).train()
+    full = np.concatenate([ids, tokens], axis=1)
+    t = cfg.tokens
+    hf_inputs = dict(input_ids=torch.tensor(full), attention_mask=torch.ones_like(torch.tensor(full)),
+                     pixel_values=torch.tensor(pixels), image_grid_thw=torch.tensor(grids),
+                     mm_token_type_ids=torch.tensor((full == t.image_token_id).astype(np.int64)))
+    target = torch.tensor(tokens, dtype=torch.long)
+    advantages = torch.tensor(completions.advantages)
+    p = ids.shape[1]
+
+    def run_hf():
+        hf.zero_grad(set_to_none=True)
+        logits = hf(**hf_inputs).logits[:, p - 1: -1].float()
+        logp = torch.log_softmax(logits, -1).gather(-1, target[..., None])[..., 0]
+        (-(logp.exp() / logp.exp().detach()) * advantages[:, None]).mean().backward()
+
+    hf_s, hf_times = _timed(run_hf, runs)
+    n_tokens = full.size
+    result = dict(params=param_count(model), tokens=n_tokens, ours_tok_s=n_tokens / ours_s, hf_tok_s=n_tokens / hf_s,
+                  ratio=hf_s / ours_s, flops=flops, achieved=flops / ours_s, peak=peak, mfu=flops / ours_s / peak,
+                  torch_threads=torch.get_num_threads())
+    print(f"bench train: {result['params'] / 1e6:.1f}M params, batch {batch} x ({p} prompt + {new_tokens} completion) "
+          f"tokens, one {image_size}x{image_size} image each, G=1; jax on {jax.devices()[0].platform}, torch "
+          f"{result['torch_threads']} threads")
+    print(f"  medix_jax update step  : {result['ours_tok_s']:8.1f} tokens/s  (median of {runs}: "
+          f"{', '.join(f'{x:.2f}s' for x in ours_times)}); {flops / 1e12:.2f} TFLOP per step (XLA cost analysis) "
+          f"-> {result['achieved'] / 1e9:.1f} GFLOP/s = {result['mfu']:.1%} of the measured matmul peak "
+          f"{peak / 1e9:.1f} GFLOP/s")
+    print(f"  transformers fwd+bwd   : {result['hf_tok_s']:8.1f} tokens/s  (median of {runs}: "
+          f"{', '.join(f'{x:.2f}s' for x in hf_times)})")
+    print(f"  ratio (ours / peer)    : {result['ratio']:.2f}x")
+    return result
+
+
 def bench_data(runs: int, records: int, batch: int, image_size: int) -> dict:
     import dataclasses
     import io
@@ -238,7 +343,7 @@ def bench_data(runs: int, records: int, batch: int, image_size: int) -> dict:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["sampler", "rewards", "data"])
+    parser.add_argument("what", choices=["sampler", "rewards", "data", "train"])
     parser.add_argument("--judge-url", help="rewards: OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
     parser.add_argument("--judge-model", help="rewards: the served model name")
     parser.add_argument("--answers", type=int, default=2560)
@@ -252,7 +357,9 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be >= 1")
-    if args.what == "data":
+    if args.what == "train":
+        bench_train(args.config, args.overrides, args.runs, args.batch, args.new_tokens, args.image_size)
+    elif args.what == "data":
         bench_data(args.runs, args.records, args.batch, args.image_size)
     elif args.what == "rewards":
         if not (args.judge_url and args.judge_model):

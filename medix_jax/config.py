@@ -217,9 +217,22 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), cls: type = Config) -> Any:
-    """Defaults <- YAML file <- dotted overrides, validated into ``cls``."""
-    raw = load_yaml(path) if path is not None else {}
+def _merge(base: dict, top: dict) -> dict:
+    """``top`` over ``base``, section by section."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_config(path: str | Path | list | tuple | None = None, overrides: list[str] | tuple[str, ...] = (),
+                cls: type = Config) -> Any:
+    """Defaults <- YAML file(s), later ones over earlier ones (e.g. a run config, then a mesh preset) <- dotted
+    overrides, validated into ``cls``."""
+    paths = [] if path is None else [path] if isinstance(path, str | Path) else list(path)
+    raw: dict[str, Any] = {}
+    for p in paths:
+        raw = _merge(raw, load_yaml(p))
     for item in overrides:
         parts, value = parse_override(item)
         _set_dotted(raw, parts, value)

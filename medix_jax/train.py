@@ -165,11 +165,12 @@ def run(cfg: Config, rewards=None) -> Path:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: the embedded tiny run)")
+    parser.add_argument("--config", action="append", help="YAML config; repeat to layer files, e.g. a run config "
+                        "then a mesh preset (default: the embedded tiny run, configs/tiny.yaml)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 data.batch_size=2")
     args = parser.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config or [DEFAULT_CONFIG], args.overrides)
     except (ConfigError, FileNotFoundError) as e:
         print(f"medix_jax.train: {e}", file=sys.stderr)
         return 2

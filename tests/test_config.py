@@ -110,3 +110,25 @@ def _flatten(tree, prefix=""):
             yield from _flatten(value, f"{prefix}{key}.")
         elif not isinstance(value, dict):
             yield f"{prefix}{key}", value
+
+
+@pytest.mark.parametrize("name, loss", [
+    ("qwen2_5_vl_3b_grpo", dict(clip_low=0.2, clip_high=0.3, kl_coef=0.01, aggregation="seq_mean")),
+    ("qwen2_5_vl_3b_dapo", dict(clip_low=0.2, clip_high=0.28, kl_coef=0.0, aggregation="token_mean")),
+    ("qwen2_5_vl_7b_gspo", dict(clip_low=3e-4, clip_high=4e-4, kl_coef=0.0, sequence_ratio=True)),
+])
+@pytest.mark.parametrize("mesh", ["gpu_8", "tpu_v5p_64"])
+def test_run_configs_carry_the_reference_hyperparameters(name, loss, mesh):
+    root = Path(__file__).resolve().parent.parent / "configs"
+    # the checkpoint directory does not exist here: stand in the preset of the same size for its config.json
+    size = "qwen2_5_vl_7b" if "7b" in name else "qwen2_5_vl_3b"
+    cfg = load_config([root / f"{name}.yaml", root / "mesh" / f"{mesh}.yaml"], [f"model.preset={size}"])
+    assert {k: getattr(cfg.train.loss, k) for k in loss} == loss and cfg.train.loss.dual_clip == 3.0
+    assert cfg.train.dynamic_filtering == ("dapo" in name)
+    o = cfg.train.optim
+    assert (o.learning_rate, o.weight_decay, o.grad_clip, o.warmup_steps) == (1e-6, 0.01, 1.0, 0)
+    r = cfg.rollout
+    assert (r.num_samples, r.temperature, r.top_p, r.max_new_tokens) == (5, 1.0, 1.0, 4096)
+    assert (cfg.data.batch_size, cfg.train.mini_batches, cfg.data.max_prompt_tokens) == (512, 4, 4352)
+    assert (cfg.data.min_pixels, cfg.data.max_pixels) == (262144, 4194304)
+    assert cfg.data.batch_size % (cfg.train.mini_batches * cfg.train.micro_batches) == 0
