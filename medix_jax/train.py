@@ -8,7 +8,8 @@ directory (weights and tokenizer) and whose ``data.data_dir`` is a prepared data
 
 Everything lands in ``train.run_dir``: ``checkpoints/`` (orbax; the run resumes from the newest one), ``metrics.jsonl``
 and ``tensorboard/``, ``config.yaml`` (resolved), ``curves.png`` and, at the end, ``hf/`` (an HF checkpoint).
-SIGTERM or SIGINT (TPU preemption, Ctrl-C) finishes the current step, saves and exits cleanly.
+SIGTERM or SIGINT (TPU preemption, Ctrl-C) finishes the current step, saves and exits cleanly; a second one stops
+at once.
 """
 
 from __future__ import annotations
@@ -125,22 +126,40 @@ def run(cfg: Config, rewards=None) -> Path:
               + f" of {cfg.train.steps}", flush=True)
 
     stop: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, _: stop.append(signum)) for s in (signal.SIGTERM, signal.SIGINT)}
+    saved = [trainer.step_count]
+
+    def save() -> None:
+        if saved[-1] != trainer.step_count:
+            checkpoints.save(trainer.step_count, {"params": trainer.params, "opt_state": trainer.opt_state},
+                             data.get_state(), {**meta, "step": trainer.step_count})
+            saved.append(trainer.step_count)
+
+    def on_signal(signum, _frame):
+        if stop:  # a second signal: stop now, without the save
+            raise KeyboardInterrupt
+        stop.append(signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     meta = {"config": to_dict(cfg)}
     try:
         with MetricsWriter(run_dir, enabled=lead) as writer:
             writer.truncate_after(trainer.step_count)
             bar = tqdm(total=cfg.train.steps, initial=trainer.step_count, desc="train", disable=not lead)
             while trainer.step_count < cfg.train.steps and not stop:
-                metrics = trainer.step()
+                try:
+                    metrics = trainer.step()
+                except StopIteration:  # a finite data.epochs ran out
+                    if lead:
+                        print(f"medix_jax.train: the data ran out after step {trainer.step_count}", flush=True)
+                    save()
+                    break
                 writer.write(trainer.step_count, metrics)
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics.get('reward_composite_mean', float('nan')):.3f}",
                                 loss=f"{metrics.get('loss', float('nan')):.4f}")
                 if (trainer.step_count % cfg.train.save_every == 0 or trainer.step_count == cfg.train.steps
                         or stop):
-                    checkpoints.save(trainer.step_count, {"params": trainer.params, "opt_state": trainer.opt_state},
-                                     data.get_state(), {**meta, "step": trainer.step_count})
+                    save()
             bar.close()
         checkpoints.wait()
     finally:

@@ -129,6 +129,7 @@ def test_run_configs_carry_the_reference_hyperparameters(name, loss, mesh):
     assert (o.learning_rate, o.weight_decay, o.grad_clip, o.warmup_steps) == (1e-6, 0.01, 1.0, 0)
     r = cfg.rollout
     assert (r.num_samples, r.temperature, r.top_p, r.max_new_tokens) == (5, 1.0, 1.0, 4096)
-    assert (cfg.data.batch_size, cfg.train.mini_batches, cfg.data.max_prompt_tokens) == (512, 4, 4352)
+    prompts = cfg.data.batch_size * cfg.train.rollout_batches
+    assert (prompts, cfg.train.mini_batches, cfg.data.max_prompt_tokens) == (512, 4, 4352)
     assert (cfg.data.min_pixels, cfg.data.max_pixels) == (262144, 4194304)
-    assert cfg.data.batch_size % (cfg.train.mini_batches * cfg.train.micro_batches) == 0
+    assert prompts % (cfg.train.mini_batches * cfg.train.micro_batches) == 0

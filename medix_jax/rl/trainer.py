@@ -2,11 +2,11 @@
 
 One step (``Trainer.step``):
 
-1. **Collect.** Draw a prompt batch, sample G completions per prompt with the in-JAX sampler (``rl/sampler.py``),
-   decode them, score them on the host (``rewards/pool.py``) and compute group advantages (``grpo.py`` eq. 1).
-   With ``dynamic_filtering`` (DAPO) groups whose valid rewards are all equal are dropped and more prompts are drawn,
-   at most ``max_tries`` batches, until ``data.batch_size`` groups are kept; a shortfall is filled with masked
-   copies (static shapes; they contribute nothing).
+1. **Collect.** Draw ``rollout_batches`` prompt batches, sample G completions per prompt with the in-JAX sampler
+   (``rl/sampler.py``), decode them, score them on the host (``rewards/pool.py``; batch k is scored while batch k+1
+   is sampled) and compute group advantages (``grpo.py`` eq. 1). With ``dynamic_filtering`` (DAPO) groups whose
+   valid rewards are all equal are dropped and more batches are drawn, at most ``max_tries`` in all, until the step
+   has its prompts; a shortfall is filled with masked copies (static shapes; they contribute nothing).
 2. **Update.** ``ppo_epochs`` passes over ``mini_batches`` mini-batches; each is one AdamW update (``optim``)
    whose gradient is accumulated over ``micro_batches`` micro-batches (``grpo.Totals`` keeps the mini-batch
    denominators, so accumulation is exact). The policy's log-probabilities come from one forward pass over prompt +
@@ -20,6 +20,8 @@ iterator state) repeats exactly what the uninterrupted run would have done.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures as cf
 import dataclasses
 import functools
 import time
@@ -35,7 +37,7 @@ from medix_jax import parallel
 from medix_jax.data.pipeline import PromptBatch, collate
 from medix_jax.models.qwen2_5_vl.model import ModelInputs, Qwen2_5_VL
 from medix_jax.rl import grpo
-from medix_jax.rl.sampler import Buckets, Sampler, SamplingConfig
+from medix_jax.rl.sampler import Buckets, SampleOutput, Sampler, SamplingConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +57,7 @@ class TrainConfig:
     steps: int = 200
     loss: grpo.LossConfig = dataclasses.field(default_factory=grpo.LossConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    rollout_batches: int = 1  # prompt batches (data.batch_size each) per step; rewards of one overlap the next
     ppo_epochs: int = 1
     mini_batches: int = 1  # optimizer updates per epoch (reference: 512 prompts / 128 = 4)
     micro_batches: int = 1  # gradient accumulation inside each update
@@ -66,8 +69,8 @@ class TrainConfig:
     export_hf: bool = True  # write an HF directory (run_dir/hf) at the end
 
     def __post_init__(self):
-        if min(self.steps, self.ppo_epochs, self.mini_batches, self.micro_batches, self.max_tries,
-               self.save_every, self.keep_checkpoints) < 1:
+        if min(self.steps, self.rollout_batches, self.ppo_epochs, self.mini_batches, self.micro_batches,
+               self.max_tries, self.save_every, self.keep_checkpoints) < 1:
             raise ValueError(f"train: counts must be >= 1 ({self})")
 
 
@@ -170,10 +173,11 @@ class Trainer:
         self.tokenizer, self.data, self.rewards = tokenizer, data, rewards
         self.model_cfg = model.config
         self.graphdef, self.params = nnx.split(model, nnx.Param)
-        batch_size = data.cfg.batch_size
-        if batch_size % (train.mini_batches * train.micro_batches):
-            raise ValueError(f"data.batch_size {batch_size} must divide into train.mini_batches "
-                             f"{train.mini_batches} x train.micro_batches {train.micro_batches}")
+        prompts = data.cfg.batch_size * train.rollout_batches
+        if prompts % (train.mini_batches * train.micro_batches):
+            raise ValueError(f"data.batch_size x train.rollout_batches = {prompts} prompts per step must divide "
+                             f"into train.mini_batches {train.mini_batches} x train.micro_batches "
+                             f"{train.micro_batches}")
         self.tx = make_optimizer(train.optim, train.steps * train.ppo_epochs * train.mini_batches)
         self.opt_state = jax.jit(self.tx.init)(self.params)
         self.ref_params = jax.tree.map(jnp.copy, self.params) if train.loss.kl_coef > 0 else None
@@ -196,12 +200,22 @@ class Trainer:
 
     # -- collect ---------------------------------------------------------------------------------------------------
 
-    def _rollout(self, batch: PromptBatch, key) -> tuple[list[Group], dict]:
-        g = self.rollout.num_samples
+    def _sample(self, batch: PromptBatch, key) -> tuple[SampleOutput, list[str]]:
         out = jax.device_get(self.sampler.generate(self.model, batch.inputs, key))
-        texts = [self.tokenizer.decode(row[:n], skip_special_tokens=True) for row, n in zip(out.tokens, out.lengths,
-                                                                                           strict=True)]
-        scored = self.rewards.score(texts, [s for s in batch.solutions for _ in range(g)])
+        texts = [self.tokenizer.decode(row[:n], skip_special_tokens=True)
+                 for row, n in zip(out.tokens, out.lengths, strict=True)]
+        return out, texts
+
+    def _submit(self, texts: list[str], solutions: list[str]) -> cf.Future:
+        """Score in the reward pool's threads (a plain ``score`` object is scored now)."""
+        if hasattr(self.rewards, "submit"):
+            return self.rewards.submit(texts, solutions)
+        future: cf.Future = cf.Future()
+        future.set_result(self.rewards.score(texts, solutions))
+        return future
+
+    def _groups(self, batch: PromptBatch, out: SampleOutput, scored) -> tuple[list[Group], dict]:
+        g = self.rollout.num_samples
         advantages = np.asarray(grpo.group_advantages(scored.composite, scored.valid, g,
                                                       self.train.loss.scale_by_std, self.train.loss.eps))
         mask = out.mask & scored.valid[:, None]
@@ -213,24 +227,38 @@ class Trainer:
         return groups, metrics
 
     def collect(self, key) -> tuple[list[Group], dict]:
-        want = self.data.cfg.batch_size
+        """``rollout_batches`` prompt batches of G rollouts each, scored and filtered. The reward pool scores batch
+        k while the sampler generates batch k+1 (both on-policy); with dynamic filtering more batches are drawn,
+        at most ``max_tries`` in all, only as long as the groups in flight cannot already fill the step."""
+        per_batch = self.data.cfg.batch_size
+        want = per_batch * self.train.rollout_batches
+        limit = max(self.train.max_tries, self.train.rollout_batches) if self.train.dynamic_filtering \
+            else self.train.rollout_batches
         kept: list[Group] = []
         per_try: list[dict] = []
+        inflight: collections.deque = collections.deque()
         tries = 0
-        rollout_s = reward_s = 0.0
-        while len(kept) < want and tries < (self.train.max_tries if self.train.dynamic_filtering else 1):
+        sample_s = wait_s = 0.0
+        g = self.rollout.num_samples
+        while True:
+            while tries < limit and len(inflight) < 2 and len(kept) + per_batch * len(inflight) < want:
+                start = time.perf_counter()
+                batch = next(self.data)
+                out, texts = self._sample(batch, jax.random.fold_in(key, tries))
+                inflight.append((batch, out, self._submit(texts, [s for s in batch.solutions for _ in range(g)])))
+                tries += 1
+                sample_s += time.perf_counter() - start
+            if not inflight:
+                break
+            batch, out, future = inflight.popleft()
             start = time.perf_counter()
-            batch = next(self.data)
-            groups, m = self._rollout(batch, jax.random.fold_in(key, tries))
-            reward_s += m["reward_seconds"]
-            rollout_s += time.perf_counter() - start - m["reward_seconds"]
+            scored = future.result()
+            wait_s += time.perf_counter() - start
+            groups, m = self._groups(batch, out, scored)
             per_try.append(m)
-            tries += 1
-            if self.train.dynamic_filtering:
-                groups = [grp for grp in groups if _informative(grp)]
-            kept += groups
+            kept += [grp for grp in groups if _informative(grp)] if self.train.dynamic_filtering else groups
         metrics = {k: _combine(k, [m[k] for m in per_try if k in m]) for k in per_try[0]}
-        metrics.update(rollout_seconds=rollout_s, reward_seconds=reward_s, rollout_batches=float(tries),
+        metrics.update(rollout_seconds=sample_s, reward_wait_seconds=wait_s, rollout_batches=float(tries),
                        groups_kept=float(min(len(kept), want)))
         kept = kept[:want]
         if kept and len(kept) < want:  # static shapes: masked copies contribute nothing
@@ -305,7 +333,7 @@ def _combine(key: str, values: list[float]) -> float:
     values = np.asarray(values, np.float64)
     if key.startswith("judge_") and "latency" not in key and key != "judge_yes_low_similarity":
         return float(values[-1])  # the judge's running totals
-    if key in ("response_tokens", "judge_yes_low_similarity") or key.endswith(("_missing", "_invalid")):
+    if key in ("response_tokens", "judge_yes_low_similarity") or key.endswith(("_missing", "_invalid", "_seconds")):
         return float(np.nansum(values))
     return float(np.nanmean(values)) if not np.isnan(values).all() else float("nan")
 
