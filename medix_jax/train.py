@@ -107,6 +107,7 @@ def run(cfg: Config, rewards=None) -> Path:
     if not cfg.data.data_dir:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=prepare_embedded_data(run_dir)))
     tokenizer, model_cfg, aux_dir = tokenizer_and_model_config(cfg, run_dir)
+    cfg = dataclasses.replace(cfg, model=model_cfg)  # the resolved config records the tokenizer's token ids
     (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     model = build_model(cfg, model_cfg, mesh)
     data = PromptBatches(data_source(cfg.data), cfg.data, model_cfg, tokenizer, cfg.buckets, cfg.seed,
@@ -140,7 +141,7 @@ def run(cfg: Config, rewards=None) -> Path:
         stop.append(signum)
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    meta = {"config": to_dict(cfg)}
+    meta = {"config": to_dict(cfg), "aux_dir": str(Path(aux_dir).absolute())}
     try:
         with MetricsWriter(run_dir, enabled=lead) as writer:
             writer.truncate_after(trainer.step_count)
