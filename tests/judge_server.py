@@ -1,8 +1,11 @@
 """A scripted OpenAI-compatible chat-completions server on 127.0.0.1 for judge-client fault tests.
 
 Behaviour per request comes from ``script`` (consumed in order, then ``default``): ``"judge"`` answers YES when
-the fenced prediction equals the ground truth (case-insensitive) else NO; ``"500"``, ``"429"``; ``"garbage"`` (200
-with a non-JSON body); ``"maybe"`` (a valid completion saying "Maybe"); ``"hang"`` (sleeps ``hang_s``).
+the fenced prediction equals the ground truth (case-insensitive) else NO; ``"score"`` (evaluation judge:
+``{"score": 1}`` -- 5 for a report -- when the fenced candidate contains the reference, else 0); ``"badjson"`` (a
+reply that is not the JSON object); ``"500"``, ``"429"``; ``"garbage"`` (200 with a non-JSON body); ``"maybe"`` (a
+valid completion saying "Maybe"); ``"hang"`` (sleeps ``hang_s``); ``"echo"`` (a stand-in model: repeats the
+user's text).
 """
 
 from __future__ import annotations
@@ -48,8 +51,19 @@ class JudgeServer:
                 if mode == "garbage":
                     return self._send(200, b"<html>not json")
                 prompt = body["messages"][-1]["content"]
-                if mode == "maybe":
+                if mode == "echo":  # a "model" that repeats the user's text (content parts joined)
+                    parts = prompt if isinstance(prompt, list) else [{"type": "text", "text": prompt}]
+                    reply = " ".join(p["text"] for p in parts if p["type"] == "text")
+                elif mode == "maybe":
                     reply = "Maybe"
+                elif mode == "badjson":
+                    reply = "Score: 1"
+                elif mode == "score":  # evaluation judge: JSON, judged on the first turn of the conversation
+                    first = body["messages"][0]["content"]
+                    candidate = re.search(r'"""(.*?)"""', first, re.DOTALL).group(1)
+                    reference = re.search(r"Reference (?:answer|report):\n(.*?)\n\n", first, re.DOTALL).group(1)
+                    top = 5 if "Reference report" in first else 1
+                    reply = json.dumps({"score": top if reference.strip().lower() in candidate.lower() else 0})
                 else:
                     predicted = re.search(r'Predicted:"""(.*?)"""', prompt, re.DOTALL).group(1)
                     truth = prompt.rsplit("Ground Truth:", 1)[1]

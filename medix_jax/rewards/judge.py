@@ -85,8 +85,7 @@ class JudgeClient:
         self.latencies: list[float] = []  # seconds per answered request, since the last reset by the caller
 
     def _client(self) -> openai.AsyncOpenAI:
-        return openai.AsyncOpenAI(base_url=self.cfg.url, api_key=os.environ.get(self.cfg.api_key_env, "EMPTY"),
-                                  timeout=self.cfg.timeout_s, max_retries=0)
+        return make_client(self.cfg)
 
     def prompt(self, prediction: str, truth: str) -> str:
         fenced = '"""' + sanitise(prediction, self.cfg.max_answer_chars).replace('"""', "'''") + '"""'
@@ -151,23 +150,38 @@ class JudgeClient:
         extra = {"chat_template_kwargs": {"enable_thinking": self.cfg.enable_thinking}}
         if self.cfg.structured_outputs:
             extra["structured_outputs"] = {"choice": ["YES", "NO"]}
-        for attempt in range(self.cfg.max_retries + 1):
-            try:
-                async with semaphore:
-                    self.stats["judge_calls"] += 1
-                    start = time.perf_counter()
-                    response = await client.chat.completions.create(
-                        model=self.cfg.model, messages=[{"role": "user", "content": prompt}], temperature=0.0,
-                        max_tokens=4, extra_body=extra)
-                    self.latencies.append(time.perf_counter() - start)
-                content = response.choices[0].message.content if response.choices else None
-                return (content or "").strip()
-            except RETRYABLE as e:
-                self.stats[f"judge_error_{type(e).__name__}"] += 1
-                if attempt == self.cfg.max_retries:
-                    return None
-                await asyncio.sleep(random.uniform(0, self.cfg.backoff_s * 2**attempt))
-            except openai.APIError as e:  # other 4xx: the request itself is wrong, retrying will not help
-                self.stats[f"judge_error_{type(e).__name__}"] += 1
+        return await chat(client, semaphore, self.cfg, [{"role": "user", "content": prompt}], 4, extra, self.stats,
+                          self.latencies)
+
+
+def make_client(cfg: JudgeConfig) -> openai.AsyncOpenAI:
+    """Async client for ``cfg.url``; the key comes from ``cfg.api_key_env`` (never logged); retries are ours."""
+    return openai.AsyncOpenAI(base_url=cfg.url, api_key=os.environ.get(cfg.api_key_env, "EMPTY"),
+                              timeout=cfg.timeout_s, max_retries=0)
+
+
+async def chat(client: openai.AsyncOpenAI, semaphore: asyncio.Semaphore, cfg: JudgeConfig, messages: list[dict],
+               max_tokens: int, extra: dict, stats: Counter, latencies: list[float]) -> str | None:
+    """One chat completion at temperature 0: the reply's stripped text, or None once transport retries are spent.
+
+    Connection errors, timeouts, 429, 5xx and malformed bodies are retried ``cfg.max_retries`` times with
+    exponential backoff and full jitter; other 4xx are not retried (the request itself is wrong)."""
+    for attempt in range(cfg.max_retries + 1):
+        try:
+            async with semaphore:
+                stats["judge_calls"] += 1
+                start = time.perf_counter()
+                response = await client.chat.completions.create(
+                    model=cfg.model, messages=messages, temperature=0.0, max_tokens=max_tokens, extra_body=extra)
+                latencies.append(time.perf_counter() - start)
+            content = response.choices[0].message.content if response.choices else None
+            return (content or "").strip()
+        except RETRYABLE as e:
+            stats[f"judge_error_{type(e).__name__}"] += 1
+            if attempt == cfg.max_retries:
                 return None
-        return None
+            await asyncio.sleep(random.uniform(0, cfg.backoff_s * 2**attempt))
+        except openai.APIError as e:
+            stats[f"judge_error_{type(e).__name__}"] += 1
+            return None
+    return None

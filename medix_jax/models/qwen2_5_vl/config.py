@@ -239,7 +239,7 @@ def model_config_from_hf(path: str | Path, **overrides: Any) -> ModelConfig:
     for name in ("pad_token_id", "bos_token_id"):  # often null: fall back to end-of-sequence
         ids[name] = ids[name] if ids[name] is not None else ids["eos_token_id"]
     tokens = TokenIds(**{k: int(v) if v is not None else getattr(TokenIds, k) for k, v in ids.items()})
-    return ModelConfig(vision=vision, text=text, tokens=tokens, **overrides)
+    return ModelConfig(**{"vision": vision, "text": text, "tokens": tokens, **overrides})
 
 
 def model_config_to_hf(cfg: ModelConfig, torch_dtype: str | None = None) -> dict[str, Any]:
