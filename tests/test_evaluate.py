@@ -121,3 +121,29 @@ def test_our_sampler_on_a_tiny_hf_model_and_the_cli(registry, tmp_path):
         assert set(summary["tasks"]) == {"vqa", "mcq"} and summary["counts"]["judgements_new"] == 6
         assert not judge_server.requests[0]["chat_template_kwargs"]["enable_thinking"]
         assert main([*args[:-1], "--thinking", "--max-tokens", "6"]) == 2  # another setting: refuses the same --out
+
+
+class InterruptedAfter:
+    """A generator that is interrupted (Ctrl-C) after ``n`` batches."""
+
+    def __init__(self, inner, n):
+        self.inner, self.n = inner, n
+
+    def generate(self, items):
+        if self.n == 0:
+            raise KeyboardInterrupt
+        self.n -= 1
+        return self.inner.generate(items)
+
+
+def test_an_interrupted_run_resumes_without_redoing_finished_samples(registry, tmp_path):
+    tasks = load_tasks(registry, only=["mcq"])
+    with JudgeServer(default="echo") as model_server, JudgeServer(default="score") as judge_server:
+        judge = Judge(JudgeConfig(url=judge_server.url, model="judge"))
+        generator = OpenAIGenerator(model_server.url, "echo", 64)
+        with pytest.raises(KeyboardInterrupt):
+            evaluate(tasks, InterruptedAfter(generator, 1), judge, tmp_path, batch_size=2)
+        assert len(model_server.requests) == 2  # one batch of two was generated before the interruption
+        summary = evaluate(tasks, generator, judge, tmp_path, batch_size=2)
+    assert summary["counts"] == {"generations_reused": 2, "generations_new": 2, "judgements_new": 4}
+    assert len(model_server.requests) == 4 and summary["tasks"]["mcq"]["score"] == 1.0
