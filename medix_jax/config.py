@@ -21,6 +21,7 @@ from typing import Any, Literal
 import yaml
 
 from medix_jax.data.pipeline import DataConfig
+from medix_jax.parallel import DistributedConfig
 from medix_jax.models.qwen2_5_vl.config import ModelConfig, model_config_from_hf, preset
 from medix_jax.rewards.pool import RewardsConfig
 from medix_jax.rl.sampler import Buckets, SamplingConfig
@@ -38,6 +39,9 @@ class MeshConfig:
     data: int = 1
     fsdp: int = -1
     tensor: int = 1
+    dcn_data: int = 1  # across slices / nodes (data-center network)
+    dcn_fsdp: int = 1
+    dcn_tensor: int = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +50,7 @@ class Config:
 
     model: ModelConfig = dataclasses.field(default_factory=lambda: preset("tiny"))
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)  # parallel.py
     data: DataConfig = dataclasses.field(default_factory=DataConfig)  # data/pipeline.py
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)  # rl/trainer.py
     rollout: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)  # policy sampling (rl/sampler.py)

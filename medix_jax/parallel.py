@@ -9,8 +9,12 @@ A dimension whose size is not divisible by its mesh axes is replicated instead (
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+import os
+import socket
+import time
 from collections.abc import Callable, Mapping
 
 import jax
@@ -43,21 +47,105 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
 
 
 def make_mesh(sizes: Mapping[str, int], devices=None) -> Mesh:
-    """A ``Mesh`` with axes ``data, fsdp, tensor``; one size may be -1 (the rest of the devices)."""
+    """A ``Mesh`` with axes ``data, fsdp, tensor``. ``sizes`` gives each axis's size within a slice (one may be -1:
+    the rest of the devices) and, as ``dcn_data`` / ``dcn_fsdp`` / ``dcn_tensor``, its size across slices (TPU
+    multislice, or GPU nodes: one process per node is one slice). The device order comes from JAX's mesh utilities
+    (``create_hybrid_device_mesh`` across slices), so fast links carry the inner axes."""
     devices = np.asarray(jax.devices() if devices is None else devices)
-    shape = [int(sizes.get(a, 1)) for a in MESH_AXES]
-    unknown = set(sizes) - set(MESH_AXES)
+    known = set(MESH_AXES) | {f"dcn_{a}" for a in MESH_AXES}
+    unknown = set(sizes) - known
     if unknown:
-        raise ValueError(f"unknown mesh axes {sorted(unknown)} (known: {MESH_AXES})")
-    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
-        raise ValueError(f"mesh sizes {dict(zip(MESH_AXES, shape))}: use positive sizes and at most one -1")
+        raise ValueError(f"unknown mesh axes {sorted(unknown)} (known: {sorted(known)})")
+    shape = [int(sizes.get(a, 1)) for a in MESH_AXES]
+    dcn = [int(sizes.get(f"dcn_{a}", 1)) for a in MESH_AXES]
+    if shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape) or min(dcn) < 1:
+        raise ValueError(f"mesh sizes {dict(sizes)}: use positive sizes and at most one -1 (dcn sizes >= 1)")
+    per_slice = devices.size // math.prod(dcn)
     if -1 in shape:
-        rest = devices.size // math.prod(s for s in shape if s != -1)
-        shape[shape.index(-1)] = rest
-    if math.prod(shape) != devices.size:
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} devices, have {devices.size}")
-    device_grid = jax.experimental.mesh_utils.create_device_mesh(shape, devices=list(devices.flat))
-    return Mesh(device_grid, MESH_AXES)
+        shape[shape.index(-1)] = per_slice // math.prod(s for s in shape if s != -1)
+    total = [a * b for a, b in zip(shape, dcn, strict=True)]
+    if math.prod(total) != devices.size:
+        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape, strict=True))} x dcn {dict(zip(MESH_AXES, dcn, strict=True))}"
+                         f" needs {math.prod(total)} devices, have {devices.size}")
+    if math.prod(dcn) > 1:
+        multislice = hasattr(devices.flat[0], "slice_index")
+        try:
+            grid = jax.experimental.mesh_utils.create_hybrid_device_mesh(
+                shape, dcn, devices=list(devices.flat), process_is_granule=not multislice)
+        except ValueError as e:
+            raise ValueError(f"mesh dcn sizes {dcn} need {math.prod(dcn)} TPU slices (or, on GPUs, processes): "
+                             f"{e}") from None
+    else:
+        grid = jax.experimental.mesh_utils.create_device_mesh(shape, devices=list(devices.flat))
+    return Mesh(grid, MESH_AXES)
+
+
+@dataclasses.dataclass(frozen=True)
+class DistributedConfig:
+    """Several processes (one per host / GPU node): ``jax.distributed.initialize`` before anything touches devices.
+
+    On TPU pod slices and under SLURM nothing needs setting (JAX finds the cluster). Elsewhere give the
+    coordinator (process 0's ``host:port``), the process count and this process's id, here or as
+    ``MEDIX_COORDINATOR_ADDRESS`` / ``MEDIX_NUM_PROCESSES`` / ``MEDIX_PROCESS_ID``.
+    """
+
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    timeout_s: int = 300  # give up (with a message) instead of hanging when processes or the coordinator are missing
+
+
+def _cluster_detected() -> bool:
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    return "," in hosts or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+
+
+def initialize_distributed(cfg: DistributedConfig) -> bool:
+    """Join the job's processes; False (nothing done) for a single process. Errors say what is wrong."""
+    env = os.environ
+    address = cfg.coordinator_address or env.get("MEDIX_COORDINATOR_ADDRESS")
+    count = cfg.num_processes if cfg.num_processes is not None else _int_env("MEDIX_NUM_PROCESSES")
+    index = cfg.process_id if cfg.process_id is not None else _int_env("MEDIX_PROCESS_ID")
+    if address is None and count in (None, 1) and not _cluster_detected():
+        return False
+    if address is not None and (count is None or index is None):
+        raise ValueError(f"distributed: coordinator {address} given without the process count and this process's "
+                         "id (distributed.num_processes / process_id or MEDIX_NUM_PROCESSES / MEDIX_PROCESS_ID)")
+    if count is not None and index is not None and not 0 <= index < count:
+        raise ValueError(f"distributed: process id {index} is outside 0..{count - 1}")
+    if address is not None and index != 0:
+        _wait_for_coordinator(address, cfg.timeout_s)
+    # JAX aborts the process (it does not raise) when the job is not complete in time: say first what we wait for.
+    print(f"distributed: process {index if index is not None else 'auto'} of {count or 'auto'} joining "
+          f"{address or 'the detected cluster'}; waiting up to {cfg.timeout_s}s for every process", flush=True)
+    try:
+        jax.distributed.initialize(address, count, index, initialization_timeout=cfg.timeout_s)
+    except Exception as e:  # noqa: BLE001 -- re-raised with the facts a user needs
+        raise RuntimeError(
+            f"distributed: could not form the job within {cfg.timeout_s}s (coordinator {address or 'auto'}, process "
+            f"{index} of {count}): {str(e).splitlines()[0][:300]}. Check that all {count} processes are started "
+            f"with the same coordinator address, distinct ids 0..{(count or 1) - 1}, and that the port is reachable "
+            "from every host.") from None
+    return True
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            socket.create_connection((host, int(port)), timeout=2).close()
+            return
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"distributed: coordinator {address} unreachable for {timeout_s}s ({e}); is "
+                                   "process 0 running, and is its port open to this host?") from None
+            time.sleep(0.5)
+
+
+def _int_env(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value else None
 
 
 def logical_spec(axes, shape, mesh: Mesh, rules: Mapping | None = None) -> PartitionSpec:

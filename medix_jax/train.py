@@ -194,6 +194,11 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"medix_jax.train: {e}", file=sys.stderr)
         return 2
+    try:
+        parallel.initialize_distributed(cfg.distributed)
+    except (ValueError, RuntimeError) as e:
+        print(f"medix_jax.train: {e}", file=sys.stderr)
+        return 2
     run(cfg)
     return 0
 

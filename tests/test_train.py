@@ -105,14 +105,16 @@ def flat_params(params):
     return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
 
 
-def test_sharded_update_equals_single_device(shared_run):
-    """Gradients, loss and the updated parameters of one update on mesh fsdp=4 x tensor=2 (8 devices) equal the
+@pytest.mark.parametrize("mesh_sizes", [{"data": 1, "fsdp": 4, "tensor": 2}, {"data": 2, "fsdp": 2, "tensor": 2}],
+                         ids=["fsdp4-tensor2", "data2-fsdp2-tensor2"])
+def test_sharded_update_equals_single_device(shared_run, mesh_sizes):
+    """Gradients, loss and the updated parameters of one update on an 8-device mesh equal the
     single-device ones to 1e-5. Parameters are compared at the reference learning rate (1e-6): Adam's first step
     is lr * sign(g) for tiny g, so at a large rate float noise in a near-zero gradient would dominate the test."""
     single = make_trainer(shared_run, LetterReward(), micro_batches=2, optim=dataclasses.replace(
         shared_run[0].train.optim, learning_rate=1e-6))
     groups, _ = single.collect(jax.random.PRNGKey(5))
-    mesh = parallel.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+    mesh = parallel.make_mesh(mesh_sizes)
     sharded = make_trainer(shared_run, LetterReward(), mesh=mesh, micro_batches=2, optim=single.train.optim)
     assert any(len(leaf.sharding.device_set) == 8 for leaf in jax.tree.leaves(sharded.params))
     grads = []
