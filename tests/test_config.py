@@ -117,7 +117,7 @@ def _flatten(tree, prefix=""):
     ("qwen2_5_vl_3b_dapo", dict(clip_low=0.2, clip_high=0.28, kl_coef=0.0, aggregation="token_mean")),
     ("qwen2_5_vl_7b_gspo", dict(clip_low=3e-4, clip_high=4e-4, kl_coef=0.0, sequence_ratio=True)),
 ])
-@pytest.mark.parametrize("mesh", ["gpu_8", "tpu_v5p_64"])
+@pytest.mark.parametrize("mesh", ["gpu_8", "tpu_v5p_64", "tpu_v6e_64"])
 def test_run_configs_carry_the_reference_hyperparameters(name, loss, mesh):
     root = Path(__file__).resolve().parent.parent / "configs"
     # the checkpoint directory does not exist here: stand in the preset of the same size for its config.json
