@@ -21,8 +21,8 @@ from typing import Any, Literal
 import yaml
 
 from medix_jax.data.pipeline import DataConfig
-from medix_jax.parallel import DistributedConfig
 from medix_jax.models.qwen2_5_vl.config import ModelConfig, model_config_from_hf, preset
+from medix_jax.parallel import DistributedConfig
 from medix_jax.rewards.pool import RewardsConfig
 from medix_jax.rl.sampler import Buckets, SamplingConfig
 from medix_jax.rl.trainer import TrainConfig

@@ -352,7 +352,7 @@ def evaluate(tasks: list[Task], generator, judge: Judge, out: Path, batch_size: 
                                                for it in items)
             bar = tqdm(total=len(work), desc=f"{task.name}: judge", unit="sample")
 
-            def done(item, judgement):
+            def done(item, judgement, cache=cache, bar=bar):
                 cache.add(item.id, judgement=judgement)
                 counts["judgements_new" if judgement["score"] is not None else "judgements_missing"] += 1
                 bar.update(1)

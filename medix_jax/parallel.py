@@ -65,8 +65,8 @@ def make_mesh(sizes: Mapping[str, int], devices=None) -> Mesh:
         shape[shape.index(-1)] = per_slice // math.prod(s for s in shape if s != -1)
     total = [a * b for a, b in zip(shape, dcn, strict=True)]
     if math.prod(total) != devices.size:
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, shape, strict=True))} x dcn {dict(zip(MESH_AXES, dcn, strict=True))}"
-                         f" needs {math.prod(total)} devices, have {devices.size}")
+        within, across = dict(zip(MESH_AXES, shape, strict=True)), dict(zip(MESH_AXES, dcn, strict=True))
+        raise ValueError(f"mesh {within} x dcn {across} needs {math.prod(total)} devices, have {devices.size}")
     if math.prod(dcn) > 1:
         multislice = hasattr(devices.flat[0], "slice_index")
         try:

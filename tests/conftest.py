@@ -7,6 +7,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
@@ -25,3 +29,15 @@ def tiny_checkpoint(request, tmp_path_factory):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """A training run of the embedded default: 2 steps of the letter reward, a checkpoint at each (subprocess)."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    args = [f"train.run_dir={run_dir}", "train.steps=2", "train.save_every=1", "train.export_hf=false",
+            "rollout.max_new_tokens=8", "rewards.embedding_on=false", "mesh.fsdp=1"]
+    out = subprocess.run([sys.executable, "-m", "tests.letter_reward", *args], cwd=Path(__file__).parent.parent,
+                         capture_output=True, text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""})
+    assert out.returncode == 0, out.stdout + out.stderr
+    return run_dir

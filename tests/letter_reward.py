@@ -15,7 +15,8 @@ class LetterReward:
 
     def score(self, completions, solutions):
         r = np.array([sum(c.isascii() and c.islower() for c in t) / max(len(t), 1) for t in completions], np.float32)
-        metrics = {"reward_seconds": 0.0, "reward_composite_mean": float(r.mean()), "reward_letters_mean": float(r.mean())}
+        mean = float(r.mean())
+        metrics = {"reward_seconds": 0.0, "reward_composite_mean": mean, "reward_letters_mean": mean}
         return RewardBatch({"letters": r}, r, np.ones(len(r), bool), metrics)
 
 

@@ -30,7 +30,8 @@ def registry(tmp_path_factory):
     pq.write_table(pa.Table.from_pylist(mcq), root / "mcq.parquet")
     with (root / "open.jsonl").open("w") as f:
         for i in range(3):
-            f.write(json.dumps({"id": f"o{i}", "question": f"Name the finding ({i}).", "answer": "pneumothorax"}) + "\n")
+            row = {"id": f"o{i}", "question": f"Name the finding ({i}).", "answer": "pneumothorax"}
+            f.write(json.dumps(row) + "\n")
     (root / "img").mkdir()
     with (root / "vqa.jsonl").open("w") as f:
         for i, shape in enumerate(["circle", "square"]):
@@ -147,3 +148,12 @@ def test_an_interrupted_run_resumes_without_redoing_finished_samples(registry, t
         summary = evaluate(tasks, generator, judge, tmp_path, batch_size=2)
     assert summary["counts"] == {"generations_reused": 2, "generations_new": 2, "judgements_new": 4}
     assert len(model_server.requests) == 4 and summary["tasks"]["mcq"]["score"] == 1.0
+
+
+def test_a_training_run_is_evaluated_from_its_newest_checkpoint(trained_run, registry, tmp_path):
+    generator = make_generator(str(trained_run), None, max_tokens=4)
+    assert generator.model.config.tokens.image_token_id < 512  # the run's tokenizer ids, not the preset's
+    with JudgeServer(default="score") as judge_server:
+        judge = Judge(JudgeConfig(url=judge_server.url, model="judge"))
+        summary = evaluate(load_tasks(registry, only=["vqa"]), generator, judge, tmp_path)
+    assert summary["tasks"]["vqa"]["judged"] == 2 and summary["counts"]["generations_new"] == 2

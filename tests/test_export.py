@@ -1,31 +1,12 @@
 """python -m medix_jax.export: a trained tiny checkpoint -> an HF directory that transformers loads, logits equal."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
-import pytest
 import torch
 from safetensors.numpy import load_file
 from safetensors.torch import load_file as torch_load_file
 from transformers import AutoTokenizer
 
 from medix_jax.export import export, main, resolve
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("export") / "run"
-    args = [f"train.run_dir={run_dir}", "train.steps=2", "train.save_every=1", "train.export_hf=false",
-            "rollout.max_new_tokens=8", "rewards.embedding_on=false", "mesh.fsdp=1"]
-    out = subprocess.run([sys.executable, "-m", "tests.letter_reward", *args], cwd=ROOT, capture_output=True,
-                         text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""})
-    assert out.returncode == 0, out.stdout + out.stderr
-    return run_dir
 
 
 def test_export_loads_in_transformers_and_verifies(trained_run, tmp_path):
