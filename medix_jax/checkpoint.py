@@ -31,8 +31,10 @@ class Checkpoints:
 
     def restore_latest(self, like: dict) -> tuple[int, dict, dict] | None:
         """(step, state, data state) of the newest readable checkpoint, ``like`` giving structure and shardings;
-        None when there is none."""
+        None when there is none. Unreadable newer checkpoints are deleted once an older one restores (the run will
+        write those steps again); if checkpoints exist but none restores, that is an error, not a fresh start."""
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        broken = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 restored = self.manager.restore(step, args=ocp.args.Composite(
@@ -41,8 +43,15 @@ class Checkpoints:
             except Exception as e:  # noqa: BLE001 -- any unreadable checkpoint: say so, fall back to the previous
                 print(f"checkpoint {self.directory / str(step)} cannot be restored ({type(e).__name__}: "
                       f"{str(e)[:300]}); trying the previous one", flush=True)
+                broken.append(step)
                 continue
+            for bad in broken:
+                print(f"deleting unreadable checkpoint {self.directory / str(bad)}", flush=True)
+                self.manager.delete(bad)
             return step, restored["state"], restored["data"]
+        if broken:
+            raise RuntimeError(f"none of the checkpoints {sorted(broken)} in {self.directory} can be restored (a "
+                               "changed model, optimizer or KL setting?); move them away to start afresh")
         return None
 
     def wait(self) -> None:

@@ -25,6 +25,7 @@ import asyncio
 import base64
 import dataclasses
 import json
+import re
 import statistics
 import sys
 from collections import Counter
@@ -34,7 +35,7 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
-from medix_jax.rewards.judge import JudgeConfig, chat, make_client
+from medix_jax.rewards.judge import THINKING_TOKENS, JudgeConfig, after_thinking, chat, make_client
 
 JUDGE_PROMPT = (
     "You are grading an answer to a medical question against the reference answer.\n\n"
@@ -120,15 +121,24 @@ def load_items(task: Task) -> list[Item]:
         if task.kind == "mcq":
             options = row[f.get("options", "options")]
             options = list(options.values()) if isinstance(options, dict) else list(options)
-            if isinstance(answer, int) or (isinstance(answer, str) and answer.strip().upper() in LETTERS[:len(options)]
-                                           and answer.strip() not in options):
-                answer = options[answer if isinstance(answer, int) else LETTERS.index(answer.strip().upper())]
+            answer = _option_text(answer, options, task.name, i)
             question += "\n" + "\n".join(f"{LETTERS[k]}. {o}" for k, o in enumerate(options))
         images = row.get(f["image"]) if "image" in f else None
         images = [] if images is None else images if isinstance(images, list) else [images]
         items.append(Item(str(row.get(f.get("id", "id"), i)), question, str(answer),
                           [_image(e, path.parent) for e in images]))
     return items
+
+
+def _option_text(answer, options: list, task: str, row: int) -> str:
+    """The MCQ ground truth as option text: given as the text itself, a single letter, or an index."""
+    if isinstance(answer, str) and answer.strip() in options:
+        return answer.strip()
+    if isinstance(answer, str) and len(answer.strip()) == 1 and answer.strip().upper() in LETTERS[:len(options)]:
+        return options[LETTERS.index(answer.strip().upper())]
+    if isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(options):
+        return options[answer]
+    raise ValueError(f"task {task}, row {row}: answer {answer!r} is not an option, its letter or its index")
 
 
 def judged_text(generation: str) -> str:
@@ -188,38 +198,56 @@ class SamplerGenerator:
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
         self.sampler = Sampler(SamplingConfig(max_new_tokens=max_tokens, temperature=0.0))
 
-    def generate(self, items: list[Item]) -> list[str]:
-        import jax
-
+    def _prepare(self, item: Item) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
         from medix_jax.data.image import decode_image, preprocess_images, to_rgb
         from medix_jax.data.prompts import prompt_ids
+
+        v = self.model.config.vision
+        pixels, grids = None, np.zeros((0, 3), np.int64)
+        if item.images:
+            pixels, grids = preprocess_images(
+                [to_rgb(decode_image(b)) for b in item.images], min_pixels=self.min_pixels,
+                max_pixels=self.max_pixels, patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+                temporal_patch_size=v.temporal_patch_size)
+        tokens = [int(np.prod(g)) // v.merge_unit for g in grids]
+        ids = prompt_ids(self.tokenizer, self.prompt, item.question, tokens, self.model.config.tokens.image_token_id)
+        return ids, pixels, grids
+
+    def generate(self, items: list[Item]) -> list[str | None]:
+        """Greedy completions; an item whose image or prompt cannot be prepared gets None (reported, not fatal).
+        Shapes are this chunk's own (rounded up to powers of two for the text and pixel rows)."""
+        import jax
+
+        from medix_jax.models.qwen2_5_vl.vision import rows_per_frame
         from medix_jax.rl.sampler import Buckets, prepare_prompts
 
         cfg = self.model.config
-        rows, grids_all, ids = [], [], []
-        for item in items:
-            kw = dict(min_pixels=self.min_pixels, max_pixels=self.max_pixels, patch_size=cfg.vision.patch_size,
-                      merge_size=cfg.vision.spatial_merge_size, temporal_patch_size=cfg.vision.temporal_patch_size)
-            pixels, grids = preprocess_images([to_rgb(decode_image(b)) for b in item.images], **kw) \
-                if item.images else (None, np.zeros((0, 3), np.int64))
-            tokens = [int(np.prod(g)) // cfg.vision.merge_unit for g in grids]
-            ids.append(prompt_ids(self.tokenizer, self.prompt, item.question, tokens, cfg.tokens.image_token_id))
-            if pixels is not None:
-                rows.append(pixels)
-                grids_all.append(grids)
+        prepared = {}
+        for k, item in enumerate(items):
+            try:
+                prepared[k] = self._prepare(item)
+            except ValueError as e:  # BadImage, aspect ratio, special tokens in the question, ...
+                print(f"evaluate: cannot prepare sample {item.id}: {e}", file=sys.stderr)
+        results: list[str | None] = [None] * len(items)
+        if not prepared:
+            return results
+        ids = [x for x, _, _ in prepared.values()]
         width = max(len(x) for x in ids)
         input_ids = np.full((len(ids), width), cfg.tokens.pad_token_id, np.int32)
         mask = np.zeros_like(input_ids, bool)
         for r, x in enumerate(ids):
             input_ids[r, :len(x)], mask[r, :len(x)] = x, True
-        pixels = np.concatenate(rows) if rows else None
-        grids = np.concatenate(grids_all) if grids_all else None
-        buckets = Buckets(prompt_lengths=(2**int(np.ceil(np.log2(width))),),
-                          pixel_rows=(max(1, 2**int(np.ceil(np.log2(max(len(pixels) if rows else 1, 1))))),))
-        prompts = prepare_prompts(cfg, input_ids, mask, pixels, grids, buckets)
+        rows = [p for _, p, _ in prepared.values() if p is not None]
+        grids = np.concatenate([g for _, _, g in prepared.values()]) if rows else None
+        pow2 = lambda n: 2 ** int(np.ceil(np.log2(max(n, 1))))  # noqa: E731
+        buckets = Buckets(prompt_lengths=(pow2(width),), pixel_rows=(pow2(sum(len(p) for p in rows)),),
+                          images=(max(len(grids) if rows else 1, 1),),
+                          rows_per_image=(max([rows_per_frame(cfg.vision, h, w) for _, h, w in grids]) if rows else 1,))
+        prompts = prepare_prompts(cfg, input_ids, mask, np.concatenate(rows) if rows else None, grids, buckets)
         out = jax.device_get(self.sampler.generate(self.model, prompts, jax.random.key(0)))
-        return [self.tokenizer.decode(t[:n], skip_special_tokens=True) for t, n in zip(out.tokens, out.lengths,
-                                                                                       strict=True)]
+        for k, tokens, n in zip(prepared, out.tokens, out.lengths, strict=True):
+            results[k] = self.tokenizer.decode(tokens[:n], skip_special_tokens=True)
+        return results
 
 
 def make_generator(spec: str, model_name: str | None, max_tokens: int, prompt: str = "<image>{question}"):
@@ -258,7 +286,9 @@ class Judge:
     async def _round(self, client, semaphore, messages, top: int) -> int | None:
         extra = {"chat_template_kwargs": {"enable_thinking": self.cfg.enable_thinking}}
         for _ in range(2):  # one retry for a reply that is not the JSON object
-            reply = await chat(client, semaphore, self.cfg, messages, 16, extra, self.stats, self.latencies)
+            budget = THINKING_TOKENS if self.cfg.enable_thinking else 16
+            reply = after_thinking(await chat(client, semaphore, self.cfg, messages, budget, extra, self.stats,
+                                              self.latencies))
             if reply is None:
                 return None
             score = parse_score(reply, top)
@@ -270,9 +300,10 @@ class Judge:
 
     async def _judge(self, client, semaphore, task: Task, item: Item, generation: str) -> dict:
         top = 5 if task.kind == "report" else 1
-        prompt = (REPORT_PROMPT if task.kind == "report" else JUDGE_PROMPT).replace("{question}", item.question)
-        prompt = prompt.replace("{reference}", item.reference).replace(
-            "{response}", judged_text(generation).replace('"""', "'''"))
+        fields = {"question": item.question, "reference": item.reference,
+                  "response": judged_text(generation).replace('"""', "'''")}
+        template = REPORT_PROMPT if task.kind == "report" else JUDGE_PROMPT
+        prompt = re.sub(r"\{(question|reference|response)\}", lambda m: fields[m.group(1)], template)
         messages = [{"role": "user", "content": prompt}]
         rounds = []
         for k in range(ROUNDS):

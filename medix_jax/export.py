@@ -22,7 +22,7 @@ import numpy as np
 def resolve(checkpoint: str | Path) -> tuple[Path, int]:
     """``RUN_DIR``, ``RUN_DIR/STEP`` or ``RUN_DIR/checkpoints/STEP`` -> (run dir, step)."""
     path = Path(checkpoint)
-    if path.name.isdigit():
+    if path.name.isdigit() and not (path / "checkpoints").is_dir():
         run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
         return run_dir, int(path.name)
     steps = sorted(int(p.name) for p in (path / "checkpoints").glob("*") if p.name.isdigit())

@@ -68,10 +68,10 @@ def make_mesh(sizes: Mapping[str, int], devices=None) -> Mesh:
         within, across = dict(zip(MESH_AXES, shape, strict=True)), dict(zip(MESH_AXES, dcn, strict=True))
         raise ValueError(f"mesh {within} x dcn {across} needs {math.prod(total)} devices, have {devices.size}")
     if math.prod(dcn) > 1:
-        multislice = hasattr(devices.flat[0], "slice_index")
+        tpu = devices.flat[0].platform == "tpu"  # TPU: slices are the granules; elsewhere one process (node) is
         try:
             grid = jax.experimental.mesh_utils.create_hybrid_device_mesh(
-                shape, dcn, devices=list(devices.flat), process_is_granule=not multislice)
+                shape, dcn, devices=list(devices.flat), process_is_granule=not tpu)
         except ValueError as e:
             raise ValueError(f"mesh dcn sizes {dcn} need {math.prod(dcn)} TPU slices (or, on GPUs, processes): "
                              f"{e}") from None

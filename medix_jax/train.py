@@ -100,6 +100,10 @@ def run(cfg: Config, rewards=None) -> Path:
     from medix_jax.rewards.pool import RewardPool
     from medix_jax.rl.trainer import Trainer
 
+    if jax.process_count() > 1:
+        raise NotImplementedError(
+            f"{jax.process_count()} processes joined, but training across processes is not built yet (the multi-host "
+            "input path, docs/scaling.md); run one process per job (one GPU node or one TPU VM host)")
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     lead = jax.process_index() == 0

@@ -56,6 +56,10 @@ def test_mcq_ground_truth_is_the_option_text(registry, tmp_path):
     index.write_text(json.dumps({"question": "q", "opts": {"a": "Aorta", "b": "Vena cava"}, "cop": 1}) + "\n")
     task = Task("idx", "mcq", str(index), {"question": "question", "answer": "cop", "options": "opts"})
     assert load_items(task)[0].reference == "Vena cava"
+    for bad in ("", "BC", 7, True):  # not an option, a letter or an index: an error, never option A
+        index.write_text(json.dumps({"question": "q", "opts": ["Aorta", "Vena cava"], "cop": bad}) + "\n")
+        with pytest.raises(ValueError, match="is not an option"):
+            load_items(task)
     tasks = load_tasks(registry)
     items = load_items(tasks[0])
     assert items[0].reference == "Kidney" and items[3].reference == "Femur"
@@ -112,8 +116,10 @@ def test_our_sampler_on_a_tiny_hf_model_and_the_cli(registry, tmp_path):
     cfg = dataclasses.replace(preset("tiny"), tokens=token_ids(tokenizer))
     save_hf(init_model(cfg, 0), tmp_path / "hf", base_dir=tmp_path / "tok")
     generator = make_generator(str(tmp_path / "hf"), None, max_tokens=6)
-    texts = generator.generate(load_items(load_tasks(registry, only=["vqa"])[0]))
-    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+    items = load_items(load_tasks(registry, only=["vqa"])[0])
+    broken = dataclasses.replace(items[0], id="broken", images=[b"not an image"])
+    texts = generator.generate([items[0], broken, items[1]])
+    assert isinstance(texts[0], str) and texts[1] is None and isinstance(texts[2], str)  # one bad sample, no crash
     with JudgeServer(default="score") as judge_server:
         args = ["--model", str(tmp_path / "hf"), "--tasks", str(registry), "--judge", judge_server.url,
                 "--out", str(tmp_path / "out"), "--max-tokens", "6", "--only", "vqa,mcq", "--no-thinking"]

@@ -23,6 +23,9 @@ def test_steps_and_cli_errors(trained_run, tmp_path, capsys):
     assert resolve(trained_run) == (trained_run, 2)
     assert resolve(trained_run / "1") == (trained_run, 1)
     assert resolve(trained_run / "checkpoints" / "1") == (trained_run, 1)
+    numbered = tmp_path / "42"
+    (numbered / "checkpoints" / "7").mkdir(parents=True)
+    assert resolve(numbered) == (numbered, 7)  # a run directory named by a number is still a run directory
     one, _ = export(trained_run / "1", tmp_path / "one")
     two, _ = export(trained_run, tmp_path / "two")
     half, _ = export(trained_run, tmp_path / "half", dtype="bfloat16")

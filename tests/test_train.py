@@ -92,6 +92,9 @@ def test_dynamic_filtering_drops_flat_groups_refills_and_masks_a_shortfall(share
     real = [g for g in groups if g.mask.any()]
     assert len(groups) == 8 and len(real) == metrics["groups_kept"] < 8  # the rest: masked filler
     assert all(not g.advantages.any() for g in groups if not g.mask.any())
+    # mini-batches of filler only make no optimizer update (AdamW momentum and decay would still move weights)
+    short.train = dataclasses.replace(short.train, mini_batches=4)
+    assert short.update(groups)["optimizer_updates"] == -(-len(real) // 2)
 
 
 def test_sampler_and_trainer_agree_on_old_logprobs(shared_run):
@@ -169,10 +172,22 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous(tmp_path, ca
     for f in (tmp_path / "2" / "state").rglob("*"):
         if f.is_file():
             f.write_bytes(b"garbage")
-    step, restored, data_state = Checkpoints(tmp_path, keep=3).restore_latest(state)
+    reopened = Checkpoints(tmp_path, keep=3)
+    step, restored, data_state = reopened.restore_latest(state)
     assert step == 1 and data_state == {"next_index": 1}
     np.testing.assert_array_equal(restored["params"]["w"], np.arange(4.0))
     assert "cannot be restored" in capsys.readouterr().out
+    assert not (tmp_path / "2").exists()  # deleted, so that the resumed run can write step 2 again
+    reopened.save(2, state, {"next_index": 2}, {"step": 2})
+    reopened.wait()
+    for f in (tmp_path / "1" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    for f in (tmp_path / "2" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    with pytest.raises(RuntimeError, match="can be restored"):  # none readable: an error, not a silent restart
+        Checkpoints(tmp_path, keep=3).restore_latest(state)
 
 
 def train_cli(run_dir: Path, steps: int, cache: Path) -> subprocess.Popen:

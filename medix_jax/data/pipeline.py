@@ -79,8 +79,11 @@ class Preprocess:
         except (OSError, ValueError):
             return {"dropped": "bad_image"}
         image_tokens = [h * w // factor**2 for h, w in shapes]
-        ids = prompt_ids(self.tokenizer, self.cfg.prompt, _text(record["problem"]), image_tokens,
-                         self.model_cfg.tokens.image_token_id)
+        try:
+            ids = prompt_ids(self.tokenizer, self.cfg.prompt, _text(record["problem"]), image_tokens,
+                             self.model_cfg.tokens.image_token_id)
+        except ValueError:  # special tokens in the question
+            return {"dropped": "special_tokens"}
         if len(ids) > self.max_prompt_tokens:
             return {"dropped": "overlong"}
         if any(rows_per_frame(vision, h // vision.patch_size, w // vision.patch_size) > self.max_rows_per_image

@@ -68,8 +68,13 @@ class PrepareOptions:
 # Sources: each yields (origin, raw record or Skip) in file order.
 
 
+SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation", "eval": "test"}
+
+
 def _split_of(path: Path) -> str:
-    stem = path.name.split("-")[0].split(".")[0]
+    """The start of the file name: train / test / validation (val, valid, dev); anything else is train."""
+    stem = path.name.split("-")[0].split(".")[0].split("_")[0].lower()
+    stem = SPLIT_ALIASES.get(stem, stem)
     return stem if stem in SPLITS else "train"
 
 

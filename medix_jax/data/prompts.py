@@ -52,6 +52,10 @@ def user_content(template: str, question: str, num_images: int) -> list[dict]:
 
 def prompt_ids(tokenizer, template: str, question: str, image_tokens: list[int], image_token_id: int) -> np.ndarray:
     """Token ids of the rendered prompt (generation prompt included); ``image_tokens[i]`` placeholders for image i."""
+    specials = [t for t in tokenizer.all_special_tokens + [str(t) for t in tokenizer.added_tokens_decoder.values()
+                                                          if t.special] if t and t in question]
+    if specials:  # they would be read back as control tokens: a question must not open a turn or an image
+        raise ValueError(f"the question contains special token(s) {sorted(set(specials))}")
     messages = [{"role": "user", "content": user_content(template, question, len(image_tokens))}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     pad = tokenizer.convert_ids_to_tokens(image_token_id)

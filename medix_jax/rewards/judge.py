@@ -150,8 +150,17 @@ class JudgeClient:
         extra = {"chat_template_kwargs": {"enable_thinking": self.cfg.enable_thinking}}
         if self.cfg.structured_outputs:
             extra["structured_outputs"] = {"choice": ["YES", "NO"]}
-        return await chat(client, semaphore, self.cfg, [{"role": "user", "content": prompt}], 4, extra, self.stats,
-                          self.latencies)
+        reply = await chat(client, semaphore, self.cfg, [{"role": "user", "content": prompt}],
+                           THINKING_TOKENS if self.cfg.enable_thinking else 4, extra, self.stats, self.latencies)
+        return after_thinking(reply)
+
+
+THINKING_TOKENS = 4096  # reply budget of a judge allowed to think (enable_thinking) before its verdict
+
+
+def after_thinking(reply: str | None) -> str | None:
+    """The reply after a thinking judge's ``</think>`` (unchanged when there is none)."""
+    return None if reply is None else reply.rsplit("</think>", 1)[-1].strip()
 
 
 def make_client(cfg: JudgeConfig) -> openai.AsyncOpenAI:

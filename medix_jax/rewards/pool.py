@@ -89,9 +89,10 @@ class RewardPool:
         jobs = {}
         if self.judge:
             self.judge.latencies.clear()
-            # The judge cancels its own requests a little before the deadline, so its partial verdicts are kept.
-            budget = max(0.0, deadline - time.perf_counter() - _JUDGE_MARGIN_S)
-            jobs["llm"] = self._judge_worker.submit(self.judge.score, pairs, budget)
+            # The judge cancels its own requests a little before the deadline, so its partial verdicts are kept; the
+            # budget is taken when the job starts (it may queue behind another batch's).
+            jobs["llm"] = self._judge_worker.submit(
+                lambda: self.judge.score(pairs, max(0.0, deadline - time.perf_counter() - _JUDGE_MARGIN_S)))
         if self.embedder:
             jobs["embed"] = self._embed_worker.submit(self.embedder.cosine, pairs)
         cosine = None
@@ -101,6 +102,7 @@ class RewardPool:
                 got = job.result(timeout=max(0.0, deadline - time.perf_counter()))
                 got = np.array([np.nan if v is None else v for v in got], np.float32)
             except Exception:  # noqa: BLE001 -- past the deadline or broken: missing data, never a crash in the trainer
+                job.cancel()  # if it never started, it never will
                 got = np.full(len(asked), np.nan, np.float32)
             if name == "embed":
                 cosine = np.full(n, np.nan, np.float32)

@@ -293,7 +293,10 @@ class Trainer:
         for _ in range(t.ppo_epochs):
             for k in range(t.mini_batches):
                 chunk = device[k * t.micro_batches: (k + 1) * t.micro_batches]
-                totals = grpo.totals(np.concatenate([np.asarray(b.mask) for _, b in chunk]))
+                mask = np.concatenate([np.asarray(b.mask) for _, b in chunk])
+                if not mask.any():  # only masked filler: no update at all (AdamW would still move the weights)
+                    continue
+                totals = grpo.totals(mask)
                 grads = None
                 for prompts, batch in chunk:
                     g, m = _gradients(self.graphdef, self.params, self.ref_params, prompts, batch, totals,
@@ -303,9 +306,8 @@ class Trainer:
                         sums[key] = sums.get(key, 0.0) + float(value)
                 self.params, self.opt_state, norm = self._apply(self.params, self.opt_state, grads)
                 norms.append(float(norm))
-        updates = t.ppo_epochs * t.mini_batches
-        metrics = {k: v / updates for k, v in sums.items()}
-        metrics["grad_norm"] = float(np.mean(norms))
+        metrics = {k: v / max(len(norms), 1) for k, v in sums.items()}
+        metrics.update(grad_norm=float(np.mean(norms)) if norms else 0.0, optimizer_updates=float(len(norms)))
         return metrics
 
     def step(self) -> dict:
