@@ -137,6 +137,28 @@ def test_sharded_update_equals_single_device(shared_run, mesh_sizes):
         make_trainer(shared_run, LetterReward()).params).items()) > 0  # the update did move the parameters
 
 
+def test_a_sharded_training_state_resumes_where_it_was(shared_run, tmp_path):
+    """A new job restores into its fresh trainer's state (train.py), and restored arrays are committed to those
+    shardings: the optimizer's scalars must be on the mesh like the parameters, or the first update after a
+    resume on several devices fails."""
+    mesh = parallel.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+    trainer = make_trainer(shared_run, LetterReward(), mesh=mesh)
+    trainer.step()
+    checkpoints = Checkpoints(tmp_path, keep=1)
+    saved = {"params": trainer.params, "opt_state": trainer.opt_state}
+    checkpoints.save(1, saved, {}, {"step": 1})
+    checkpoints.wait()
+    expected = flat_params(saved)
+    resumed = make_trainer(shared_run, LetterReward(), mesh=mesh)
+    _, restored, _ = checkpoints.restore_latest({"params": resumed.params, "opt_state": resumed.opt_state})
+    checkpoints.close()
+    assert all(leaf.sharding.mesh == mesh for leaf in jax.tree.leaves(restored))
+    got = flat_params(restored)
+    assert all(np.array_equal(expected[k], got[k]) for k in expected)
+    resumed.params, resumed.opt_state, resumed.step_count = restored["params"], restored["opt_state"], 1
+    assert np.isfinite(resumed.step()["loss"])
+
+
 class AsAnswers:
     """The random policy writes no <answer> tags, so the judge and the embedding would never be asked: wrap each
     decoded completion as the answer of a well-formed MediX completion before the real pool scores it."""

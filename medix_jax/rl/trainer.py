@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from medix_jax import parallel
 from medix_jax.data.pipeline import PromptBatch, collate
@@ -169,6 +170,8 @@ class Trainer:
 
     def __init__(self, model: Qwen2_5_VL, tokenizer, data, rewards, train: TrainConfig, rollout: SamplingConfig,
                  buckets: Buckets, mesh=None, seed: int = 0):
+        if mesh is None:
+            mesh = parallel.make_mesh({}, jax.devices()[:1])
         self.train, self.rollout, self.buckets, self.mesh, self.seed = train, rollout, buckets, mesh, seed
         self.tokenizer, self.data, self.rewards = tokenizer, data, rewards
         self.model_cfg = model.config
@@ -179,11 +182,19 @@ class Trainer:
                              f"into train.mini_batches {train.mini_batches} x train.micro_batches "
                              f"{train.micro_batches}")
         self.tx = make_optimizer(train.optim, train.steps * train.ppo_epochs * train.mini_batches)
-        self.opt_state = jax.jit(self.tx.init)(self.params)
+        # Explicit shardings for the whole training state: Adam's moments like their parameters, scalars (the step
+        # count) replicated on the mesh, kept by every update -- so a restored checkpoint lands where it was.
+        replicated = NamedSharding(mesh, PartitionSpec())
+        param_shardings = jax.tree.map(lambda a: a.sharding, self.params)
+        opt_shardings = optax.tree_utils.tree_map_params(
+            self.tx, lambda _, sharding: sharding, jax.eval_shape(self.tx.init, self.params), param_shardings,
+            transform_non_params=lambda _: replicated)
+        self.opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(self.params)
         self.ref_params = jax.tree.map(jnp.copy, self.params) if train.loss.kl_coef > 0 else None
         self.sampler = Sampler(rollout, mesh)
         self.step_count = 0
-        self._apply = jax.jit(self._apply_fn, donate_argnums=(0, 1))
+        self._apply = jax.jit(self._apply_fn, donate_argnums=(0, 1),
+                              out_shardings=(param_shardings, opt_shardings, replicated))
 
     @property
     def model(self) -> Qwen2_5_VL:
