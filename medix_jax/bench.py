@@ -66,21 +66,14 @@ def bench_sampler(config: str | None, overrides: list[str], runs: int, batch: in
 
     cfg = load_config(config or DEFAULT_CONFIG, overrides).model
     model = init_model(cfg, seed=0)
-    rng = np.random.default_rng(0)
-    images = [Image.fromarray(rng.integers(0, 256, (image_size, image_size, 3), np.uint8)) for _ in range(batch)]
-    pixels, grids = preprocess_images(images, min_pixels=image_size**2, max_pixels=image_size**2)
-    t = cfg.tokens
-    n_image = int(np.prod(grids[0])) // cfg.vision.merge_unit
-    rows = [[*rng.integers(0, 1000, 12), t.vision_start_token_id, *[t.image_token_id] * n_image,
-             t.vision_end_token_id, *rng.integers(0, 1000, 20)] for _ in range(batch)]
-    ids = np.array(rows, np.int64)
+    ids, pixels, grids = _prompt_batch(cfg, batch, image_size, np.random.default_rng(0))
     mask = np.ones_like(ids)
+    t = cfg.tokens
 
     # Ours.
     sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=0, eos_token_id=-1)
     sampler = Sampler(sampling)
-    buckets = Buckets(prompt_lengths=(ids.shape[1],), pixel_rows=(len(pixels),), images=(batch,),
-                      rows_per_image=(1024, 4096, 16384))
+    buckets = Buckets(prompt_lengths=(ids.shape[1],), images=(1,), rows_per_image=(1024, 4096, 16384))
     prompts = prepare_prompts(cfg, ids, mask, pixels, grids, buckets)
     key = jax.random.key(0)
     ours_out = {}
@@ -209,8 +202,7 @@ def bench_train(config: str | None, overrides: list[str], runs: int, batch: int,
     model = init_model(cfg, seed=0)
     rng = np.random.default_rng(0)
     ids, pixels, grids = _prompt_batch(cfg, batch, image_size, rng)
-    buckets = Buckets(prompt_lengths=(ids.shape[1],), pixel_rows=(len(pixels),), images=(batch,),
-                      rows_per_image=(1024, 4096, 16384))
+    buckets = Buckets(prompt_lengths=(ids.shape[1],), images=(1,), rows_per_image=(1024, 4096, 16384))
     prompts = prepare_prompts(cfg, ids, np.ones_like(ids), pixels, grids, buckets)
     tokens = rng.integers(0, 1000, (batch, new_tokens)).astype(np.int32)
     mask = np.ones_like(tokens, bool)
@@ -294,8 +286,7 @@ def bench_data(runs: int, records: int, batch: int, image_size: int) -> dict:
     tokenizer = train_tokenizer([MEDIX_PROMPT] * 4 + [r["problem"] for r in synthetic_records(64)], tmp / "tok")
     model_cfg = dataclasses.replace(preset("tiny"), tokens=token_ids(tokenizer))
     pixels = image_size * image_size
-    buckets = Buckets(prompt_lengths=(512, 1024), pixel_rows=(batch * pixels // 196,), images=(batch,),
-                      rows_per_image=(pixels // 196 * 2,))
+    buckets = Buckets(prompt_lengths=(512, 1024), images=(1,), rows_per_image=(pixels // 196 * 2,))
     source = data_source(DataConfig(data_dir=str(tmp / "data")))
 
     def ours(workers: int) -> tuple[float, float]:

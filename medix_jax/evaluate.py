@@ -240,8 +240,8 @@ class SamplerGenerator:
         rows = [p for _, p, _ in prepared.values() if p is not None]
         grids = np.concatenate([g for _, _, g in prepared.values()]) if rows else None
         pow2 = lambda n: 2 ** int(np.ceil(np.log2(max(n, 1))))  # noqa: E731
-        buckets = Buckets(prompt_lengths=(pow2(width),), pixel_rows=(pow2(sum(len(p) for p in rows)),),
-                          images=(max(len(grids) if rows else 1, 1),),
+        buckets = Buckets(prompt_lengths=(pow2(width),),
+                          images=(max([len(g) for _, p, g in prepared.values() if p is not None], default=1),),
                           rows_per_image=(max([rows_per_frame(cfg.vision, h, w) for _, h, w in grids]) if rows else 1,))
         prompts = prepare_prompts(cfg, input_ids, mask, np.concatenate(rows) if rows else None, grids, buckets)
         out = jax.device_get(self.sampler.generate(self.model, prompts, jax.random.key(0)))

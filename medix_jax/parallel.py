@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import os
 import socket
@@ -21,6 +22,7 @@ import jax
 import jax.experimental.mesh_utils
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
@@ -197,18 +199,109 @@ def init_sharded(make: Callable[[], nnx.Module], mesh: Mesh, rules: Mapping | No
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
-def put(a, axes, mesh: Mesh | None):
-    """``a`` placed on ``mesh`` by logical ``axes`` (as is without a mesh)."""
+# ----------------------------------------------------------------------------------------------------------------
+# The batch across processes. Each process holds its own block of every batch's rows (its devices' share of the
+# ``batch`` rule); in a single process that block is the whole batch and these functions reduce to plain placement.
+
+
+def process_rows(mesh: Mesh | None, n: int) -> np.ndarray:
+    """The rows of an ``n``-row batch that this process holds, ascending (all of them in a single process). On
+    GPU nodes and CPUs a process's rows are one block; a TPU slice's device order may interleave its hosts."""
     if mesh is None:
-        return a
-    return jax.device_put(a, NamedSharding(mesh, logical_spec(axes, np.shape(a), mesh)))
+        return np.arange(n)
+    spans = _process_spans(NamedSharding(mesh, logical_spec(("batch",), (n,), mesh)), (n,), 0)
+    return np.concatenate([np.arange(a, b) for a, b in spans])
+
+
+@functools.lru_cache(maxsize=256)
+def _process_spans(sharding: NamedSharding, shape: tuple[int, ...], axis: int) -> tuple[tuple[int, int], ...]:
+    """This process's rows along ``axis`` as ascending, merged (start, stop) spans; an error unless every process
+    holds rows of its own (an equal share)."""
+    spans = sorted({(index[axis].start or 0, shape[axis] if index[axis].stop is None else index[axis].stop)
+                    for index in sharding.addressable_devices_indices_map(shape).values()})
+    merged: list[tuple[int, int]] = []
+    for a, b in spans:
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    count = jax.process_count()
+    if count > 1 and sum(b - a for a, b in merged) * count != shape[axis]:
+        on = sharding.spec[axis] if axis < len(sharding.spec) else None
+        split = math.prod(sharding.mesh.shape[a] for a in ((on,) if isinstance(on, str) else on or ()))
+        raise ValueError(
+            f"a batch of {shape[axis]} rows is split {split} ways ({on or 'not at all'}) on mesh "
+            f"{dict(sharding.mesh.shape)}, which does not give each of the {count} processes its own rows: make "
+            f"the batch a multiple of data x fsdp, and put data or fsdp (not tensor alone) across processes")
+    return tuple(merged)
+
+
+def batch_array(local, mesh: Mesh | None, axis: int = 0):
+    """This process's rows of a batch (``axis``; the whole batch in a single process) -> the global array split
+    over the ``batch`` rule (``jax.make_array_from_process_local_data``)."""
+    if mesh is None:
+        return local
+    local = np.asarray(local)
+    shape = list(local.shape)
+    shape[axis] *= jax.process_count()
+    axes = tuple("batch" if i == axis else None for i in range(local.ndim))
+    sharding = NamedSharding(mesh, logical_spec(axes, shape, mesh))
+    _process_spans(sharding, tuple(shape), axis)  # each process holds its own rows, or a clear error
+    return jax.make_array_from_process_local_data(sharding, local, tuple(shape))
+
+
+def local_rows(array, axis: int = 0) -> np.ndarray:
+    """This process's rows of a global batch array as numpy, ascending (the whole array in a single process): the
+    inverse of ``batch_array`` for arrays split over the batch rule only."""
+    if not isinstance(array, jax.Array) or array.is_fully_addressable:
+        return np.asarray(array)
+    spans = _process_spans(array.sharding, array.shape, axis)
+    offsets = np.cumsum([0] + [b - a for a, b in spans])  # where each span starts in the local array
+    out = np.empty((*array.shape[:axis], offsets[-1], *array.shape[axis + 1:]), array.dtype)
+    for shard in array.addressable_shards:
+        if any(i != axis and s != slice(None) for i, s in enumerate(shard.index)):
+            raise ValueError(f"local_rows: {array.sharding.spec} splits more than the batch axis {axis}")
+        start = shard.index[axis].start or 0
+        span = next(k for k, (a, b) in enumerate(spans) if a <= start < b)
+        local = offsets[span] + start - spans[span][0]
+        out[(slice(None),) * axis + (slice(local, local + shard.data.shape[axis]),)] = np.asarray(shard.data)
+    return out
 
 
 def shard_prompts(prompts, mesh: Mesh | None):
-    """Token-level prompt arrays split over the ``batch`` rule; the vision layout stays replicated."""
-    return prompts._replace(
-        input_ids=put(prompts.input_ids, ("batch", None), mesh),
-        attention_mask=put(prompts.attention_mask, ("batch", None), mesh),
-        positions=put(prompts.positions, (None, "batch", None), mesh),
-        rope_delta=put(prompts.rope_delta, ("batch",), mesh),
-    )
+    """Prompt arrays (this process's rows, ``ModelInputs``) -> global arrays split over the ``batch`` rule, the
+    per-prompt vision inputs included."""
+    if mesh is None:
+        return prompts
+    rows = functools.partial(batch_array, mesh=mesh)
+    vision = None if prompts.vision is None else type(prompts.vision)(*map(rows, prompts.vision))
+    return prompts._replace(input_ids=rows(prompts.input_ids), attention_mask=rows(prompts.attention_mask),
+                            positions=rows(prompts.positions, axis=1), rope_delta=rows(prompts.rope_delta),
+                            vision=vision)
+
+
+def barrier(name: str) -> None:
+    """Wait until every process gets here (nothing in a single process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def host_max(values) -> np.ndarray:
+    """Elementwise maximum of ``values`` over all processes (a collective: every process must call it), e.g.
+    shapes they must agree on or a flag any of them raised. ``values`` itself in a single process."""
+    values = np.asarray(values)
+    if jax.process_count() == 1:
+        return values
+    return np.asarray(multihost_utils.process_allgather(values)).max(axis=0)
+
+
+def host_gather(obj) -> list:
+    """Every process's JSON-serialisable ``obj``, in process order (a collective); ``[obj]`` in a single process."""
+    if jax.process_count() == 1:
+        return [obj]
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.array([len(data)])))[:, 0]
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: len(data)] = data
+    rows = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(bytes(row[:n])) for row, n in zip(rows, lengths, strict=True)]

@@ -10,6 +10,10 @@ Everything lands in ``train.run_dir``: ``checkpoints/`` (orbax; the run resumes 
 and ``tensorboard/``, ``config.yaml`` (resolved), ``curves.png`` and, at the end, ``hf/`` (an HF checkpoint).
 SIGTERM or SIGINT (TPU preemption, Ctrl-C) finishes the current step, saves and exits cleanly; a second one stops
 at once.
+
+Several processes (``distributed.*``, one per host or GPU node) run the same command. Each reads its own rows of
+every batch and keeps its own data position in the checkpoint. Process 0 writes the run directory's files. All
+of them stop after the same step when any one is signalled.
 """
 
 from __future__ import annotations
@@ -41,15 +45,16 @@ def prepare_embedded_data(run_dir: Path) -> str:
     from medix_jax.data.synthetic import write_synthetic
 
     data_dir = run_dir / "data" / "tfds"
-    if not (data_dir / "medix_rl" / VERSION).exists():
+    if jax.process_index() == 0 and not (data_dir / "medix_rl" / VERSION).exists():
         write_synthetic(run_dir / "data" / "source", "parquet", **SYNTHETIC_SIZES)
         prepare(run_dir / "data" / "source", data_dir)
+    parallel.barrier("embedded dataset")
     return str(data_dir)
 
 
 def tokenizer_and_model_config(cfg: Config, run_dir: Path):
-    """The tokenizer of ``checkpoint`` or, for a preset, one trained on the spot; the
-    model config's special token ids are taken from it."""
+    """The tokenizer of ``checkpoint`` or, for a preset, one trained on the spot (by process 0, into
+    ``run_dir/tokenizer``); the model config's special token ids are taken from it."""
     from transformers import AutoTokenizer
 
     from medix_jax.data.prompts import token_ids
@@ -62,7 +67,10 @@ def tokenizer_and_model_config(cfg: Config, run_dir: Path):
     else:
         texts = [cfg.data.prompt] * 8 + [r["problem"] + " " + r["solution"] for r in synthetic_records(256)]
         texts += ["<thinking>the lesion is round</thinking><answer>circle</answer>"] * 8
-        tokenizer = train_tokenizer(texts, run_dir / "tokenizer", cfg.model.text.vocab_size)
+        if jax.process_index() == 0:
+            train_tokenizer(texts, run_dir / "tokenizer", cfg.model.text.vocab_size)
+        parallel.barrier("tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
     if len(tokenizer) > cfg.model.text.vocab_size:
         raise ConfigError(f"model.text.vocab_size {cfg.model.text.vocab_size} is smaller than the tokenizer "
                           f"({len(tokenizer)} tokens)")
@@ -100,10 +108,6 @@ def run(cfg: Config, rewards=None) -> Path:
     from medix_jax.rewards.pool import RewardPool
     from medix_jax.rl.trainer import Trainer
 
-    if jax.process_count() > 1:
-        raise NotImplementedError(
-            f"{jax.process_count()} processes joined, but training across processes is not built yet (the multi-host "
-            "input path, docs/scaling.md); run one process per job (one GPU node or one TPU VM host)")
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     lead = jax.process_index() == 0
@@ -112,10 +116,11 @@ def run(cfg: Config, rewards=None) -> Path:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=prepare_embedded_data(run_dir)))
     tokenizer, model_cfg, aux_dir = tokenizer_and_model_config(cfg, run_dir)
     cfg = dataclasses.replace(cfg, model=model_cfg)  # the resolved config records the tokenizer's token ids
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    if lead:
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     model = build_model(cfg, model_cfg, mesh)
     data = PromptBatches(data_source(cfg.data), cfg.data, model_cfg, tokenizer, cfg.buckets, cfg.seed,
-                         jax.process_index(), jax.process_count())
+                         parallel.process_rows(mesh, cfg.data.batch_size))
     pool = rewards or RewardPool(cfg.rewards)
     trainer = Trainer(model, tokenizer, data, pool, cfg.train, cfg.rollout, cfg.buckets, mesh, cfg.seed)
     checkpoints = Checkpoints(run_dir / "checkpoints", cfg.train.keep_checkpoints)
@@ -123,10 +128,12 @@ def run(cfg: Config, rewards=None) -> Path:
     if restored:
         step, state, data_state = restored
         trainer.params, trainer.opt_state, trainer.step_count = state["params"], state["opt_state"], step
-        data.set_state(data_state)
+        states = data_state.get("processes", [data_state])  # one state: written before per-process states
+        data.set_state(_this_process(states, step, checkpoints.directory))
     if lead:
         print(f"medix_jax.train: run {run_dir.absolute()}, {jax.device_count()} {jax.devices()[0].platform} "
-              f"device(s), mesh {dict(mesh.shape)}; rewards: {', '.join(getattr(pool, 'active', ['custom']))}; "
+              f"device(s) in {jax.process_count()} process(es), mesh {dict(mesh.shape)}; rewards: "
+              f"{', '.join(getattr(pool, 'active', ['custom']))}; "
               + (f"resumed at step {trainer.step_count}" if restored else "starting at step 0")
               + f" of {cfg.train.steps}", flush=True)
 
@@ -135,8 +142,9 @@ def run(cfg: Config, rewards=None) -> Path:
 
     def save() -> None:
         if saved[-1] != trainer.step_count:
+            data_states = {"processes": parallel.host_gather(data.get_state())}  # every process's position
             checkpoints.save(trainer.step_count, {"params": trainer.params, "opt_state": trainer.opt_state},
-                             data.get_state(), {**meta, "step": trainer.step_count})
+                             data_states, {**meta, "step": trainer.step_count})
             saved.append(trainer.step_count)
 
     def on_signal(signum, _frame):
@@ -144,13 +152,17 @@ def run(cfg: Config, rewards=None) -> Path:
             raise KeyboardInterrupt
         stop.append(signum)
 
+    def halted() -> bool:  # any process signalled: all stop after the same step (a collective)
+        return bool(parallel.host_max(bool(stop)))
+
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     meta = {"config": to_dict(cfg), "aux_dir": str(Path(aux_dir).absolute())}
     try:
         with MetricsWriter(run_dir, enabled=lead) as writer:
             writer.truncate_after(trainer.step_count)
             bar = tqdm(total=cfg.train.steps, initial=trainer.step_count, desc="train", disable=not lead)
-            while trainer.step_count < cfg.train.steps and not stop:
+            halt = halted()
+            while trainer.step_count < cfg.train.steps and not halt:
                 try:
                     metrics = trainer.step()
                 except StopIteration:  # a finite data.epochs ran out
@@ -162,8 +174,8 @@ def run(cfg: Config, rewards=None) -> Path:
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics.get('reward_composite_mean', float('nan')):.3f}",
                                 loss=f"{metrics.get('loss', float('nan')):.4f}")
-                if (trainer.step_count % cfg.train.save_every == 0 or trainer.step_count == cfg.train.steps
-                        or stop):
+                halt = halted()
+                if trainer.step_count % cfg.train.save_every == 0 or trainer.step_count == cfg.train.steps or halt:
                     save()
             bar.close()
         checkpoints.wait()
@@ -173,21 +185,32 @@ def run(cfg: Config, rewards=None) -> Path:
         getattr(pool, "close", lambda: None)()
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if stop:
+    if halt:
         if lead:
-            print(f"medix_jax.train: signal {stop[0]}: saved step {trainer.step_count}; run again to resume")
+            print(f"medix_jax.train: {f'signal {stop[0]}' if stop else 'another process was signalled'}: saved "
+                  f"step {trainer.step_count}; run again to resume")
         return run_dir
+    if cfg.train.export_hf:  # every process takes part (the parameters are gathered); process 0 writes
+        save_hf(trainer.model, run_dir / "hf", base_dir=aux_dir)
     if lead:
         if (run_dir / "metrics.jsonl").exists():
             plot_run(run_dir)
-        if cfg.train.export_hf:
-            save_hf(trainer.model, run_dir / "hf", base_dir=aux_dir)
         print(f"medix_jax.train: done, {trainer.step_count} steps; metrics {run_dir / 'metrics.jsonl'}, curves "
               f"{run_dir / 'curves.png'}" + (f", HF checkpoint {run_dir / 'hf'}" if cfg.train.export_hf else ""))
     return run_dir
 
 
-def main(argv=None) -> int:
+def _this_process(states: list[dict], step: int, directory: Path) -> dict:
+    """This process's data position from a checkpoint's per-process list."""
+    if len(states) != jax.process_count():
+        raise RuntimeError(
+            f"checkpoint {directory / str(step)} was written by {len(states)} process(es), each reading its own rows "
+            f"of every batch; resume it with {len(states)} (this job has {jax.process_count()}). Its parameters "
+            "restore anywhere: python -m medix_jax.export, then start a new run from that HF checkpoint")
+    return states[jax.process_index()]
+
+
+def main(argv=None, rewards=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", action="append", help="YAML config; repeat to layer files, e.g. a run config "
                         "then a mesh preset (default: the embedded tiny run, configs/tiny.yaml)")
@@ -203,7 +226,7 @@ def main(argv=None) -> int:
     except (ValueError, RuntimeError) as e:
         print(f"medix_jax.train: {e}", file=sys.stderr)
         return 2
-    run(cfg)
+    run(cfg, rewards)
     return 0
 
 

@@ -1,6 +1,7 @@
 """A rule reward a tiny random policy can reach: the fraction of lower-case ASCII letters in the completion.
 
-Run as a script it is ``python -m medix_jax.train`` with this reward (used by the kill -9 / resume test).
+Run as a script it is ``python -m medix_jax.train`` with this reward (the kill -9 / resume and the
+two-process tests).
 """
 
 import sys
@@ -21,7 +22,6 @@ class LetterReward:
 
 
 if __name__ == "__main__":
-    from medix_jax.config import load_config
-    from medix_jax.train import DEFAULT_CONFIG, run
+    from medix_jax.train import main
 
-    run(load_config(DEFAULT_CONFIG, sys.argv[1:]), rewards=LetterReward())
+    sys.exit(main(sys.argv[1:], rewards=LetterReward()))

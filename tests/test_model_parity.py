@@ -6,7 +6,7 @@ import torch
 
 from medix_jax.models.qwen2_5_vl import forward
 from medix_jax.models.qwen2_5_vl.hf_io import load_hf
-from medix_jax.models.qwen2_5_vl.vision import VisionInputs, vision_layout
+from medix_jax.models.qwen2_5_vl.vision import vision_inputs
 from tests.helpers import hf_logits, left_pad, tokens_for
 
 TOL = 1e-4
@@ -59,12 +59,22 @@ def test_vision_tower_alone(pair, rng, buckets):
     pixels = rng.normal(size=(n, 1176)).astype(np.float32)
     with torch.no_grad():
         ref = hf.model.visual(torch.tensor(pixels), grid_thw=torch.tensor(grids)).pooler_output.numpy()
-    layout = vision_layout(ours.config.vision, grids, **buckets)
-    padded = np.zeros((n + 40, 1176), np.float32)
-    padded[:n] = pixels
-    got = np.asarray(ours.visual(VisionInputs(pixel_values=padded, **layout)))
-    assert got.shape[0] == layout["valid"].size // 4
-    assert np.abs(got[: len(ref)] - ref).max() <= TOL
+    inputs = vision_inputs(ours.config.vision, pixels, grids, [3], **buckets)  # one prompt holding all three
+    got = np.asarray(ours.visual(inputs))
+    assert got.shape[:2] == (1, inputs.valid.size // 4)
+    assert np.abs(got[0, : len(ref)] - ref).max() <= TOL
+
+
+def test_vision_features_stay_with_their_prompt(pair, rng):
+    """Batched per-prompt layout: each prompt's features equal the tower run on that prompt alone."""
+    _, ours = pair
+    grids = np.array([[1, 12, 20], [1, 8, 8], [1, 4, 6]])
+    pixels = rng.normal(size=(int(np.prod(grids, 1).sum()), 1176)).astype(np.float32)
+    batched = np.asarray(ours.visual(vision_inputs(ours.config.vision, pixels, grids, [1, 0, 2])))
+    first = np.asarray(ours.visual(vision_inputs(ours.config.vision, pixels[:240], grids[:1], [1])))
+    last = np.asarray(ours.visual(vision_inputs(ours.config.vision, pixels[240:], grids[1:], [2])))
+    assert np.abs(batched[0, :60] - first[0, :60]).max() <= 1e-5
+    assert np.abs(batched[2, :22] - last[0, :22]).max() <= 1e-5
 
 
 def test_bfloat16_compute_returns_float32_logits_close_to_fp32(tiny_checkpoint, rng):

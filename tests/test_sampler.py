@@ -1,7 +1,5 @@
 """In-JAX sampler: greedy parity with transformers generate, exact logprobs, top-k/top-p, EOS, compile reuse, mesh."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +12,7 @@ from medix_jax.models.qwen2_5_vl.hf_io import load_hf
 from medix_jax.rl.sampler import Buckets, Sampler, SamplingConfig, choose_tokens, prepare_prompts
 from tests.helpers import EOS, IMAGE, PAD, left_pad, tokens_for
 
-BUCKETS = Buckets(prompt_lengths=(64, 128), pixel_rows=(512,), images=(4,), rows_per_image=(512,))
+BUCKETS = Buckets(prompt_lengths=(64, 128), images=(2, 4), rows_per_image=(512,))
 
 
 def mixed_batch(rng):
@@ -146,14 +144,17 @@ def test_sharded_sampling_gives_the_same_greedy_tokens(tiny_checkpoint, rng):
     grids = np.concatenate([grids, grids[[1, 2, 0]]])  # reversed rows: text, two images, one image
     n0 = 64
     pixels = np.concatenate([pixels, pixels[n0:], pixels[:n0]])
-    buckets = dataclasses.replace(BUCKETS, pixel_rows=(1024,), images=(8,))
     sampling = SamplingConfig(max_new_tokens=10, temperature=0, num_samples=2)
     single = load_hf(path)
-    expected = Sampler(sampling).generate(single, prepare_prompts(single.config, ids, mask, pixels, grids, buckets),
+    expected = Sampler(sampling).generate(single, prepare_prompts(single.config, ids, mask, pixels, grids, BUCKETS),
                                           jax.random.key(0))
     sharded = load_hf(path, mesh=mesh)
     out = Sampler(sampling, mesh=mesh).generate(
-        sharded, prepare_prompts(sharded.config, ids, mask, pixels, grids, buckets), jax.random.key(0))
+        sharded, prepare_prompts(sharded.config, ids, mask, pixels, grids, BUCKETS), jax.random.key(0))
     assert out.tokens.sharding.spec[0] == ("data", "fsdp")  # batch really is split
+    first_rows = prepare_prompts(sharded.config, ids[:4], mask[:4], pixels[:int(np.prod(grids[:3], 1).sum())],
+                                 grids[:3], BUCKETS)
+    vision = parallel.shard_prompts(first_rows, mesh).vision
+    assert vision.patches.sharding.spec[0] == ("data", "fsdp")  # so are the prompts' images
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(expected.tokens))
     np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(expected.logprobs), atol=1e-5)

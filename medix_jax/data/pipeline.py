@@ -1,15 +1,18 @@
 """The training input pipeline (grain): prepared records -> prompt batches of static, bucketed shapes.
 
-``tfds.data_source`` -> this process's shard (``[index::count]`` of a length trimmed to a multiple of ``count``,
-so every host runs the same number of steps) -> seeded shuffle, a new order each epoch -> ``repeat(epochs)`` ->
-``Preprocess`` (in ``num_workers`` worker processes when > 0: decode, ``smart_resize`` with ``data.min_pixels`` /
-``data.max_pixels``, patchify, prompt rendering and tokenisation) -> in this process: over-long prompts dropped and
-counted, ``batch_size`` prompts gathered and padded to the buckets (``rl.sampler.prepare_prompts``: prompt length,
-pixel rows, image count, rows per image; 3-D M-RoPE positions) -> ``PromptBatch``.
+``tfds.data_source`` -> seeded shuffle, a new order each epoch -> ``repeat(epochs)`` -> this process's rows of
+every global batch of ``data.batch_size`` consecutive records (``rows``; all of them in a single process, so the
+order of the records is the same whatever the number of processes) -> ``Preprocess`` (in ``num_workers`` worker
+processes when > 0: decode, ``smart_resize`` with ``data.min_pixels`` / ``data.max_pixels``, patchify, prompt
+rendering and tokenisation) -> in this process: over-long prompts (and other unusable records) dropped and
+counted, the process's prompts gathered and padded to the buckets (``rl.sampler.prepare_prompts``: prompt length,
+images per prompt, rows per image; 3-D M-RoPE positions) -> ``PromptBatch``. The processes of a job agree on the
+buckets, and on stopping when any of them runs out, before every batch (``parallel.host_max``).
 
 ``PromptBatches.get_state()`` is a small dict saved with the checkpoint; ``set_state`` resumes exactly after the
 last batch returned (same ``num_workers`` required: grain's state depends on it). A final incomplete batch of a
-finite run is dropped (static shapes).
+finite run is dropped (static shapes). A dropped record is replaced by the process's next one, so with drops the
+batches depend on the number of processes; without, they do not.
 """
 
 from __future__ import annotations
@@ -22,11 +25,12 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image
 
+from medix_jax import parallel
 from medix_jax.data.image import BadImage, decode_image, preprocess_images, smart_resize, to_rgb
 from medix_jax.data.prompts import MEDIX_PROMPT, check_template, prompt_ids
 from medix_jax.models.qwen2_5_vl.model import ModelInputs
 from medix_jax.models.qwen2_5_vl.vision import rows_per_frame
-from medix_jax.rl.sampler import Buckets, prepare_prompts
+from medix_jax.rl.sampler import Buckets, prepare_prompts, prompt_sizes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +38,7 @@ class DataConfig:
     name: str = "medix_rl"  # tfds dataset name (python -m medix_jax.data.prepare --name)
     data_dir: str | None = None  # tfds data dir; None: the job's embedded synthetic dataset
     split: str = "train"
-    batch_size: int = 8  # prompts per batch (each is sampled rollout.num_samples times)
+    batch_size: int = 8  # prompts per batch, over all processes (each is sampled rollout.num_samples times)
     epochs: int | None = None  # None: repeat forever
     shuffle: bool = True
     num_workers: int = 0  # grain worker processes for decoding and tokenising (0: in this process)
@@ -66,9 +70,11 @@ def _text(value) -> str:
 class Preprocess:
     """One prepared record -> a tokenised example with pixel rows, or ``{"dropped": reason}`` (picklable)."""
 
-    def __init__(self, cfg: DataConfig, model_cfg, tokenizer, max_prompt_tokens: int, max_rows_per_image: int):
+    def __init__(self, cfg: DataConfig, model_cfg, tokenizer, max_prompt_tokens: int, max_rows_per_image: int,
+                 max_images: int | None = None):
         self.cfg, self.model_cfg, self.tokenizer = cfg, model_cfg, tokenizer
         self.max_prompt_tokens, self.max_rows_per_image = max_prompt_tokens, max_rows_per_image
+        self.max_images = max_images
 
     def __call__(self, record: dict) -> dict:
         vision = self.model_cfg.vision
@@ -86,6 +92,8 @@ class Preprocess:
             return {"dropped": "special_tokens"}
         if len(ids) > self.max_prompt_tokens:
             return {"dropped": "overlong"}
+        if self.max_images is not None and len(shapes) > self.max_images:
+            return {"dropped": "image_count"}
         if any(rows_per_frame(vision, h // vision.patch_size, w // vision.patch_size) > self.max_rows_per_image
                for h, w in shapes):
             return {"dropped": "image_rows"}
@@ -101,8 +109,9 @@ class Preprocess:
         return example
 
 
-def collate(examples: list[dict], model_cfg, buckets: Buckets) -> PromptBatch:
-    """Right-padded token ids and concatenated pixel rows -> ``prepare_prompts`` (left-padded to the buckets)."""
+def collate(examples: list[dict], model_cfg, buckets: Buckets, at_least=(0, 0, 0)) -> PromptBatch:
+    """Right-padded token ids and concatenated pixel rows -> ``prepare_prompts`` (left-padded to the buckets picked
+    for these examples, or for ``at_least`` when larger)."""
     width = max(len(e["input_ids"]) for e in examples)
     ids = np.full((len(examples), width), model_cfg.tokens.pad_token_id, np.int32)
     mask = np.zeros((len(examples), width), bool)
@@ -112,39 +121,57 @@ def collate(examples: list[dict], model_cfg, buckets: Buckets) -> PromptBatch:
     with_images = [e for e in examples if "pixel_values" in e]
     pixels = np.concatenate([e["pixel_values"] for e in with_images]) if with_images else None
     grids = np.concatenate([e["image_grid_thw"] for e in with_images]) if with_images else None
-    inputs = prepare_prompts(model_cfg, ids, mask, pixels, grids, buckets)
+    inputs = prepare_prompts(model_cfg, ids, mask, pixels, grids, buckets, at_least)
     return PromptBatch(inputs, [e["id"] for e in examples], [e["solution"] for e in examples], examples)
 
 
+def sizes(examples: list[dict], model_cfg) -> np.ndarray:
+    """What ``examples`` need of the buckets (``rl.sampler.prompt_sizes``, the maximum over them)."""
+    return np.max([prompt_sizes(model_cfg.vision, len(e["input_ids"]), e.get("image_grid_thw"))
+                   for e in examples], axis=0)
+
+
+class BatchRows:
+    """Random-access records of this process: ``rows`` (ascending) of every global batch of ``batch_size``
+    consecutive records of ``parent`` (picklable, for grain's workers)."""
+
+    def __init__(self, parent, batch_size: int, rows: np.ndarray):
+        self.parent, self.batch_size, self.rows = parent, batch_size, rows
+
+    def __len__(self) -> int:
+        return len(self.parent) // self.batch_size * len(self.rows)
+
+    def __getitem__(self, index: int):
+        batch, row = divmod(index, len(self.rows))
+        return self.parent[batch * self.batch_size + int(self.rows[row])]
+
+
 class PromptBatches:
-    """Iterator of ``PromptBatch`` over one split, for this process's shard; resumable with get/set_state."""
+    """Iterator of ``PromptBatch`` over one split: this process's ``rows`` of every global batch (default: all of
+    them; ``parallel.process_rows``); resumable with get/set_state. In a job of several processes every process
+    must iterate in step (``__next__`` is a collective)."""
 
     def __init__(self, source, cfg: DataConfig, model_cfg, tokenizer, buckets: Buckets, seed: int,
-                 process_index: int = 0, process_count: int = 1):
+                 rows=None):
         import grain
 
-        vision = model_cfg.vision
+        rows = np.arange(cfg.batch_size) if rows is None else np.asarray(rows, np.int64)
+        if not len(rows) or rows[0] < 0 or rows[-1] >= cfg.batch_size or np.any(np.diff(rows) <= 0):
+            raise ValueError(f"rows {rows.tolist()} are not ascending rows of a batch of data.batch_size "
+                             f"{cfg.batch_size}")
+        if len(source) < cfg.batch_size:
+            raise ValueError(f"{len(source)} records do not fill one batch of data.batch_size {cfg.batch_size}")
+        self.cfg, self.model_cfg, self.buckets, self.rows = cfg, model_cfg, buckets, rows
         max_prompt = min(cfg.max_prompt_tokens, max(buckets.prompt_lengths))
-        largest_image_rows = cfg.max_pixels // vision.patch_size**2
-        if cfg.batch_size * largest_image_rows > max(buckets.pixel_rows):
-            raise ValueError(
-                f"data.batch_size {cfg.batch_size} prompts with an image of up to data.max_pixels {cfg.max_pixels} "
-                f"need up to {cfg.batch_size * largest_image_rows} pixel rows, more than the largest "
-                f"buckets.pixel_rows {max(buckets.pixel_rows)}: raise that bucket or lower the batch or max_pixels")
-        self.cfg, self.model_cfg, self.buckets = cfg, model_cfg, buckets
-        per_process = len(source) // process_count
-        if per_process == 0:
-            raise ValueError(f"{len(source)} records cannot be shared by {process_count} processes")
-        dataset = grain.MapDataset.source(source)[: per_process * process_count][process_index::process_count]
+        dataset = grain.MapDataset.source(source)
         if cfg.shuffle:
             dataset = dataset.shuffle(seed=seed)
-        dataset = dataset.repeat(cfg.epochs).map(
-            Preprocess(cfg, model_cfg, tokenizer, max_prompt, max(buckets.rows_per_image)))
+        dataset = grain.MapDataset.source(BatchRows(dataset.repeat(cfg.epochs), cfg.batch_size, rows)).map(
+            Preprocess(cfg, model_cfg, tokenizer, max_prompt, max(buckets.rows_per_image), max(buckets.images)))
         stream = dataset.to_iter_dataset()
         if cfg.num_workers:
             _absl_flags_parsed()
             stream = stream.mp_prefetch(grain.MultiprocessingOptions(num_workers=cfg.num_workers))
-        self.records_per_epoch = per_process
         self._stream = iter(stream)
         self.dropped: Counter = Counter()
 
@@ -153,13 +180,20 @@ class PromptBatches:
 
     def __next__(self) -> PromptBatch:
         examples = []
-        while len(examples) < self.cfg.batch_size:
-            example = next(self._stream)  # StopIteration ends a finite run; its incomplete batch is dropped
-            if "dropped" in example:
-                self.dropped[example["dropped"]] += 1
-            else:
-                examples.append(example)
-        return collate(examples, self.model_cfg, self.buckets)
+        try:
+            while len(examples) < len(self.rows):
+                example = next(self._stream)  # the end of a finite run; its incomplete batch is dropped
+                if "dropped" in example:
+                    self.dropped[example["dropped"]] += 1
+                else:
+                    examples.append(example)
+        except StopIteration:
+            examples = []
+        # Every process pads to the same buckets, and all stop together when one has run out.
+        need = parallel.host_max([not examples, *(sizes(examples, self.model_cfg) if examples else (0, 0, 0))])
+        if need[0]:
+            raise StopIteration
+        return collate(examples, self.model_cfg, self.buckets, need[1:])
 
     def get_state(self) -> dict:
         return {"grain": self._stream.get_state(), "dropped": dict(self.dropped), "num_workers": self.cfg.num_workers}

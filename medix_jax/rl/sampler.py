@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -27,7 +28,7 @@ from jax.sharding import Mesh, NamedSharding
 
 from medix_jax import parallel
 from medix_jax.models.qwen2_5_vl.language import KVCache
-from medix_jax.models.qwen2_5_vl.model import ModelInputs, Qwen2_5_VL, prepare_inputs
+from medix_jax.models.qwen2_5_vl.model import ModelInputs, Qwen2_5_VL, images_per_prompt, prepare_inputs
 from medix_jax.models.qwen2_5_vl.vision import rows_per_frame
 
 
@@ -49,11 +50,11 @@ class SamplingConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Buckets:
-    """Static shapes: each batch is padded up to the smallest bucket that fits (no bucket fits -> error)."""
+    """Static shapes: each batch is padded up to the smallest bucket that fits (no bucket fits -> error).
+    ``images`` counts images (frames) per prompt; ``rows_per_image`` is the vision layout rows of one image."""
 
     prompt_lengths: tuple[int, ...] = (256, 512, 1024, 2048, 4352)
-    pixel_rows: tuple[int, ...] = (1024, 4096, 16384, 65536)
-    images: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+    images: tuple[int, ...] = (1, 2, 4)
     rows_per_image: tuple[int, ...] = (1024, 2048, 4096, 8192, 16384, 21504)
 
 
@@ -72,27 +73,34 @@ def pick_bucket(n: int, buckets: tuple[int, ...], what: str) -> int:
 
 
 def prepare_prompts(model_cfg, input_ids, attention_mask, pixel_values=None, image_grid_thw=None,
-                    buckets: Buckets = Buckets()) -> ModelInputs:
-    """Left-pad processor outputs to the prompt bucket and the vision buckets (host, numpy)."""
+                    buckets: Buckets = Buckets(), at_least: Sequence[int] = (0, 0, 0)) -> ModelInputs:
+    """Left-pad processor outputs to the prompt bucket and the vision buckets (host, numpy). Buckets are picked
+    for the batch's ``prompt_sizes``, raised to ``at_least``: the processes of one job agree on shapes this way."""
     ids = np.asarray(input_ids)
     mask = np.asarray(attention_mask).astype(bool)
     lengths = mask.sum(1)
-    width = pick_bucket(ids.shape[1], buckets.prompt_lengths, "prompt length")
+    grids = np.zeros((0, 3), np.int64) if image_grid_thw is None else np.asarray(image_grid_thw).reshape(-1, 3)
+    per_prompt = np.split(grids, np.cumsum(images_per_prompt(
+        ((ids == model_cfg.tokens.image_token_id) & mask).sum(1), grids, model_cfg.vision.merge_unit))[:-1])
+    need = np.max([at_least, *(prompt_sizes(model_cfg.vision, ids.shape[1], g) for g in per_prompt)], axis=0)
+    width = pick_bucket(int(need[0]), buckets.prompt_lengths, "prompt length")
     left_ids = np.full((len(ids), width), model_cfg.tokens.pad_token_id, np.int32)
     left_mask = np.zeros((len(ids), width), bool)
     for row, n in enumerate(lengths):
         left_ids[row, width - n:] = ids[row][mask[row]]
         left_mask[row, width - n:] = True
     vision = {}
-    if image_grid_thw is not None and len(image_grid_thw):
-        grids = np.asarray(image_grid_thw).reshape(-1, 3)
-        rows_needed = max(rows_per_frame(model_cfg.vision, h, w) for _, h, w in grids)
-        vision = dict(
-            pixel_rows=pick_bucket(int(np.prod(grids, 1).sum()), buckets.pixel_rows, "pixel rows"),
-            num_images=pick_bucket(int(grids[:, 0].sum()), buckets.images, "image count"),
-            rows_per_image=pick_bucket(rows_needed, buckets.rows_per_image, "rows per image"),
-        )
+    if len(grids):
+        vision = dict(num_images=pick_bucket(int(need[1]), buckets.images, "images per prompt"),
+                      rows_per_image=pick_bucket(int(need[2]), buckets.rows_per_image, "rows per image"))
     return prepare_inputs(model_cfg, left_ids, left_mask, pixel_values, image_grid_thw, **vision)
+
+
+def prompt_sizes(vision_cfg, length: int, image_grid_thw) -> tuple[int, int, int]:
+    """What one prompt needs of the buckets: (tokens, images (frames), most layout rows of one image)."""
+    grids = np.zeros((0, 3), np.int64) if image_grid_thw is None else np.asarray(image_grid_thw).reshape(-1, 3)
+    rows = max((rows_per_frame(vision_cfg, h, w) for _, h, w in grids), default=0)
+    return length, int(grids[:, 0].sum()), rows
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -166,9 +174,9 @@ def _prefill(graphdef, state, inputs: ModelInputs, max_new_tokens: int, num_samp
     return cache, *rest
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8), donate_argnums=(2,))
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 10), donate_argnums=(2,))
 def _decode(graphdef, state, cache: KVCache, logits, next_position, key_valid, sampling: SamplingConfig,
-            prompt_len: int, eos: int, key):
+            prompt_len: int, eos: int, key, mesh: Mesh | None):
     rows, steps = logits.shape[0], sampling.max_new_tokens
     pad = nnx.merge(graphdef, state).config.tokens.pad_token_id
     slots = jnp.arange(key_valid.shape[1])
@@ -199,7 +207,8 @@ def _decode(graphdef, state, cache: KVCache, logits, next_position, key_valid, s
             jnp.zeros((rows, steps), bool), jnp.zeros((rows,), bool), cache, logits, key)
     _, tokens, logprobs, alive, _, cache, _, _ = jax.lax.while_loop(cond, body, init)
     # The cache is returned so that XLA can alias the donated input buffer to it (updated in place).
-    return SampleOutput(tokens, alive, logprobs, alive.sum(1).astype(jnp.int32)), cache
+    out = SampleOutput(tokens, alive, logprobs, alive.sum(1).astype(jnp.int32))
+    return _constrain(out, mesh, _batch_axes), cache  # rows stay where their prompts are (parallel.local_rows)
 
 
 class Sampler:
@@ -229,5 +238,5 @@ class Sampler:
         cache, logits, next_position, key_valid = _prefill(
             graphdef, state, prompts, s.max_new_tokens, s.num_samples, self.mesh)
         out, _ = _decode(graphdef, state, cache, logits, next_position, key_valid, s,
-                         prompts.input_ids.shape[1], eos, key)
+                         prompts.input_ids.shape[1], eos, key, self.mesh)
         return out

@@ -9,13 +9,22 @@ One step (``Trainer.step``):
    has its prompts; a shortfall is filled with masked copies (static shapes; they contribute nothing).
 2. **Update.** ``ppo_epochs`` passes over ``mini_batches`` mini-batches; each is one AdamW update (``optim``)
    whose gradient is accumulated over ``micro_batches`` micro-batches (``grpo.Totals`` keeps the mini-batch
-   denominators, so accumulation is exact). The policy's log-probabilities come from one forward pass over prompt +
-   completion (``completion_logits``); the vision tower runs once per prompt, not once per sample. Old
-   log-probabilities are the sampler's unless ``recompute_old_logprobs``; the reference policy exists only when
-   ``loss.kl_coef > 0``.
+   denominators, so accumulation is exact). Micro-batch m of the n = mini x micro holds groups m, m + n, m + 2n, ...
+   of the step. The policy's log-probabilities come from one forward pass over prompt + completion
+   (``completion_logits``); the vision tower runs once per prompt, not once per sample. Old log-probabilities are
+   the sampler's unless ``recompute_old_logprobs``; the reference policy exists only when ``loss.kl_coef > 0``.
 
 Randomness is ``fold_in(seed, step)``, so a run resumed from a checkpoint (parameters, optimizer, step, data
 iterator state) repeats exactly what the uninterrupted run would have done.
+
+**Several processes** (``jax.distributed``). Every process runs this loop in step with the others. Each one holds
+its own rows of every prompt batch (``data.rows``), samples them as part of one global batch, scores them in its
+own reward pool and keeps its own groups. An update's global micro-batch is every process's micro-batch m.
+Strided micro-batches make this the same computation as one process running the whole batch, given two things:
+each process's rows are one block (GPU nodes, CPUs), and ``mini_batches`` divides them. Otherwise a mini-batch
+is another, equally random, subset of the step. DAPO filtering fills each process's share of the step
+separately. Step metrics are combined across processes (``_combine``): counts add up, and rates and means are
+averaged over the processes.
 """
 
 from __future__ import annotations
@@ -35,7 +44,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from medix_jax import parallel
-from medix_jax.data.pipeline import PromptBatch, collate
+from medix_jax.data.pipeline import PromptBatch, collate, sizes
 from medix_jax.models.qwen2_5_vl.model import ModelInputs, Qwen2_5_VL
 from medix_jax.rl import grpo
 from medix_jax.rl.sampler import Buckets, SampleOutput, Sampler, SamplingConfig
@@ -176,11 +185,14 @@ class Trainer:
         self.tokenizer, self.data, self.rewards = tokenizer, data, rewards
         self.model_cfg = model.config
         self.graphdef, self.params = nnx.split(model, nnx.Param)
-        prompts = data.cfg.batch_size * train.rollout_batches
-        if prompts % (train.mini_batches * train.micro_batches):
-            raise ValueError(f"data.batch_size x train.rollout_batches = {prompts} prompts per step must divide "
-                             f"into train.mini_batches {train.mini_batches} x train.micro_batches "
-                             f"{train.micro_batches}")
+        self.per_batch = len(data.rows)  # this process's prompts of each batch
+        prompts, parts = self.per_batch * train.rollout_batches, train.mini_batches * train.micro_batches
+        if prompts % parts:
+            raise ValueError(f"{prompts} prompts per step (data.batch_size x train.rollout_batches, on this process "
+                             f"of {jax.process_count()}) must divide into train.mini_batches {train.mini_batches} x "
+                             f"train.micro_batches {train.micro_batches}")
+        for rows in (prompts // parts, prompts // parts * rollout.num_samples):  # a micro-batch's, on every process
+            parallel.process_rows(mesh, rows * jax.process_count())
         self.tx = make_optimizer(train.optim, train.steps * train.ppo_epochs * train.mini_batches)
         # Explicit shardings for the whole training state: Adam's moments like their parameters, scalars (the step
         # count) replicated on the mesh, kept by every update -- so a restored checkpoint lands where it was.
@@ -212,7 +224,7 @@ class Trainer:
     # -- collect ---------------------------------------------------------------------------------------------------
 
     def _sample(self, batch: PromptBatch, key) -> tuple[SampleOutput, list[str]]:
-        out = jax.device_get(self.sampler.generate(self.model, batch.inputs, key))
+        out = jax.tree.map(parallel.local_rows, self.sampler.generate(self.model, batch.inputs, key))
         texts = [self.tokenizer.decode(row[:n], skip_special_tokens=True)
                  for row, n in zip(out.tokens, out.lengths, strict=True)]
         return out, texts
@@ -240,19 +252,27 @@ class Trainer:
     def collect(self, key) -> tuple[list[Group], dict]:
         """``rollout_batches`` prompt batches of G rollouts each, scored and filtered. The reward pool scores batch
         k while the sampler generates batch k+1 (both on-policy); with dynamic filtering more batches are drawn,
-        at most ``max_tries`` in all, only as long as the groups in flight cannot already fill the step."""
-        per_batch = self.data.cfg.batch_size
-        want = per_batch * self.train.rollout_batches
-        limit = max(self.train.max_tries, self.train.rollout_batches) if self.train.dynamic_filtering \
-            else self.train.rollout_batches
+        at most ``max_tries`` in all, only as long as the groups in flight cannot already fill the step (on any
+        process: the sampler is one program over all of them). Always returns the step's ``per_batch x
+        rollout_batches`` groups: a shortfall is made up with masked copies (static shapes; they contribute
+        nothing)."""
+        want = self.per_batch * self.train.rollout_batches
+        filtering = self.train.dynamic_filtering
+        limit = max(self.train.max_tries, self.train.rollout_batches) if filtering else self.train.rollout_batches
         kept: list[Group] = []
         per_try: list[dict] = []
         inflight: collections.deque = collections.deque()
         tries = 0
         sample_s = wait_s = 0.0
         g = self.rollout.num_samples
+        template = None
+
+        def short() -> bool:
+            local = len(kept) + self.per_batch * len(inflight) < want
+            return bool(parallel.host_max(local)) if filtering else local
+
         while True:
-            while tries < limit and len(inflight) < 2 and len(kept) + per_batch * len(inflight) < want:
+            while tries < limit and len(inflight) < 2 and short():
                 start = time.perf_counter()
                 batch = next(self.data)
                 out, texts = self._sample(batch, jax.random.fold_in(key, tries))
@@ -266,36 +286,36 @@ class Trainer:
             scored = future.result()
             wait_s += time.perf_counter() - start
             groups, m = self._groups(batch, out, scored)
+            if template is None:
+                template = groups[0]
             per_try.append(m)
-            kept += [grp for grp in groups if _informative(grp)] if self.train.dynamic_filtering else groups
+            kept += [grp for grp in groups if _informative(grp)] if filtering else groups
         metrics = {k: _combine(k, [m[k] for m in per_try if k in m]) for k in per_try[0]}
         metrics.update(rollout_seconds=sample_s, reward_wait_seconds=wait_s, rollout_batches=float(tries),
                        groups_kept=float(min(len(kept), want)))
-        kept = kept[:want]
-        if kept and len(kept) < want:  # static shapes: masked copies contribute nothing
-            filler = kept[0]._replace(mask=np.zeros_like(kept[0].mask), advantages=np.zeros_like(kept[0].advantages))
-            kept += [filler] * (want - len(kept))
-        if kept:
-            adv = np.concatenate([grp.advantages for grp in kept])
-            metrics.update(advantage_mean=float(adv.mean()), advantage_std=float(adv.std()),
-                           advantage_abs_max=float(np.abs(adv).max()))
+        filler = template._replace(mask=np.zeros_like(template.mask), advantages=np.zeros_like(template.advantages))
+        kept = kept[:want] + [filler] * max(0, want - len(kept))
+        adv = np.concatenate([grp.advantages for grp in kept])
+        metrics.update(advantage_mean=float(adv.mean()), advantage_std=float(adv.std()),
+                       advantage_abs_max=float(np.abs(adv).max()))
         return kept, metrics
 
     # -- update ----------------------------------------------------------------------------------------------------
 
     def _device_batch(self, groups: list[Group]) -> tuple[ModelInputs, Completions]:
-        prompts = collate([grp.example for grp in groups], self.model_cfg, self.buckets).inputs
+        """This process's groups of a micro-batch -> the global micro-batch (same buckets on every process)."""
+        examples = [grp.example for grp in groups]
+        prompts = collate(examples, self.model_cfg, self.buckets, parallel.host_max(sizes(examples, self.model_cfg)))
         stack = lambda field: np.concatenate([getattr(grp, field) for grp in groups])  # noqa: E731
         batch = Completions(stack("tokens"), stack("mask"), stack("logprobs"), stack("advantages"))
-        batch = Completions(*(parallel.put(a, ("batch",) + (None,) * (a.ndim - 1), self.mesh) for a in batch))
-        return parallel.shard_prompts(prompts, self.mesh), batch
+        batch = Completions(*(parallel.batch_array(a, self.mesh) for a in batch))
+        return parallel.shard_prompts(prompts.inputs, self.mesh), batch
 
     def update(self, groups: list[Group]) -> dict:
         t = self.train
-        n_mini = len(groups) // t.mini_batches
+        parts = t.mini_batches * t.micro_batches
         temperature = self.rollout.temperature
-        micro = [groups[i: i + n_mini // t.micro_batches] for i in range(0, len(groups), n_mini // t.micro_batches)]
-        device = [self._device_batch(m) for m in micro]
+        device = [self._device_batch(groups[m::parts]) for m in range(parts)]
         if t.recompute_old_logprobs:
             device = [(p, b._replace(old_logprobs=_logprobs(self.graphdef, self.params, p, b, self.rollout.num_samples,
                                                             temperature))) for p, b in device]
@@ -304,8 +324,8 @@ class Trainer:
         for _ in range(t.ppo_epochs):
             for k in range(t.mini_batches):
                 chunk = device[k * t.micro_batches: (k + 1) * t.micro_batches]
-                mask = np.concatenate([np.asarray(b.mask) for _, b in chunk])
-                if not mask.any():  # only masked filler: no update at all (AdamW would still move the weights)
+                mask = jnp.concatenate([b.mask for _, b in chunk])  # the mini-batch's, over all processes
+                if not bool(mask.any()):  # only masked filler: no update at all (AdamW would still move the weights)
                     continue
                 totals = grpo.totals(mask)
                 grads = None
@@ -322,31 +342,41 @@ class Trainer:
         return metrics
 
     def step(self) -> dict:
-        """One GRPO step; returns its metrics."""
+        """One GRPO step; returns its metrics (the job's, the same on every process)."""
         key = jax.random.fold_in(jax.random.PRNGKey(self.seed), self.step_count)
         start = time.perf_counter()
         groups, metrics = self.collect(key)
         update_start = time.perf_counter()
-        if groups:
-            metrics.update(self.update(groups))
-        else:
-            metrics["skipped_update"] = 1.0  # every group was filtered out
+        metrics.update(self.update(groups))
         self.step_count += 1
         end = time.perf_counter()
         metrics.update(update_seconds=end - update_start, step_seconds=end - start,
-                       tokens_per_second=metrics.get("response_tokens", 0.0) / (end - start),
                        compile_count=float(self.compile_count))
         for reason, n in getattr(self.data, "dropped", {}).items():
             metrics[f"data_dropped_{reason}"] = float(n)
+        per_process = parallel.host_gather(metrics)
+        if len(per_process) > 1:
+            metrics = {k: _combine(k, [m.get(k, float("nan")) for m in per_process], over="processes")
+                       for k in per_process[0]}
+        metrics["tokens_per_second"] = metrics.get("response_tokens", 0.0) / metrics["step_seconds"]
         return metrics
 
 
-def _combine(key: str, values: list[float]) -> float:
-    """A metric over the step's rollout batches: counts add up, everything else is averaged (NaN = no data)."""
+def _combine(key: str, values: list[float], over: str = "batches") -> float:
+    """A metric over the step's rollout batches or over the job's processes: counts add up; wall-clock seconds add
+    up over batches and take the slowest process; the judge's running totals are the last batch's value, summed
+    over processes; maxima stay maxima; everything else is averaged (NaN = no data; the processes' batches are the
+    same size)."""
     values = np.asarray(values, np.float64)
+    processes = over == "processes"
     if key.startswith("judge_") and "latency" not in key and key != "judge_yes_low_similarity":
-        return float(values[-1])  # the judge's running totals
-    if key in ("response_tokens", "judge_yes_low_similarity") or key.endswith(("_missing", "_invalid", "_seconds")):
+        return float(np.nansum(values) if processes else values[-1])
+    if key.endswith("_seconds"):
+        return float(np.nanmax(values) if processes else np.nansum(values))
+    if key.endswith("_max"):
+        return float(np.nanmax(values))
+    if key in ("response_tokens", "judge_yes_low_similarity", "groups_kept") or key.startswith("data_dropped_") \
+            or key.endswith(("_missing", "_invalid")):
         return float(np.nansum(values))
     return float(np.nanmean(values)) if not np.isnan(values).all() else float("nan")
 

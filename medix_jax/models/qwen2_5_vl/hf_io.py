@@ -228,9 +228,14 @@ def _hub_shape(key: str, ours: tuple[int, ...], cfg: ModelConfig) -> tuple[int, 
 
 
 def hub_tensors(model: Qwen2_5_VL, dtype: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
-    """(hub key, host array) for every parameter, one at a time, in hub layout."""
+    """(hub key, host array) for every parameter, one at a time, in hub layout. A parameter split across
+    processes is gathered (``process_allgather``: every process must iterate in step)."""
+    from jax.experimental import multihost_utils
+
     for p, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        array = np.asarray(jax.device_get(var[...]))
+        value = var[...]
+        split = isinstance(value, jax.Array) and not value.is_fully_addressable
+        array = np.asarray(multihost_utils.process_allgather(value, tiled=True) if split else jax.device_get(value))
         if dtype is not None:
             array = array.astype(jnp.dtype(dtype))
         keys = hub_names(p, array.shape[0])
@@ -251,9 +256,14 @@ def save_hf(
     Safetensors shards of at most ``max_shard_bytes`` (a single ``model.safetensors`` when one suffices, otherwise
     ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``), a hub-style ``config.json``, and
     the tokenizer / processor / chat-template files of ``base_dir`` when given. ``dtype`` casts the weights
-    (default: as stored).
+    (default: as stored). In a job of several processes every process calls it (the parameters are gathered one at
+    a time) and process 0 writes.
     """
     out = Path(out_dir)
+    if jax.process_index() != 0:
+        for _ in hub_tensors(model, dtype):
+            pass
+        return out
     out.mkdir(parents=True, exist_ok=True)
     for stale in list(out.glob("model*.safetensors")) + [out / SAFETENSORS_INDEX]:
         stale.unlink(missing_ok=True)

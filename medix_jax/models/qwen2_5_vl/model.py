@@ -4,12 +4,12 @@ Two layers of API:
 
 * ``prepare_inputs`` (host, numpy) turns what the Hugging Face processor gives -- ``input_ids``,
   ``attention_mask``, ``pixel_values``, ``image_grid_thw`` -- into fixed-shape ``ModelInputs``: 3-D M-RoPE
-  positions, ``rope_delta`` and the vision window layout, optionally padded to pixel-row buckets.
+  positions, ``rope_delta`` and each prompt's vision window layout, optionally padded to buckets.
 * ``Qwen2_5_VL.__call__(inputs)`` (jit-able) returns logits ``[B, S, vocab]``. ``forward`` does both steps, under
   ``jax.jit``, for callers that hold processor outputs.
 
 Image features replace the embeddings of image placeholder tokens in row-major order (transformers
-``masked_scatter``); the number of placeholders must equal the number of merged image tokens.
+``masked_scatter``); each prompt's number of placeholders must equal its images' merged tokens.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from medix_jax.models.qwen2_5_vl.config import ModelConfig
 from medix_jax.models.qwen2_5_vl.language import KVCache, TextModel
 from medix_jax.models.qwen2_5_vl.layers import Dense
 from medix_jax.models.qwen2_5_vl.rope import mrope_cos_sin, mrope_positions
-from medix_jax.models.qwen2_5_vl.vision import VisionInputs, VisionTower, vision_layout
+from medix_jax.models.qwen2_5_vl.vision import VisionInputs, VisionTower, vision_inputs
 
 
 class ModelInputs(NamedTuple):
@@ -43,14 +43,15 @@ def prepare_inputs(
     attention_mask=None,
     pixel_values=None,
     image_grid_thw=None,
-    pixel_rows: int | None = None,
     num_images: int | None = None,
     rows_per_image: int | None = None,
 ) -> ModelInputs:
     """Host-side preparation of processor outputs (numpy in, numpy out).
 
-    Buckets (static shapes): ``pixel_rows`` pads the processor rows, ``num_images`` and ``rows_per_image`` the
-    vision layout (see ``vision.vision_layout``). Defaults are the exact sizes.
+    Images are assigned to prompts in the processor's order (row-major over their placeholders); each prompt's
+    placeholder count must equal its images' merged tokens. Buckets (static shapes): ``num_images`` (images per
+    prompt) and ``rows_per_image`` pad the vision layout (see ``vision.vision_inputs``). Defaults are the exact
+    sizes.
     """
     input_ids = np.asarray(input_ids, np.int32)
     if input_ids.ndim != 2:
@@ -73,22 +74,37 @@ def prepare_inputs(
                 f"pixel_values shape {pixel_values.shape} does not match image_grid_thw: expected "
                 f"({rows}, {cfg.vision.patch_dim})"
             )
-        if pixel_rows is not None and pixel_rows < rows:
-            raise ValueError(f"pixel_rows bucket {pixel_rows} is smaller than the {rows} pixel rows given")
-        layout = vision_layout(cfg.vision, grids, num_images, rows_per_image)
-        padded = np.zeros((pixel_rows or rows, cfg.vision.patch_dim), np.float32)
-        padded[:rows] = pixel_values
-        vision = VisionInputs(pixel_values=padded, **layout)
+        placeholders = ((input_ids == cfg.tokens.image_token_id) & mask).sum(1)
+        per_prompt = images_per_prompt(placeholders, grids, cfg.vision.merge_unit)
+        vision = vision_inputs(cfg.vision, pixel_values, grids, per_prompt, num_images, rows_per_image)
     elif np.any((input_ids == cfg.tokens.image_token_id) & mask):
         raise ValueError("input_ids contain image placeholder tokens but no image_grid_thw was given")
     return ModelInputs(input_ids, mask, positions, rope_delta, vision)
 
 
+def images_per_prompt(placeholders: np.ndarray, grids: np.ndarray, merge_unit: int) -> list[int]:
+    """How many of ``grids`` (in order) each prompt holds, from its count of image placeholder tokens."""
+    tokens = (np.prod(grids, axis=1) // merge_unit).tolist()
+    counts, taken = [], 0
+    for row, want in enumerate(placeholders.tolist()):
+        start, got = taken, 0
+        while got < want and taken < len(tokens):
+            got += tokens[taken]
+            taken += 1
+        if got != want:
+            raise ValueError(f"prompt {row} has {want} image placeholder tokens, but the images in order give "
+                             f"{got} merged tokens (images {start}..{taken - 1})")
+        counts.append(taken - start)
+    if taken != len(tokens):
+        raise ValueError(f"{len(tokens) - taken} images have no placeholder tokens in any prompt")
+    return counts
+
+
 def scatter_image_features(embeds: jax.Array, is_image: jax.Array, features: jax.Array) -> jax.Array:
-    """Put ``features[k]`` at the k-th image placeholder (row-major), keep ``embeds`` elsewhere."""
-    flat = is_image.reshape(-1)
-    index = jnp.clip(jnp.cumsum(flat) - 1, 0, features.shape[0] - 1).reshape(is_image.shape)
-    return jnp.where(is_image[..., None], jnp.take(features, index, axis=0).astype(embeds.dtype), embeds)
+    """Per prompt b: ``features[b, k]`` at its k-th image placeholder (row-major), ``embeds`` elsewhere."""
+    index = jnp.clip(jnp.cumsum(is_image, axis=1) - 1, 0, features.shape[1] - 1)
+    picked = jnp.take_along_axis(features, index[..., None], axis=1)
+    return jnp.where(is_image[..., None], picked.astype(embeds.dtype), embeds)
 
 
 class Qwen2_5_VL(nnx.Module):

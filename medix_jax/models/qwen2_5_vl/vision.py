@@ -10,16 +10,21 @@ Reference behaviour (transformers ``Qwen2_5_VisionTransformerPretrainedModel``):
 4. merger: RMSNorm, then each 2x2 group of patches (consecutive rows) -> Linear -> GELU(erf) -> Linear;
 5. merged tokens are put back in raster order.
 
-All index bookkeeping is data preparation done on the host by ``vision_layout``; the compiled tower sees
-fixed-shape arrays and no Python loop over windows. Layout: every frame (a still image is one frame) is laid out in
-window order with each window padded to ``chunk = (window/patch)^2`` patch rows (64 for the released models), and
-every frame is padded to ``rows_per_image`` rows (a multiple of ``chunk``). Window attention is then batched
-attention over ``[windows, chunk]`` and full attention over ``[images, rows_per_image]``; padding rows only see
-padding rows, and their merged outputs are dropped by the final gather.
+All index bookkeeping is data preparation done on the host (``vision_layout``, ``vision_inputs``); the compiled
+tower sees fixed-shape arrays and no Python loop over windows. Layout: every frame (a still image is one frame) is
+laid out in window order with each window padded to ``chunk = (window/patch)^2`` patch rows (64 for the released
+models), and every frame is padded to ``rows_per_image`` rows (a multiple of ``chunk``). Window attention is then
+batched attention over ``[windows, chunk]`` and full attention over ``[images, rows_per_image]``; padding rows only
+see padding rows, and their merged outputs are dropped by the final gather.
+
+The layout is **per prompt**: every array has a leading batch dimension (prompt b's images in its own
+``num_images`` slots), so vision inputs are split over the mesh's batch axes like the token ids. A host holds only
+its own prompts' pixels, and the tower runs data-parallel.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -41,13 +46,13 @@ from medix_jax.models.qwen2_5_vl.rope import vision_cos_sin
 
 
 class VisionInputs(NamedTuple):
-    """Pixel rows as the HF processor gives them, plus the host-computed layout."""
+    """Pixel rows in layout order plus the host-computed layout, per prompt (``N = I * R`` slots: ``I`` images of
+    ``R`` rows; ``U`` = merge unit)."""
 
-    pixel_values: jax.Array  # [P, C*T*P*P] processor rows (raster, merge-block order), maybe padded
-    patch_order: jax.Array  # [I, R] int32: layout slot -> processor row (any row for padding slots)
-    valid: jax.Array  # [I, R] bool: the slot holds a real patch
-    rowcol: jax.Array  # [I * R, 2] int32 (row, col) of the patch in each slot
-    merge_restore: jax.Array  # [I * R / merge_unit] int32: output order (raster, then padding) -> merged slot
+    patches: jax.Array  # [B, N, C*T*P*P] processor rows in layout order, zeros in padding slots
+    valid: jax.Array  # [B, I, R] bool: the slot holds a real patch
+    rowcol: jax.Array  # [B, N, 2] int32 (row, col) of the patch in each slot
+    merge_restore: jax.Array  # [B, N / U] int32: output order (raster, then padding) -> merged slot
 
 
 def window_rows(cfg: VisionConfig) -> int:
@@ -64,7 +69,9 @@ def rows_per_frame(cfg: VisionConfig, h: int, w: int) -> int:
 
 def vision_layout(cfg: VisionConfig, image_grid_thw: np.ndarray, num_images: int | None = None,
                   rows_per_image: int | None = None) -> dict[str, np.ndarray]:
-    """Window layout for images of ``image_grid_thw`` (rows ``[t, h, w]``; each of the t frames is laid out alone).
+    """Window layout for one prompt's images ``image_grid_thw`` (rows ``[t, h, w]``; each of the t frames is laid
+    out alone): ``patch_order`` (slot -> the prompt's processor row; 0 for padding), ``valid``, ``rowcol``,
+    ``merge_restore``.
 
     ``num_images`` and ``rows_per_image`` pad to buckets (default: the exact count and the largest frame).
     Window order within a frame follows transformers ``get_vision_window_index``: windows of ``win x win``
@@ -113,6 +120,36 @@ def vision_layout(cfg: VisionConfig, image_grid_thw: np.ndarray, num_images: int
         rowcol=rowcols.reshape(-1, 2).astype(np.int32),
         merge_restore=np.argsort(order_key, kind="stable").astype(np.int32),
     )
+
+
+def vision_inputs(cfg: VisionConfig, pixel_values: np.ndarray, image_grid_thw: np.ndarray,
+                  images_per_prompt: Sequence[int], num_images: int | None = None,
+                  rows_per_image: int | None = None) -> VisionInputs:
+    """Batched vision inputs (host, numpy): prompt b gets the next ``images_per_prompt[b]`` images of
+    ``image_grid_thw`` (processor order) and their ``pixel_values`` rows, laid out by ``vision_layout`` in its own
+    ``num_images`` slots of ``rows_per_image`` rows (buckets; default: the most frames of any prompt and the
+    largest frame). Pixels are gathered into layout order here, so the device never indexes across prompts."""
+    grids = np.asarray(image_grid_thw, np.int64).reshape(-1, 3)
+    pixel_values = np.asarray(pixel_values, np.float32)
+    ends = np.cumsum(images_per_prompt)
+    if len(ends) == 0 or ends[-1] != len(grids):
+        raise ValueError(f"{len(grids)} images for prompts holding {list(images_per_prompt)} images")
+    per_prompt = np.split(grids, ends[:-1])
+    row_ends = np.cumsum([int(np.prod(g, axis=1).sum()) for g in per_prompt])
+    if row_ends[-1] != len(pixel_values):
+        raise ValueError(f"pixel_values has {len(pixel_values)} rows; image_grid_thw needs {row_ends[-1]}")
+    pixels = np.split(pixel_values, row_ends[:-1])
+    frames = max(int(g[:, 0].sum()) for g in per_prompt)
+    num_images = max(frames, 1) if num_images is None else num_images
+    if rows_per_image is None:
+        rows_per_image = max((rows_per_frame(cfg, h, w) for _, h, w in grids), default=window_rows(cfg))
+    layouts = [vision_layout(cfg, g, num_images, rows_per_image) for g in per_prompt]
+    patches = np.zeros((len(layouts), num_images * rows_per_image, cfg.patch_dim), np.float32)
+    for b, (layout, rows) in enumerate(zip(layouts, pixels, strict=True)):
+        real = layout["valid"].reshape(-1)
+        patches[b, real] = rows[layout["patch_order"].reshape(-1)[real]]
+    stack = lambda key: np.stack([layout[key] for layout in layouts])  # noqa: E731
+    return VisionInputs(patches, stack("valid"), stack("rowcol"), stack("merge_restore"))
 
 
 class VisionAttention(nnx.Module):
@@ -188,14 +225,18 @@ class VisionTower(nnx.Module):
         self.merger = PatchMerger(cfg, **kw, rngs=rngs)
 
     def __call__(self, inputs: VisionInputs) -> jax.Array:
-        """Merged image features ``[I * R / merge_unit, out_hidden_size]``: real tokens in raster order, then padding."""
-        x = self.patch_embed(jnp.take(inputs.pixel_values, inputs.patch_order.reshape(-1), axis=0))
-        cos, sin = vision_cos_sin(inputs.rowcol, self.cfg.head_dim, self.cfg.rope_theta)
+        """Merged image features ``[B, N / U, out_hidden_size]``: each prompt's real tokens in raster order, then
+        padding. The prompts' slots are flattened into one sequence of attention groups (images, windows)."""
+        b, n, _ = inputs.patches.shape
+        x = self.patch_embed(inputs.patches.reshape(b * n, -1))
+        cos, sin = vision_cos_sin(inputs.rowcol.reshape(b * n, 2), self.cfg.head_dim, self.cfg.rope_theta)
         # Real slots attend to real slots of the same image / window; padding slots only to padding.
-        image_mask = inputs.valid[:, :, None] == inputs.valid[:, None, :]
-        windows = inputs.valid.reshape(-1, window_rows(self.cfg))
+        valid = inputs.valid.reshape(-1, inputs.valid.shape[-1])  # [B * I, R]
+        image_mask = valid[:, :, None] == valid[:, None, :]
+        windows = valid.reshape(-1, window_rows(self.cfg))
         window_mask = windows[:, :, None] == windows[:, None, :]
         full_attention = jnp.asarray([i in self.cfg.fullatt_block_indexes for i in range(self.cfg.depth)])
         x = run_layers(self.blocks, x, (full_attention,), (cos, sin, image_mask, window_mask),
                        scan=self.scan, remat=self.remat)
-        return jnp.take(self.merger(x), inputs.merge_restore, axis=0)
+        merged = self.merger(x).reshape(b, n // self.cfg.merge_unit, -1)
+        return jnp.take_along_axis(merged, inputs.merge_restore[..., None], axis=1)
