@@ -143,7 +143,6 @@ def test_a_sharded_training_state_resumes_where_it_was(shared_run, tmp_path):
     resume on several devices fails."""
     mesh = parallel.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
     trainer = make_trainer(shared_run, LetterReward(), mesh=mesh)
-    trainer.step()
     checkpoints = Checkpoints(tmp_path, keep=1)
     saved = {"params": trainer.params, "opt_state": trainer.opt_state}
     checkpoints.save(1, saved, {}, {"step": 1})
