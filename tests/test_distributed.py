@@ -3,6 +3,7 @@ saying what is wrong (never a hang), and two real processes training exactly lik
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -140,3 +141,20 @@ def test_interleaved_processes_get_their_own_rows_and_back():
     assert seen[0]["rows"] == [0, 1, 4, 5, 8, 9, 12, 13] and seen[1]["rows"] == [2, 3, 6, 7, 10, 11, 14, 15]
     assert all(s["in_place"] and s["round_trip"] for s in seen)
     assert all("does not give each of the 2 processes its own rows" in s["error"] for s in seen)
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_stops_both_after_the_same_step(tmp_path):
+    """TPU preemption or Ctrl-C may reach one host only: the other must not wait forever in the next step."""
+    run = tmp_path / "run"
+    port = free_port()
+    jobs = [train_job(run, 200, 4, port, i) for i in range(2)]
+    deadline = time.monotonic() + 600
+    while not (run / "checkpoints" / "1").is_dir():
+        assert time.monotonic() < deadline and all(job.poll() is None for job in jobs)
+        time.sleep(0.1)
+    jobs[1].send_signal(signal.SIGTERM)
+    outs = [job.communicate(timeout=300)[0] for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    saved = max(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit())
+    assert f"another process was signalled: saved step {saved}" in outs[0] and saved < 200
