@@ -71,7 +71,8 @@ def train_job(run_dir: Path, steps: int, devices: int, port: int | None = None, 
     """The tiny config trained with the letter reward, in a process of its own with ``devices`` CPU devices (the
     jobs share a compilation cache beside ``run_dir``)."""
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "PYTHONUNBUFFERED": "1",
-           "JAX_COMPILATION_CACHE_DIR": str(run_dir.parent / "xla-cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+           "JAX_COMPILATION_CACHE_DIR": str(run_dir.parent / "xla-cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     args = [*TINY_TRAINING, f"train.run_dir={run_dir}", f"train.steps={steps}"]
     if port is not None:
         args += [f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
