@@ -319,15 +319,16 @@ class Trainer:
         if t.recompute_old_logprobs:
             device = [(p, b._replace(old_logprobs=_logprobs(self.graphdef, self.params, p, b, self.rollout.num_samples,
                                                             temperature))) for p, b in device]
+        minis = []  # (micro-batches, denominators) per mini-batch that has any token to learn from
+        for k in range(t.mini_batches):
+            chunk = device[k * t.micro_batches: (k + 1) * t.micro_batches]
+            mask = jnp.concatenate([b.mask for _, b in chunk])  # the mini-batch's, over all processes
+            if bool(mask.any()):  # only masked filler: no update at all (AdamW would still move the weights)
+                minis.append((chunk, grpo.totals(mask)))
         sums: dict[str, float] = {}
         norms = []
         for _ in range(t.ppo_epochs):
-            for k in range(t.mini_batches):
-                chunk = device[k * t.micro_batches: (k + 1) * t.micro_batches]
-                mask = jnp.concatenate([b.mask for _, b in chunk])  # the mini-batch's, over all processes
-                if not bool(mask.any()):  # only masked filler: no update at all (AdamW would still move the weights)
-                    continue
-                totals = grpo.totals(mask)
+            for chunk, totals in minis:
                 grads = None
                 for prompts, batch in chunk:
                     g, m = _gradients(self.graphdef, self.params, self.ref_params, prompts, batch, totals,
