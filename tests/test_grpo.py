@@ -117,3 +117,19 @@ def test_entropy_of_uniform_logits():
     logits = jnp.zeros((2, 3, 8))
     mask = jnp.array([[True, True, False], [True, False, False]])
     assert float(entropy(logits, mask, totals(mask))) == pytest.approx(math.log(8), rel=1e-6)
+
+
+@pytest.mark.parametrize("gap", [-200.0, 0.0, 200.0])
+@pytest.mark.parametrize("masked", [False, True])
+def test_k3_kl_gradient_is_finite_for_any_gap(gap, masked):
+    """``ref - logp`` is clamped to [-20, 20] before the exponential (the reference's ``low_var_kl``), and masked
+    positions (padding, where logp may be -120) never reach it: no inf, no NaN gradient."""
+    mask = jnp.array([[True, not masked]])
+    ref = jnp.array([[-1.0, -1.0 + gap]])
+
+    def loss(logp):
+        return policy_loss(logp, logp, jnp.array([1.0]), mask, LossConfig(kl_coef=0.01), totals(mask), ref)[0]
+
+    logp = jnp.array([[-1.0, -1.0]])
+    value, grad = jax.value_and_grad(loss)(logp)
+    assert np.isfinite(float(value)) and np.isfinite(np.asarray(grad)).all(), (value, grad)

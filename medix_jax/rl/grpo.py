@@ -12,8 +12,10 @@ valid samples. Settings of the reference runs: REFERENCE §1.
    value is the sequence ratio, the gradient flows per token.
 3. Clipped surrogate with separate bounds (DAPO clip-higher): ``L_t = -min(rho_t A, clip(rho_t, 1 - eps_low,
    1 + eps_high) A)``; dual clip (Ye et al. 2020) for ``A < 0``: ``L_t = min(L_t, -C A)``.
-4. KL to the reference as a loss term, low-variance k3 estimator (Schulman 2020), clamped to [-10, 10] like the
-   reference's ``low_var_kl``: ``k3_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1``; ``L_t += beta * k3_t``.
+4. KL to the reference as a loss term, low-variance k3 estimator (Schulman 2020) as the reference's
+   ``low_var_kl``: ``d_t = clip(ref_t - logp_t, -20, 20)``, ``k3_t = clip(exp(d_t) - d_t - 1, -10, 10)``;
+   ``L_t += beta * k3_t``. Positions outside ``mask`` use ``d_t = 0`` (their log-probs may be -inf-like padding,
+   whose exponential would turn the gradient into NaN even though the loss masks them).
 5. Aggregation: ``token_mean`` (DAPO) ``sum_{i,t} L / sum_{i,t} mask``; ``seq_mean`` (GRPO, GSPO)
    ``mean_i (sum_t L / |o_i|)``. Both take their denominators from the whole mini-batch (``Totals``), so gradient
    accumulation over micro-batches gives exactly the full-batch gradient.
@@ -92,7 +94,7 @@ def policy_loss(logp, old_logp, advantages, mask, cfg: LossConfig, denominators:
         loss = jnp.where(a < 0, jnp.minimum(loss, -cfg.dual_clip * a), loss)
     kl = jnp.zeros_like(loss)
     if ref_logp is not None:  # eq. 4
-        diff = ref_logp.astype(jnp.float32) - logp
+        diff = jnp.clip(jnp.where(mask, ref_logp.astype(jnp.float32) - logp, 0.0), -20.0, 20.0)
         kl = jnp.clip(jnp.exp(diff) - diff - 1.0, -10.0, 10.0)
         loss = loss + cfg.kl_coef * kl
     if cfg.aggregation == "token_mean":  # eq. 5
