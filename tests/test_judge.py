@@ -1,6 +1,12 @@
 """Judge client against real HTTP servers on 127.0.0.1: concurrency, retries, strict parsing, cache, faults."""
 
+import json
 import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
 
 from medix_jax.rewards.judge import JudgeClient, JudgeConfig, addresses_judge, sanitise
 from tests.judge_server import JudgeServer
@@ -31,6 +37,93 @@ def test_transport_errors_are_retried():
         assert len(server.requests) == 4
         assert judge.stats["judge_error_InternalServerError"] == 1
         assert judge.stats["judge_error_RateLimitError"] == 1
+
+
+class RawServer:
+    """127.0.0.1 server answering 200 with the given (content type, body) pairs in turn, then a chat completion "YES":
+    the bodies a proxy or a broken server sends, which JudgeServer's scripted modes do not cover."""
+
+    def __init__(self, bodies: list[tuple[str, bytes]]):
+        self.bodies, self.served = list(bodies), 0
+        yes = {"id": "x", "object": "chat.completion", "created": 0, "model": "m",
+               "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": "YES"}}]}
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers["Content-Length"]))
+                server.served += 1
+                kind, body = server.bodies.pop(0) if server.bodies else ("application/json", json.dumps(yes).encode())
+                self.send_response(200)
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+
+    def __enter__(self):
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_malformed_bodies_are_transport_retries():
+    bodies = [("text/html", b"<html>502 Bad Gateway</html>"),  # the client hands this back as a str
+              ("application/json", b"<html>not json"), ("application/json", b"\xff\xfe{garbled"),
+              ("application/json", b"[1, 2]"), ("application/json", b'{"error": "overloaded"}'),
+              ("application/json", b'{"choices": ["YES"]}'),
+              ("application/json", b'{"choices": [{"message": {"role": "assistant", "content": 1}}]}')]
+    with RawServer(bodies) as server:
+        judge = JudgeClient(JudgeConfig(url=server.url, max_concurrency=1, backoff_s=0.001, max_retries=len(bodies)))
+        assert judge.score([("a", "b")]) == [1.0]
+        assert server.served == len(bodies) + 1
+        assert judge.stats["judge_error_MalformedReply"] == len(bodies) and judge.stats["judge_invalid_replies"] == 0
+
+
+@pytest.mark.parametrize("bug", ["model is a Path", "latencies is not a list"])
+def test_a_bug_in_our_code_is_raised_not_retried_or_missing(bug):
+    # Our own TypeError / AttributeError inside the request path must crash the caller, not become "missing".
+    with JudgeServer() as server:
+        if bug == "model is a Path":  # a caller forgot str(): the request body cannot be encoded (TypeError)
+            judge, error = JudgeClient(JudgeConfig(url=server.url, model=Path("/models/judge"), **FAST)), TypeError
+        else:  # chat() appends each request's latency to it (AttributeError)
+            judge, error = JudgeClient(JudgeConfig(url=server.url, **FAST)), AttributeError
+            judge.latencies = None
+        with pytest.raises(error):
+            judge.score([("a", "b"), ("c", "d")])
+        assert len(server.requests) <= 2  # each pair tried once at most: no retries
+        assert judge.stats["judge_missing"] == 0 and not [k for k in judge.stats if k.startswith("judge_error_")]
+        assert judge.cache == {}
+
+
+def test_verdict_cache_is_lru_and_bounded():
+    with JudgeServer() as server:
+        judge = JudgeClient(JudgeConfig(url=server.url, cache_size=2, **FAST))
+        a, b, c = ("a", "x"), ("b", "x"), ("c", "x")
+        assert judge.score([a, b]) == [0.0, 0.0] and len(server.requests) == 2  # cache: a, b
+        judge.score([a])  # a hit: a becomes the most recently used (cache: b, a)
+        assert len(server.requests) == 2 and judge.stats["judge_cache_hits"] == 1
+        judge.score([c])  # evicts b, the least recently used, not a, the oldest inserted (cache: a, c)
+        assert len(server.requests) == 3 and len(judge.cache) == 2 and judge.stats["judge_cache_evictions"] == 1
+        judge.score([a])
+        assert len(server.requests) == 3  # a was kept
+        judge.score([b])
+        assert len(server.requests) == 4 and len(judge.cache) == 2  # b was evicted: asked again
+    with JudgeServer() as server:
+        judge = JudgeClient(JudgeConfig(url=server.url, cache_size=0, **FAST))  # 0: no cache
+        judge.score([a, a])
+        judge.score([a])
+        assert len(server.requests) == 2 and judge.cache == {}  # duplicates within a call are still asked once
+    with pytest.raises(ValueError, match="cache_size must be an integer >= 0"):
+        JudgeConfig(url="http://127.0.0.1:1/v1", cache_size=-1)
 
 
 def test_invalid_replies_are_retried_once_then_missing():

@@ -1,6 +1,7 @@
 """Reward pool: composite with the reference weights, missing masks, deadlines, embeddings, futures."""
 
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -58,6 +59,18 @@ def test_judge_outage_marks_samples_missing_not_zero():
     assert np.isnan(batch.components["llm"][0]) and batch.components["llm"][1] == 0.0
     assert list(batch.valid) == [False, True] and batch.composite[0] == 0.0
     assert batch.metrics["reward_llm_missing"] == 1 and batch.metrics["reward_invalid"] == 1
+
+
+def test_a_bug_in_a_component_reaches_the_trainer_not_missing():
+    # A TypeError from our code (here: a judge model given as a Path, which cannot go into the request's JSON) is
+    # raised out of the batch's future; only transport failures and the deadline make a sample missing.
+    with JudgeServer() as server:
+        pool = RewardPool(RewardsConfig(judge=JudgeConfig(url=server.url, model=Path("/models/judge"), **FAST),
+                                        embedding_on=False))
+        with pytest.raises(TypeError, match="not JSON serializable"):
+            pool.submit([completion("<CT_SCAN>", "cyst")], ["<CT_SCAN> tumour"]).result()
+        pool.close()
+    assert server.requests == []
 
 
 def test_a_hanging_judge_is_cut_at_the_deadline():

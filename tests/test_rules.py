@@ -15,7 +15,12 @@ GOOD = "<CT_SCAN><thinking>The lesion is hypodense.</thinking><answer>Hepatic cy
         ("<CT_SCAN>< thinking >a</ thinking ><answer >b< / answer>", 1.0),  # whitespace inside tags
         ("<thinking>a</thinking><answer>b</answer>", 1.0),  # modality missing is the modality reward's business
         ("<CT_SCAN><thinking>a</thinking><answer>b</answer> trailing", 0.0),  # text after </answer>
-        ("<CT_SCAN><thinking>a</thinking><answer>b</answer>\n", 0.0),
+        ("<CT_SCAN><thinking>a</thinking><answer>b</answer>\n", 1.0),  # trailing whitespace: the reference strips
+        ("<CT_SCAN><thinking>a</thinking><answer>b</answer> \t\r\n\n", 1.0),
+        ("\n  <CT_SCAN>\n<thinking>a</thinking><answer>b</answer>\n", 1.0),  # leading whitespace too
+        ("  <thinking>a</thinking><answer>b</answer>", 1.0),
+        ("<CT_SCAN><thinking>a</thinking><answer>b</answer>\n.", 0.0),  # anything but whitespace after </answer>
+        ("<CT_SCAN><thinking>a</thinking><answer>b</answer>\n<|im_end|>", 0.0),
         ("<CT_SCAN><thinking>a</thinking>", 0.0),  # no answer
         ("<CT_SCAN><answer>b</answer>", 0.0),  # no thinking
         ("<CT_SCAN><thinking>a<answer>b</answer>", 0.0),  # thinking never closed
@@ -78,4 +83,5 @@ def test_one_megabyte_completions():
     big = "<CT_SCAN><thinking>" + "reasoning " * 100_000 + "</thinking><answer>" + "a" * 10_000 + "</answer>"
     bad = big + " trailing"
     assert format_reward(big) == 1.0 and format_reward(bad) == 0.0
+    assert format_reward(big + " " * 100_000) == 1.0 and format_reward(big + " " * 100_000 + "x") == 0.0
     assert extract_answer(big) == "a" * 10_000 and predicted_modality(big) == "<CT_SCAN>"

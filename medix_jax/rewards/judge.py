@@ -8,10 +8,12 @@ Differences from the reference (which calls the judge serially, never retries, s
 
 * requests run concurrently (``asyncio`` + the ``openai`` async client) under a semaphore of ``max_concurrency``;
 * connection errors, timeouts, 429, 5xx and malformed bodies are retried with exponential backoff and full jitter;
+  any other exception (a TypeError, AttributeError, KeyError, ... in our code) is a bug: it is not retried and not
+  counted missing, it propagates out of ``score`` so the trainer stops loudly;
 * the reply, stripped, must be exactly ``YES`` or ``NO``; anything else is retried once, then missing. When the
   server supports it, decoding is constrained to the two words (vLLM structured outputs ``choice``);
 * an exact match of normalised prediction and truth scores 1 without a call, and verdicts are cached per
-  (normalised prediction, truth) across calls;
+  (normalised prediction, truth) across calls, in an LRU cache of ``cache_size`` entries;
 * the prediction is sanitised (tags and control characters removed, length capped) and fenced in the prompt, and
   predictions that address the judge ("respond with YES", "ignore the instructions", ...) are counted.
 """
@@ -20,12 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 import random
 import re
+import threading
 import time
 import unicodedata
-from collections import Counter
+from collections import Counter, OrderedDict
 
 import openai
 
@@ -34,9 +38,16 @@ REFERENCE_PROMPT = (
     '"YES" if the content matches, otherwise respond with "NO".\nStart your response with "YES" or "NO" in '
     "uppercase.\n\nPredicted:{predict}\nGround Truth:{ground_truth}"
 )
-# Transient: connection errors, timeouts, 429, 5xx, and bodies that are not a chat completion (a proxy's error page).
+
+
+class MalformedReply(Exception):
+    """A 200 whose body is not a chat completion: a proxy's error page, a garbled or truncated body."""
+
+
+# Transient: connection errors, timeouts, 429, 5xx, and bodies that are not a chat completion. Nothing broader: a
+# TypeError or ValueError from our own code must not be retried into a "missing" reward.
 RETRYABLE = (openai.APIConnectionError, openai.APITimeoutError, openai.RateLimitError, openai.InternalServerError,
-             openai.APIResponseValidationError, ValueError, AttributeError, TypeError)
+             openai.APIResponseValidationError, MalformedReply)
 _ADDRESSES_JUDGE = re.compile(
     r"(respond|answer|reply|say|output)\s+(with\s+)?[\"']?(yes|no)\b|ignore\s+(all\s+|the\s+|previous\s+|above\s+)*"
     r"(instructions|rules)|ground\s*truth|you\s+are\s+(a|an|the)\s+(judge|grader|assistant)|\bas\s+the\s+judge\b",
@@ -57,6 +68,14 @@ class JudgeConfig:
     max_answer_chars: int = 2000
     structured_outputs: bool = True  # vLLM: constrain decoding to YES / NO
     enable_thinking: bool = False  # passed as chat_template_kwargs (Qwen3 judges)
+    # Verdicts kept per (normalised prediction, truth), least recently used evicted first; 0 switches the cache off.
+    # An entry holds the normalised answer and truth: 100k short answers take tens of MB.
+    cache_size: int = 100_000
+
+    def __post_init__(self):
+        if isinstance(self.cache_size, bool) or not isinstance(self.cache_size, int) or self.cache_size < 0:
+            raise ValueError(f"judge cache_size must be an integer >= 0 (0 switches the verdict cache off), "
+                             f"not {self.cache_size!r}")
 
 
 def normalise(text: str) -> str:
@@ -80,12 +99,30 @@ class JudgeClient:
         if not cfg.url:
             raise ValueError("rewards.judge.url is not set")
         self.cfg = cfg
-        self.cache: dict[tuple[str, str], float] = {}
+        self.cache: OrderedDict[tuple[str, str], float] = OrderedDict()  # LRU: most recently used last
+        self._cache_lock = threading.Lock()  # score may be called from more than one thread
         self.stats: Counter = Counter()
         self.latencies: list[float] = []  # seconds per answered request, since the last reset by the caller
 
     def _client(self) -> openai.AsyncOpenAI:
         return make_client(self.cfg)
+
+    def _cached(self, key: tuple[str, str]) -> float | None:
+        with self._cache_lock:
+            verdict = self.cache.get(key)
+            if verdict is not None:
+                self.cache.move_to_end(key)
+            return verdict
+
+    def _remember(self, key: tuple[str, str], verdict: float) -> None:
+        if self.cfg.cache_size == 0:
+            return
+        with self._cache_lock:
+            self.cache[key] = verdict
+            self.cache.move_to_end(key)
+            while len(self.cache) > self.cfg.cache_size:
+                self.cache.popitem(last=False)
+                self.stats["judge_cache_evictions"] += 1
 
     def prompt(self, prediction: str, truth: str) -> str:
         fenced = '"""' + sanitise(prediction, self.cfg.max_answer_chars).replace('"""', "'''") + '"""'
@@ -95,7 +132,8 @@ class JudgeClient:
         """Blocking: judge every (prediction, truth) pair; run from a worker thread, not an event loop.
 
         After ``timeout`` seconds the unfinished requests are cancelled and their pairs are missing, so one hung
-        batch never holds the worker (or the server's queue) into the next.
+        batch never holds the worker (or the server's queue) into the next. An exception that is not a transport
+        failure (a bug) cancels the other requests and is raised here.
         """
         return asyncio.run(self.score_async(pairs, timeout))
 
@@ -108,8 +146,8 @@ class JudgeClient:
             if key[0] == key[1]:
                 scores[i] = 1.0
                 self.stats["judge_exact_match"] += 1
-            elif key in self.cache:
-                scores[i] = self.cache[key]
+            elif (cached := self._cached(key)) is not None:
+                scores[i] = cached
                 self.stats["judge_cache_hits"] += 1
             else:
                 todo.setdefault(key, []).append(i)
@@ -119,18 +157,22 @@ class JudgeClient:
             tasks = {key: asyncio.ensure_future(self._judge(client, semaphore, *pairs[idx[0]]))
                      for key, idx in todo.items()}
             try:
-                _, late = await asyncio.wait(tasks.values(), timeout=timeout)
+                # Transport failures end a task with None, never an exception: an exception is a bug, so stop there.
+                _, late = await asyncio.wait(tasks.values(), timeout=timeout, return_when=asyncio.FIRST_EXCEPTION)
                 for task in late:
                     task.cancel()
-                await asyncio.gather(*late, return_exceptions=True)
-                self.stats["judge_cancelled"] += len(late)
+                await asyncio.gather(*late, return_exceptions=True)  # waits for the cancellations; checked below
             finally:
                 await client.close()
+            errors = [e for task in tasks.values() if not task.cancelled() and (e := task.exception()) is not None]
+            if errors:  # every exception retrieved (none logged as "never retrieved"), the first raised
+                raise errors[0]
+            self.stats["judge_cancelled"] += len(late)
             for key, task in tasks.items():
                 verdict = None if task.cancelled() else task.result()
                 self.stats["judge_cache_hits"] += len(todo[key]) - 1
                 if verdict is not None:
-                    self.cache[key] = verdict
+                    self._remember(key, verdict)
                 for i in todo[key]:
                     scores[i] = verdict
         self.stats["judge_missing"] += sum(s is None for s in scores)
@@ -163,6 +205,30 @@ def after_thinking(reply: str | None) -> str | None:
     return None if reply is None else reply.rsplit("</think>", 1)[-1].strip()
 
 
+async def _create(client: openai.AsyncOpenAI, **request):
+    """``client.chat.completions.create``; a body that cannot be decoded (the client's ``response.json()``, with a
+    JSON content type) is a ``MalformedReply``, not the ``ValueError`` it comes as."""
+    try:
+        return await client.chat.completions.create(**request)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MalformedReply(f"the reply body is not JSON ({type(e).__name__}: {e})") from e
+
+
+def reply_text(response: object) -> str:
+    """The stripped text of the first choice ('' when there is no choice or no content). ``MalformedReply`` when the
+    body is not a chat completion: the client hands back a non-JSON body as a ``str`` and does not validate shapes."""
+    choices = getattr(response, "choices", None)
+    if not isinstance(choices, list):
+        raise MalformedReply(f"the reply is not a chat completion (a {type(response).__name__} without choices)")
+    if not choices:
+        return ""
+    message = getattr(choices[0], "message", None)
+    content = getattr(message, "content", None)
+    if message is None or not isinstance(content, (str, type(None))):
+        raise MalformedReply(f"the reply's first choice has no message with text content: {choices[0]!r:.200}")
+    return (content or "").strip()
+
+
 def make_client(cfg: JudgeConfig) -> openai.AsyncOpenAI:
     """Async client for ``cfg.url``; the key comes from ``cfg.api_key_env`` (never logged); retries are ours."""
     return openai.AsyncOpenAI(base_url=cfg.url, api_key=os.environ.get(cfg.api_key_env, "EMPTY"),
@@ -174,17 +240,17 @@ async def chat(client: openai.AsyncOpenAI, semaphore: asyncio.Semaphore, cfg: Ju
     """One chat completion at temperature 0: the reply's stripped text, or None once transport retries are spent.
 
     Connection errors, timeouts, 429, 5xx and malformed bodies are retried ``cfg.max_retries`` times with
-    exponential backoff and full jitter; other 4xx are not retried (the request itself is wrong)."""
+    exponential backoff and full jitter; other 4xx are not retried (the request itself is wrong). Any other
+    exception is a bug in the caller or here and propagates."""
     for attempt in range(cfg.max_retries + 1):
         try:
             async with semaphore:
                 stats["judge_calls"] += 1
                 start = time.perf_counter()
-                response = await client.chat.completions.create(
-                    model=cfg.model, messages=messages, temperature=0.0, max_tokens=max_tokens, extra_body=extra)
+                response = await _create(client, model=cfg.model, messages=messages, temperature=0.0,
+                                         max_tokens=max_tokens, extra_body=extra)
                 latencies.append(time.perf_counter() - start)
-            content = response.choices[0].message.content if response.choices else None
-            return (content or "").strip()
+            return reply_text(response)
         except RETRYABLE as e:
             stats[f"judge_error_{type(e).__name__}"] += 1
             if attempt == cfg.max_retries:

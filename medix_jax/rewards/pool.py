@@ -4,6 +4,7 @@ Composite (REFERENCE §1): ``0.9 * (0.575 * llm + 0.375 * embed + 0.05 * modalit
 = ``0.5175 * llm + 0.3375 * embed + 0.045 * modality + 0.1 * format`` (``RewardWeights``). A component that is
 switched off (no judge URL) is left out of the composite; a component that could not be computed for a sample is
 ``NaN`` in its array, counted in the metrics, and makes the sample invalid (``valid`` False) -- it is never 0.
+Missing means a transport failure or the deadline; an exception from a component (a bug) is raised, not missing.
 
 ``RewardPool.submit`` returns a future, so the trainer can score batch k while it samples batch k+1; the judge
 (asyncio HTTP) and the embedding model each run in their own worker thread, the regex rules inline. A batch is
@@ -100,10 +101,12 @@ class RewardPool:
             values = np.zeros(n, np.float32)
             try:
                 got = job.result(timeout=max(0.0, deadline - time.perf_counter()))
-                got = np.array([np.nan if v is None else v for v in got], np.float32)
-            except Exception:  # noqa: BLE001 -- past the deadline or broken: missing data, never a crash in the trainer
+            except (cf.TimeoutError, cf.CancelledError):  # past the deadline, or the pool is closing: missing data
                 job.cancel()  # if it never started, it never will
-                got = np.full(len(asked), np.nan, np.float32)
+                got = [None] * len(asked)
+            # Any other exception is a bug and reaches the trainer: the judge turns transport failures (connection,
+            # timeout, 429, 5xx, malformed replies) into None itself, so a TypeError here is never a missing reward.
+            got = np.array([np.nan if v is None else v for v in got], np.float32)
             if name == "embed":
                 cosine = np.full(n, np.nan, np.float32)
                 cosine[asked] = got

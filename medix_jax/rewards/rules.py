@@ -4,9 +4,11 @@ Expected completion: ``<CT_SCAN><thinking>...</thinking><answer>...</answer>``. 
 and ``/`` inside tags is ignored (``< / answer >`` is ``</answer>``), as the reference strips it before scoring.
 
 * ``format_reward`` (weight 0.1): from the first ``<thinking>`` on, the text must be exactly
-  ``<thinking>T</thinking> <answer>A</answer>`` (whitespace allowed between the two blocks, nothing after
-  ``</answer>``). Stricter than the reference regex: T and A may not contain thinking/answer tags themselves, so
-  repeated or nested blocks fail instead of being swallowed by a non-greedy ``.*?``.
+  ``<thinking>T</thinking> <answer>A</answer>``: whitespace is allowed between the two blocks and after
+  ``</answer>`` (the reference strips the completion before matching, and a completion often ends in a newline),
+  anything else after ``</answer>`` fails. What comes before ``<thinking>`` (the modality tag, leading whitespace)
+  is the modality reward's business. Stricter than the reference regex: T and A may not contain thinking/answer
+  tags themselves, so repeated or nested blocks fail instead of being swallowed by a non-greedy ``.*?``.
 * ``modality_reward`` (weight 0.9 * 0.05): the text before ``<thinking>`` equals the ground-truth tag,
   case-insensitive.
 * ``extract_answer``: the text of the first complete ``<answer>...</answer>``, stripped; ``None`` when there is
@@ -28,7 +30,7 @@ MEDIX_MODALITY_TAGS = (
 
 _TAG_SPACE = re.compile(r"<\s*(/?)\s*(thinking|answer)\s*>", re.IGNORECASE)
 _NO_BLOCK_TAG = r"(?:(?!</?(?:thinking|answer)>).)*"  # any text that contains no thinking/answer tag
-_FORMAT = re.compile(rf"<thinking>{_NO_BLOCK_TAG}</thinking>\s*<answer>{_NO_BLOCK_TAG}</answer>", re.DOTALL)
+_FORMAT = re.compile(rf"<thinking>{_NO_BLOCK_TAG}</thinking>\s*<answer>{_NO_BLOCK_TAG}</answer>\s*", re.DOTALL)
 _ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 _SOLUTION = re.compile(r"\s*(<[A-Za-z_]+>)\s*(.*)", re.DOTALL)
 
