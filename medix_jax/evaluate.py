@@ -9,13 +9,17 @@
    or through any OpenAI-compatible endpoint (``openai:URL``, ``--model-name``), so baselines go through the same
    harness. The judged text is what follows the last ``</think>`` or ``</thinking>``.
 3. **Judging** with the reward pool's judge transport (``rewards.judge.chat``: concurrency, retries): three rounds in
-   one conversation (after each reply the judge is asked to re-evaluate); every reply must be exactly a JSON object
-   ``{"score": s}`` (retried once, else the round is missing). Binary tasks: 2-of-3 majority; report tasks: the
-   median of three 0-5 rubric scores, divided by 5. A sample whose judgement cannot be completed is reported as
-   missing, never scored 0, and judged again on the next run.
-4. **Results**: per-task scores (mean over judged samples) and the unweighted mean over tasks, as ``results.json``
-   and ``results.md`` in ``--out``. Every generation and judgement is appended to ``--out/cache/TASK.jsonl`` as soon
-   as it exists, so an interrupted run resumes without redoing finished samples.
+   one conversation (after each reply the judge is asked to re-evaluate); every reply must be a JSON object
+   ``{"score": s}`` (retried once, else the round is missing). Decoding is constrained to that object by structured
+   outputs (OpenAI ``response_format`` json_schema, enforced by vLLM) while the server takes them; the first request
+   it rejects with a 4xx that succeeds without them switches them off for the rest of the run. Without them the
+   object may also come in a markdown code fence or with text around it. Binary tasks: 2-of-3 majority; report
+   tasks: the mean of the three 0-5 rubric scores, divided by 5 (REFERENCE §1).
+4. **Results**: per task, the score over *all* samples -- a sample without a judgement (judge or generation failed)
+   counts as wrong, as the reference scores it -- and, beside it, how many are missing; overall: the unweighted
+   mean over tasks. Written as ``results.json`` and ``results.md`` in ``--out``. Every generation and judgement is
+   appended to ``--out/cache/TASK.jsonl`` as soon as it exists, so an interrupted run resumes without redoing
+   finished samples, and missing judgements are judged again on the next run.
 """
 
 from __future__ import annotations
@@ -26,7 +30,6 @@ import base64
 import dataclasses
 import json
 import re
-import statistics
 import sys
 from collections import Counter
 from pathlib import Path
@@ -148,15 +151,26 @@ def judged_text(generation: str) -> str:
 
 
 def parse_score(reply: str | None, top: int) -> int | None:
-    """Strict: the reply must be exactly a JSON object ``{"score": s}`` with an integer ``0 <= s <= top``."""
-    try:
-        value = json.loads(reply or "")
-    except json.JSONDecodeError:
-        return None
-    if not isinstance(value, dict) or set(value) != {"score"}:
-        return None
-    score = value["score"]
-    return score if isinstance(score, int) and not isinstance(score, bool) and 0 <= score <= top else None
+    """The score of a JSON object ``{"score": s}`` (an integer ``0 <= s <= top``, no other key) in the reply: the
+    whole reply (structured outputs), or, from a judge without them, one inside a markdown code fence or with text
+    around it. Objects giving different scores make the reply ambiguous: None, like no object at all."""
+    scores = set()
+    for text in re.findall(r"\{[^{}]*\}", reply or ""):
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError:
+            continue
+        score = value.get("score") if set(value) == {"score"} else None
+        if isinstance(score, int) and not isinstance(score, bool) and 0 <= score <= top:
+            scores.add(score)
+    return scores.pop() if len(scores) == 1 else None
+
+
+def response_format(top: int) -> dict:
+    """OpenAI structured outputs (vLLM enforces the schema while decoding): exactly ``{"score": 0..top}``."""
+    schema = {"type": "object", "properties": {"score": {"type": "integer", "enum": list(range(top + 1))}},
+              "required": ["score"], "additionalProperties": False}
+    return {"type": "json_schema", "json_schema": {"name": "judgement", "schema": schema, "strict": True}}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -279,16 +293,44 @@ def make_generator(spec: str, model_name: str | None, max_tokens: int, prompt: s
 # Judging
 
 
+REJECTED = ("judge_error_BadRequestError", "judge_error_UnprocessableEntityError")  # 400, 422: not retried by chat
+
+
 class Judge:
+    """The evaluation judge; ``structured`` (from ``cfg.structured_outputs``) turns False for the rest of the run once
+    the server rejects ``response_format``."""
+
     def __init__(self, cfg: JudgeConfig):
         self.cfg, self.stats, self.latencies = cfg, Counter(), []
+        self.structured = cfg.structured_outputs
+
+    async def _chat(self, client, semaphore, messages, top: int) -> str | None:
+        """One judge reply; with structured outputs while the server takes them. ``chat`` keeps the error to itself,
+        so a request that fails with a 4xx is sent again without them, and if that one succeeds the server rejects
+        them: they are off from then on (one request in the run pays for finding out, see ``judge``)."""
+        extra = {"chat_template_kwargs": {"enable_thinking": self.cfg.enable_thinking}}
+        budget = THINKING_TOKENS if self.cfg.enable_thinking else 64  # room for a fence when unconstrained
+
+        async def call(extra):
+            return after_thinking(await chat(client, semaphore, self.cfg, messages, budget, extra, self.stats,
+                                             self.latencies))
+
+        if not self.structured:
+            return await call(extra)
+        rejected = sum(self.stats[k] for k in REJECTED)
+        reply = await call({**extra, "response_format": response_format(top)})
+        if reply is None and sum(self.stats[k] for k in REJECTED) > rejected:
+            reply = await call(extra)
+            if reply is not None and self.structured:
+                self.structured = False
+                self.stats["eval_structured_outputs_rejected"] += 1
+                print("evaluate: the judge rejects response_format; structured outputs are off for this run",
+                      file=sys.stderr)
+        return reply
 
     async def _round(self, client, semaphore, messages, top: int) -> int | None:
-        extra = {"chat_template_kwargs": {"enable_thinking": self.cfg.enable_thinking}}
-        for _ in range(2):  # one retry for a reply that is not the JSON object
-            budget = THINKING_TOKENS if self.cfg.enable_thinking else 16
-            reply = after_thinking(await chat(client, semaphore, self.cfg, messages, budget, extra, self.stats,
-                                              self.latencies))
+        for _ in range(2):  # one retry for a reply without the JSON object
+            reply = await self._chat(client, semaphore, messages, top)
             if reply is None:
                 return None
             score = parse_score(reply, top)
@@ -313,7 +355,7 @@ class Judge:
             if score is None:
                 return {"score": None, "rounds": rounds, "error": f"round {k + 1}: no valid judgement"}
             rounds.append(score)
-        final = (1.0 if sum(rounds) >= 2 else 0.0) if top == 1 else statistics.median(rounds) / 5
+        final = (1.0 if sum(rounds) >= 2 else 0.0) if top == 1 else sum(rounds) / (5 * len(rounds))
         return {"score": final, "rounds": rounds}
 
     def judge(self, task: Task, work: list[tuple[Item, str]], on_done) -> None:
@@ -322,7 +364,9 @@ class Judge:
             try:
                 async def one(item, generation):
                     on_done(item, await self._judge(client, semaphore, task, item, generation))
-                await asyncio.gather(*(one(i, g) for i, g in work))
+                if work:  # the first alone: whether the server takes structured outputs is known before the rest
+                    await one(*work[0])
+                await asyncio.gather(*(one(i, g) for i, g in work[1:]))
             finally:
                 await client.close()
         asyncio.run(run())
@@ -393,10 +437,10 @@ def evaluate(tasks: list[Task], generator, judge: Judge, out: Path, batch_size: 
         finally:
             cache.close()
         scores = [cache.judgements.get(it.id, {}).get("score") for it in items]
-        judged = [s for s in scores if s is not None]
+        judged = [s for s in scores if s is not None]  # REFERENCE §1: a sample without a judgement counts as wrong
         results[task.name] = {"kind": task.kind, "samples": len(items), "judged": len(judged),
                               "missing": len(items) - len(judged),
-                              "score": float(np.mean(judged)) if judged else None}
+                              "score": sum(judged) / len(items) if items else None}
     scored = [r["score"] for r in results.values() if r["score"] is not None]
     summary = {"tasks": results, "overall": float(np.mean(scored)) if scored else None,
                "counts": {k: v for k, v in counts.items() if v}}
@@ -406,12 +450,13 @@ def evaluate(tasks: list[Task], generator, judge: Judge, out: Path, batch_size: 
 
 
 def markdown(summary: dict) -> str:
-    lines = ["| task | kind | score | judged / samples | missing |", "|---|---|---:|---:|---:|"]
+    lines = ["| task | kind | score | missing / samples |", "|---|---|---:|---:|"]
     for name, r in summary["tasks"].items():
         score = "–" if r["score"] is None else f"{100 * r['score']:.1f}"
-        lines.append(f"| {name} | {r['kind']} | {score} | {r['judged']} / {r['samples']} | {r['missing']} |")
+        lines.append(f"| {name} | {r['kind']} | {score} | {r['missing']} / {r['samples']} |")
     overall = "–" if summary["overall"] is None else f"{100 * summary['overall']:.1f}"
-    lines.append(f"| **overall (unweighted mean)** | | **{overall}** | | |")
+    lines.append(f"| **overall (unweighted mean)** | | **{overall}** | |")
+    lines.append("\nscore: over all samples, a missing judgement counting as wrong (it is judged again next run).")
     return "\n".join(lines) + "\n"
 
 

@@ -5,7 +5,8 @@ the fenced prediction equals the ground truth (case-insensitive) else NO; ``"sco
 ``{"score": 1}`` -- 5 for a report -- when the fenced candidate contains the reference, else 0); ``"badjson"`` (a
 reply that is not the JSON object); ``"500"``, ``"429"``; ``"garbage"`` (200 with a non-JSON body); ``"maybe"`` (a
 valid completion saying "Maybe"); ``"hang"`` (sleeps ``hang_s``); ``"echo"`` (a stand-in model: repeats the
-user's text).
+user's text); a callable (the reply is what it returns for the request body). With ``reject_response_format`` a
+request carrying ``response_format`` gets a 400 (a server without structured outputs), consuming no script entry.
 """
 
 from __future__ import annotations
@@ -18,8 +19,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class JudgeServer:
-    def __init__(self, default: str = "judge", script: list[str] | None = None, hang_s: float = 5.0):
+    def __init__(self, default="judge", script: list | None = None, hang_s: float = 5.0,
+                 reject_response_format: bool = False):
         self.default, self.script, self.hang_s = default, list(script or []), hang_s
+        self.reject_response_format = reject_response_format
         self.requests: list[dict] = []
         self.in_flight = self.max_in_flight = 0
         self.lock = threading.Lock()
@@ -33,6 +36,8 @@ class JudgeServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with server.lock:
                     server.requests.append(body)
+                    if server.reject_response_format and "response_format" in body:
+                        return self._send(400, b'{"error": {"message": "response_format is not supported"}}')
                     mode = server.script.pop(0) if server.script else server.default
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
@@ -51,7 +56,9 @@ class JudgeServer:
                 if mode == "garbage":
                     return self._send(200, b"<html>not json")
                 prompt = body["messages"][-1]["content"]
-                if mode == "echo":  # a "model" that repeats the user's text (content parts joined)
+                if callable(mode):
+                    reply = mode(body)
+                elif mode == "echo":  # a "model" that repeats the user's text (content parts joined)
                     parts = prompt if isinstance(prompt, list) else [{"type": "text", "text": prompt}]
                     reply = " ".join(p["text"] for p in parts if p["type"] == "text")
                 elif mode == "maybe":

@@ -13,7 +13,8 @@ import yaml
 from medix_jax.data.prompts import MEDIX_PROMPT, token_ids
 from medix_jax.data.synthetic import draw_example, png_bytes
 from medix_jax.data.tokenizer import train_tokenizer
-from medix_jax.evaluate import Judge, OpenAIGenerator, Task, evaluate, load_items, load_tasks, main, make_generator
+from medix_jax.evaluate import (Judge, OpenAIGenerator, Task, evaluate, load_items, load_tasks, main, make_generator,
+                                parse_score)
 from medix_jax.models.qwen2_5_vl import init_model
 from medix_jax.models.qwen2_5_vl.config import preset
 from medix_jax.models.qwen2_5_vl.hf_io import save_hf
@@ -78,7 +79,7 @@ def test_end_to_end_through_an_openai_endpoint_with_resume_and_outage(registry, 
         down = Judge(JudgeConfig(url=judge_server.url, model="judge", max_retries=1, backoff_s=0.01))
         first = evaluate(tasks, generator, down, tmp_path)  # the judge is down: generations kept, nothing scored
         assert first["counts"] == {"generations_new": total, "judgements_missing": total}
-        assert all(r["missing"] == r["samples"] and r["score"] is None for r in first["tasks"].values())
+        assert all(r["missing"] == r["samples"] and r["score"] == 0.0 for r in first["tasks"].values())
         assert any(m["content"][0]["type"] == "image_url" for m in
                    (r["messages"][0] for r in model_server.requests) if isinstance(m["content"], list))
         judge_server.default = "score"
@@ -93,7 +94,7 @@ def test_end_to_end_through_an_openai_endpoint_with_resume_and_outage(registry, 
     assert scores == {"mcq": 1.0, "open": 0.0, "vqa": 0.0, "report": 0.0}  # echo repeats the options, not answers
     assert second["overall"] == 0.25
     table = (tmp_path / "results.md").read_text()
-    assert "| mcq | mcq | 100.0 | 4 / 4 | 0 |" in table and "**25.0**" in table
+    assert "| mcq | mcq | 100.0 | 0 / 4 |" in table and "**25.0**" in table
 
 
 def test_malformed_judge_json_is_retried_then_reported_per_sample(registry, tmp_path):
@@ -109,6 +110,68 @@ def test_malformed_judge_json_is_retried_then_reported_per_sample(registry, tmp_
         second = evaluate(tasks, generator, judge, tmp_path)  # one more invalid reply, retried, then judged
         assert second["tasks"]["report"] == {"kind": "report", "samples": 1, "judged": 1, "missing": 0, "score": 0.0}
         assert judge.stats["eval_invalid_replies"] == 3
+
+
+def says(text):
+    """A judge server mode: always this reply."""
+    return lambda body: text
+
+
+def test_report_rubric_is_the_mean_of_the_three_rounds(registry, tmp_path):
+    tasks = load_tasks(registry, only=["report"])  # REFERENCE §1: 0-5 rubric / 5; rounds 5, 4, 0: 3/5, not median 4/5
+    with JudgeServer(default="echo") as model_server, \
+            JudgeServer(script=[says(json.dumps({"score": s})) for s in (5, 4, 0)]) as judge_server:
+        summary = evaluate(tasks, OpenAIGenerator(model_server.url, "echo", 64),
+                           Judge(JudgeConfig(url=judge_server.url, model="judge")), tmp_path)
+    assert summary["tasks"]["report"]["score"] == pytest.approx(0.6) and summary["overall"] == pytest.approx(0.6)
+    lines = [json.loads(x) for x in (tmp_path / "cache" / "report.jsonl").read_text().splitlines()]
+    assert lines[-1]["judgement"]["rounds"] == [5, 4, 0]
+
+
+def test_a_missing_judgement_counts_as_wrong_and_is_reported(registry, tmp_path):
+    tasks = load_tasks(registry, only=["mcq"])
+
+    def unsure(body):  # never a valid reply about one sample (m3): it has no judgement
+        return "Score: 1" if "Pick the bone" in body["messages"][0]["content"] else '{"score": 1}'
+
+    with JudgeServer(default="echo") as model_server, JudgeServer(default=unsure) as judge_server:
+        generator = OpenAIGenerator(model_server.url, "echo", 64)
+        first = evaluate(tasks, generator, Judge(JudgeConfig(url=judge_server.url, model="judge")), tmp_path)
+        assert first["tasks"]["mcq"] == {"kind": "mcq", "samples": 4, "judged": 3, "missing": 1, "score": 0.75}
+        assert first["overall"] == 0.75 and "| mcq | mcq | 75.0 | 1 / 4 |" in (tmp_path / "results.md").read_text()
+        judge_server.default = "score"  # the missing one is judged again on the next run, the others are kept
+        second = evaluate(tasks, generator, Judge(JudgeConfig(url=judge_server.url, model="judge")), tmp_path)
+    assert second["tasks"]["mcq"]["score"] == 1.0 and second["tasks"]["mcq"]["missing"] == 0
+    assert second["counts"] == {"generations_reused": 4, "judgements_reused": 3, "judgements_new": 1}
+
+
+def test_a_json_object_in_a_code_fence_or_with_text_around_it_is_a_score():
+    assert parse_score('```json\n{"score": 1}\n```', 1) == 1
+    assert parse_score('The answer matches.\n{"score": 1}', 1) == 1 and parse_score('{"score": 4}', 5) == 4
+    assert parse_score('```json\n{"score": 0}\n``` so {"score": 0}', 1) == 0
+    for bad in ('{"score": 1} or {"score": 0}', '{"score": 2}', '{"score": true}', '{"score": 1, "why": "x"}',
+                "Score: 1", "", None):
+        assert parse_score(bad, 1) is None
+
+
+def test_structured_outputs_when_the_judge_takes_them_else_a_fenced_reply(registry, tmp_path):
+    tasks = load_tasks(registry, only=["mcq", "report"])  # 5 samples, 3 rounds each
+    fenced = says('Verdict:\n```json\n{"score": 1}\n```')
+    with JudgeServer(default="echo") as model_server, JudgeServer(default="score") as judge_server:
+        generator = OpenAIGenerator(model_server.url, "echo", 64)
+        taken = evaluate(tasks, generator, Judge(JudgeConfig(url=judge_server.url, model="judge")), tmp_path / "a")
+        formats = [r.get("response_format") for r in judge_server.requests]
+        assert len(formats) == 15 and all(f and f["type"] == "json_schema" for f in formats)
+        assert {tuple(f["json_schema"]["schema"]["properties"]["score"]["enum"]) for f in formats} == \
+            {(0, 1), (0, 1, 2, 3, 4, 5)}
+        assert taken["tasks"]["mcq"]["score"] == 1.0
+        with JudgeServer(default=fenced, reject_response_format=True) as plain:
+            judge = Judge(JudgeConfig(url=plain.url, model="judge"))
+            summary = evaluate(tasks, generator, judge, tmp_path / "b")
+    assert {n: (r["score"], r["missing"]) for n, r in summary["tasks"].items()} == {"mcq": (1.0, 0), "report": (0.2, 0)}
+    assert sum("response_format" in r for r in plain.requests) == 1  # found out once in the run, not per request
+    assert len(plain.requests) == 1 + 15 and not judge.structured
+    assert judge.stats["judge_error_BadRequestError"] == 1 and judge.stats["eval_structured_outputs_rejected"] == 1
 
 
 def test_our_sampler_on_a_tiny_hf_model_and_the_cli(registry, tmp_path):
