@@ -4,7 +4,8 @@ Parameters carry logical axis names (``embed``, ``mlp``, ``heads``, ``kv_heads``
 ``DEFAULT_RULES`` maps each to a mesh axis (``data``, ``fsdp``, ``tensor``), a tuple of them, or ``None``
 (replicated). Changing parallelism means changing the mesh sizes or the rules in config, never model code.
 
-A dimension whose size is not divisible by its mesh axes is replicated instead (e.g. 2 KV heads on tensor=4).
+A parameter dimension whose size is not divisible by its mesh axes is replicated instead (e.g. 2 KV heads on
+tensor=4), with a warning at start-up; a batch dimension that does not divide is an error.
 """
 
 from __future__ import annotations
@@ -151,10 +152,26 @@ def _int_env(name: str) -> int | None:
 
 
 def logical_spec(axes, shape, mesh: Mesh, rules: Mapping | None = None) -> PartitionSpec:
-    """PartitionSpec for a tensor with logical ``axes``; divisibility is checked per dimension."""
+    """PartitionSpec for a tensor with logical ``axes``; divisibility is checked per dimension. A parameter
+    dimension that its mesh axes do not divide is replicated; a ``batch`` dimension is an error (replicating the
+    batch would multiply every device's compute and memory)."""
+    spec, replicated = _resolve(axes, shape, mesh, rules)
+    for name, size, split in replicated:
+        if name in BATCH_AXES:
+            raise ValueError(f"a {name} dimension of {size} does not divide over mesh axes {split} of mesh "
+                             f"{dict(mesh.shape)}: make it a multiple of {math.prod(split.values())} (e.g. "
+                             "data.batch_size, rollout.num_samples or train.micro_batches)")
+    return spec
+
+
+BATCH_AXES = ("batch",)
+
+
+def _resolve(axes, shape, mesh: Mesh, rules: Mapping | None):
+    """(PartitionSpec, [(logical name, size, {mesh axis: size}) of dimensions left whole because indivisible])."""
     rules = {**DEFAULT_RULES, **(rules or {})}
     used: set[str] = set()
-    spec = []
+    spec, replicated = [], []
     for name, size in zip(axes, shape, strict=True):
         if name is not None and name not in rules:
             raise ValueError(f"no sharding rule for logical axis {name!r}")
@@ -166,17 +183,25 @@ def logical_spec(axes, shape, mesh: Mesh, rules: Mapping | None = None) -> Parti
             spec.append(targets[0] if len(targets) == 1 else targets)
         else:
             spec.append(None)
-    return PartitionSpec(*spec)
+            if targets:
+                replicated.append((name, size, {t: mesh.shape[t] for t in targets}))
+    return PartitionSpec(*spec), replicated
 
 
 def param_shardings(state: nnx.State, mesh: Mesh, rules: Mapping | None = None) -> dict[tuple, NamedSharding]:
-    """``{parameter path: NamedSharding}`` from each variable's ``axes`` metadata."""
+    """``{parameter path: NamedSharding}`` from each variable's ``axes`` metadata; a one-line warning for each
+    parameter with a dimension left whole because its mesh axes do not divide it."""
     out = {}
     for path, var in nnx.to_flat_state(state):
         axes = var.get_metadata().get("axes")
+        name = ".".join(map(str, path))
         if axes is None:
-            raise ValueError(f"parameter {'.'.join(map(str, path))} has no logical axes")
-        out[path] = NamedSharding(mesh, logical_spec(axes, var.shape, mesh, rules))
+            raise ValueError(f"parameter {name} has no logical axes")
+        spec, replicated = _resolve(axes, var.shape, mesh, rules)
+        for axis, size, split in replicated:
+            print(f"sharding: {name} keeps its {axis} dimension ({size}) whole: mesh axes {split} do not divide "
+                  "it", flush=True)
+        out[path] = NamedSharding(mesh, spec)
     return out
 
 

@@ -86,3 +86,20 @@ def test_indivisible_dimensions_are_replicated(mesh):
     assert spec == P("fsdp", None)
     with pytest.raises(ValueError, match="no sharding rule for logical axis 'bogus'"):
         parallel.logical_spec(("bogus",), (8,), mesh)
+
+
+def test_a_batch_that_does_not_divide_is_an_error_a_parameter_is_kept_whole_with_a_warning(capsys):
+    """Replicating a batch dimension would multiply every device's compute and memory: an error with the sizes.
+    A parameter dimension that does not divide stays whole, with a one-line warning naming the parameter."""
+    mesh = parallel.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+    with pytest.raises(ValueError, match=r"batch dimension of 6 does not divide over mesh axes \{'fsdp': 4\}"):
+        parallel.logical_spec(("batch", None), (6, 3), mesh)
+    assert parallel.logical_spec(("batch", None), (8, 3), mesh) == P("fsdp", None)
+
+    class Odd(nnx.Module):
+        def __init__(self):
+            self.w = nnx.Param(np.zeros((8, 6), np.float32), axes=("embed", "mlp"))  # 6 on tensor=4
+
+    shardings = parallel.param_shardings(nnx.state(Odd(), nnx.Param), parallel.make_mesh({"fsdp": 2, "tensor": 4}))
+    assert list(shardings.values())[0].spec == P("fsdp", None)
+    assert "w keeps its mlp dimension (6) whole" in capsys.readouterr().out
