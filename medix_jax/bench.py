@@ -71,7 +71,7 @@ def bench_sampler(config: str | None, overrides: list[str], runs: int, batch: in
     t = cfg.tokens
 
     # Ours.
-    sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=0, eos_token_id=-1)
+    sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=0, stop_token_ids=())
     sampler = Sampler(sampling)
     buckets = Buckets(prompt_lengths=(ids.shape[1],), images=(1,), rows_per_image=(1024, 4096, 16384))
     prompts = prepare_prompts(cfg, ids, mask, pixels, grids, buckets)
@@ -215,7 +215,7 @@ def bench_train(config: str | None, overrides: list[str], runs: int, batch: int,
     opt_state = tx.init(params)
 
     def update(params, opt_state):
-        grads, metrics = _gradients(graphdef, params, None, prompts, completions, totals, loss_cfg, 1, 1.0)
+        grads, metrics, _ = _gradients(graphdef, params, prompts, completions, totals, False, loss_cfg, 1, 1.0)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, metrics["loss"]
 

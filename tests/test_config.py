@@ -2,12 +2,18 @@
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from medix_jax.config import Config, ConfigError, load_config, to_dict
-from medix_jax.models.qwen2_5_vl.config import model_config_from_hf, model_config_to_hf, preset
+from medix_jax.models.qwen2_5_vl.config import (
+    generation_config_to_hf,
+    model_config_from_hf,
+    model_config_to_hf,
+    preset,
+)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -86,6 +92,7 @@ def test_missing_file_is_a_clear_error(tmp_path):
 def test_preset_from_hf_config_json(tmp_path):
     for name in ("qwen2_5_vl_3b", "qwen2_5_vl_7b", "tiny"):
         (tmp_path / "config.json").write_text(json.dumps(model_config_to_hf(preset(name))))
+        (tmp_path / "generation_config.json").write_text(json.dumps(generation_config_to_hf(preset(name))))
         assert model_config_from_hf(tmp_path) == preset(name)
     cfg = load_config(None, [f"model.hf_config={tmp_path}", "model.dtype=bfloat16"])
     assert cfg.model == dataclasses.replace(preset("tiny"), dtype="bfloat16")
@@ -112,24 +119,75 @@ def _flatten(tree, prefix=""):
             yield f"{prefix}{key}", value
 
 
-@pytest.mark.parametrize("name, loss", [
-    ("qwen2_5_vl_3b_grpo", dict(clip_low=0.2, clip_high=0.3, kl_coef=0.01, aggregation="seq_mean")),
-    ("qwen2_5_vl_3b_dapo", dict(clip_low=0.2, clip_high=0.28, kl_coef=0.0, aggregation="token_mean")),
-    ("qwen2_5_vl_7b_gspo", dict(clip_low=3e-4, clip_high=4e-4, kl_coef=0.0, sequence_ratio=True)),
-])
-@pytest.mark.parametrize("mesh", ["gpu_8", "tpu_v5p_64", "tpu_v6e_64"])
-def test_run_configs_carry_the_reference_hyperparameters(name, loss, mesh):
-    root = Path(__file__).resolve().parent.parent / "configs"
-    # the checkpoint directory does not exist here: stand in the preset of the same size for its config.json
+# The reference runs as REFERENCE §1 records them (MediX-R1 run scripts and the EasyR1 defaults they inherit), written
+# down here independently of configs/*.yaml.
+REFERENCE_LOSS = {
+    "qwen2_5_vl_3b_grpo": dict(clip_low=0.2, clip_high=0.3, kl_coef=0.01, aggregation="token_mean",
+                               sequence_ratio=False),
+    "qwen2_5_vl_3b_dapo": dict(clip_low=0.2, clip_high=0.28, kl_coef=0.0, aggregation="token_mean",
+                               sequence_ratio=False),
+    "qwen2_5_vl_7b_gspo": dict(clip_low=3e-4, clip_high=4e-4, kl_coef=0.0, aggregation="seq_mean",
+                               sequence_ratio=True),
+}
+# mesh preset -> (model size, data, fsdp, tensor, micro-batches of a 128-prompt update), docs/scaling.md
+MESH_PRESETS = {
+    "gpu_8_3b": ("3b", 1, 8, 1, 16), "gpu_8_7b": ("7b", 1, 4, 2, 32),
+    "tpu_v5p_64_3b": ("3b", 1, -1, 1, 4), "tpu_v5p_64_7b": ("7b", 1, 16, 2, 8),
+    "tpu_v6e_64": ("3b 7b", 1, 16, 4, 8),
+}
+
+
+def _run_config(name, *more, overrides=()):
     size = "qwen2_5_vl_7b" if "7b" in name else "qwen2_5_vl_3b"
-    cfg = load_config([root / f"{name}.yaml", root / "mesh" / f"{mesh}.yaml"], [f"model.preset={size}"])
-    assert {k: getattr(cfg.train.loss, k) for k in loss} == loss and cfg.train.loss.dual_clip == 3.0
-    assert cfg.train.dynamic_filtering == ("dapo" in name)
-    o = cfg.train.optim
-    assert (o.learning_rate, o.weight_decay, o.grad_clip, o.warmup_steps) == (1e-6, 0.01, 1.0, 0)
+    # the checkpoint directory does not exist here: stand in the preset of the same size for its config.json
+    return load_config([CONFIGS / f"{name}.yaml", *more], [f"model.preset={size}", *overrides])
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_LOSS))
+def test_run_configs_carry_the_reference_settings(name):
+    cfg = _run_config(name)
+    t = cfg.train
+    assert {k: getattr(t.loss, k) for k in REFERENCE_LOSS[name]} == REFERENCE_LOSS[name]
+    assert (t.loss.dual_clip, t.loss.scale_by_std, t.loss.eps) == (3.0, True, 1e-6)
+    o = t.optim
+    assert (o.learning_rate, o.weight_decay, o.b1, o.b2, o.grad_clip, o.warmup_steps, o.schedule) == (
+        1e-6, 0.01, 0.9, 0.999, 1.0, 0, "constant")
     r = cfg.rollout
-    assert (r.num_samples, r.temperature, r.top_p, r.max_new_tokens) == (5, 1.0, 1.0, 4096)
-    prompts = cfg.data.batch_size * cfg.train.rollout_batches
-    assert (prompts, cfg.train.mini_batches, cfg.data.max_prompt_tokens) == (512, 4, 4352)
-    assert (cfg.data.min_pixels, cfg.data.max_pixels) == (262144, 4194304)
-    assert prompts % (cfg.train.mini_batches * cfg.train.micro_batches) == 0
+    assert (r.num_samples, r.temperature, r.top_p, r.top_k, r.max_new_tokens) == (5, 1.0, 1.0, 0, 4096)
+    assert cfg.data.batch_size * t.rollout_batches == 512 and 512 // t.mini_batches == 128 and t.ppo_epochs == 1
+    assert (cfg.data.max_prompt_tokens, cfg.data.min_pixels, cfg.data.max_pixels) == (4352, 262144, 4194304)
+    assert t.recompute_old_logprobs is True  # the reference's actor always recomputes the old log-probs
+    assert (cfg.model.dtype, cfg.model.param_dtype, t.steps) == ("bfloat16", "float32", 200)
+    if "dapo" in name:  # online filtering: 0.01 < mean overall reward < 0.99, 128-prompt tries, at most 20
+        assert t.dynamic_filtering and (t.filter_rule, t.filter_low, t.filter_high) == ("mean_band", 0.01, 0.99)
+        assert (cfg.data.batch_size, t.max_tries) == (128, 20)
+    else:
+        assert not t.dynamic_filtering
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_LOSS))
+def test_documented_commands_give_the_documented_mesh(name):
+    """The command in each run config's header, with its mesh preset, ends with that preset's mesh and micro-batch
+    count; every preset for the model size divides the update into whole prompts."""
+    documented = re.findall(r"--config configs/mesh/(\w+)\.yaml", (CONFIGS / f"{name}.yaml").read_text())
+    assert len(documented) == 1
+    size = name.split("_")[3]
+    for preset_name, (sizes, data, fsdp, tensor, micro) in MESH_PRESETS.items():
+        if size not in sizes.split():
+            assert preset_name != documented[0]
+            continue
+        cfg = _run_config(name, CONFIGS / "mesh" / f"{preset_name}.yaml")
+        assert (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor, cfg.train.micro_batches) == (data, fsdp, tensor, micro)
+        assert 128 % micro == 0
+
+
+def test_layered_files_may_not_change_each_others_values(tmp_path):
+    run, preset_file = tmp_path / "run.yaml", tmp_path / "mesh.yaml"
+    run.write_text("train:\n  micro_batches: 64\n  steps: 7\n")
+    preset_file.write_text("mesh:\n  fsdp: 8\ntrain:\n  micro_batches: 16\n")
+    with pytest.raises(ConfigError, match=r"mesh.yaml sets train.micro_batches: 16, but .*run.yaml already set 64"):
+        load_config([run, preset_file])
+    cfg = load_config([run, preset_file], ["train.micro_batches=16"])  # on purpose: an override
+    assert (cfg.train.micro_batches, cfg.train.steps, cfg.mesh.fsdp) == (16, 7, 8)
+    run.write_text("train:\n  micro_batches: 16\n")  # the same value twice is no conflict
+    assert load_config([run, preset_file]).train.micro_batches == 16

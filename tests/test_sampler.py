@@ -1,5 +1,8 @@
 """In-JAX sampler: greedy parity with transformers generate, exact logprobs, top-k/top-p, EOS, compile reuse, mesh."""
 
+import json
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -112,7 +115,7 @@ def test_eos_stops_a_row_and_max_new_tokens_is_respected(tiny_checkpoint, rng):
     assert free_tokens.shape == (3, 12) and (np.asarray(free.lengths) <= 12).all()
     stop = int(free_tokens[0, 4])  # make row 0's fifth greedy token the end of sequence
     first_stop = [np.flatnonzero(r == stop)[0] if (r == stop).any() else None for r in free_tokens]
-    out = Sampler(SamplingConfig(max_new_tokens=12, temperature=0, eos_token_id=stop)).generate(
+    out = Sampler(SamplingConfig(max_new_tokens=12, temperature=0, stop_token_ids=(stop,))).generate(
         model, prompts, jax.random.key(0))
     tokens, keep, logprobs = np.asarray(out.tokens), np.asarray(out.mask), np.asarray(out.logprobs)
     for row, at in enumerate(first_stop):
@@ -120,6 +123,25 @@ def test_eos_stops_a_row_and_max_new_tokens_is_respected(tiny_checkpoint, rng):
         assert out.lengths[row] == n and keep[row, :n].all() and not keep[row, n:].any()
         np.testing.assert_array_equal(tokens[row, :n], free_tokens[row, :n])
         assert (tokens[row, n:] == PAD).all() and (logprobs[row, n:] == 0).all()
+
+
+def test_generation_stops_at_every_end_token_the_checkpoint_declares(tiny_checkpoint, rng, tmp_path):
+    """generation_config.json's ``eos_token_id`` list (Qwen: <|im_end|> and <|endoftext|>) ends a row at any of
+    them, not only at config.json's single eos id."""
+    _, path = tiny_checkpoint
+    ids, mask, pixels, grids = mixed_batch(rng)
+    model = load_hf(path)
+    prompts = prepare_prompts(model.config, ids, mask, pixels, grids, BUCKETS)
+    free = np.asarray(Sampler(SamplingConfig(max_new_tokens=12, temperature=0)).generate(
+        model, prompts, jax.random.key(0)).tokens)
+    second_end = int(free[0, 3])
+    declared = tmp_path / "ckpt"
+    shutil.copytree(path, declared)
+    (declared / "generation_config.json").write_text(json.dumps({"eos_token_id": [EOS, second_end]}))
+    model = load_hf(declared)
+    assert model.config.tokens.end_token_ids == (EOS, second_end)
+    out = Sampler(SamplingConfig(max_new_tokens=12, temperature=0)).generate(model, prompts, jax.random.key(0))
+    assert int(out.lengths[0]) == int(np.flatnonzero(free[0] == second_end)[0]) + 1 <= 4
 
 
 def test_same_bucket_does_not_recompile(tiny_checkpoint, rng):
@@ -142,10 +164,11 @@ def test_sharded_sampling_gives_the_same_greedy_tokens(tiny_checkpoint, rng, mes
     _, path = tiny_checkpoint
     mesh = parallel.make_mesh(mesh_sizes)
     ids, mask, pixels, grids = mixed_batch(rng)
-    ids, mask = np.concatenate([ids, ids[::-1]]), np.concatenate([mask, mask[::-1]])  # 6 rows
-    grids = np.concatenate([grids, grids[[1, 2, 0]]])  # reversed rows: text, two images, one image
+    # 8 rows (a batch that divides over data x fsdp): the three, reversed (text, two images, one image), two again
+    ids, mask = np.concatenate([ids, ids[::-1], ids[:2]]), np.concatenate([mask, mask[::-1], mask[:2]])
+    grids = np.concatenate([grids, grids[[1, 2, 0]], grids])
     n0 = 64
-    pixels = np.concatenate([pixels, pixels[n0:], pixels[:n0]])
+    pixels = np.concatenate([pixels, pixels[n0:], pixels[:n0], pixels])
     sampling = SamplingConfig(max_new_tokens=10, temperature=0, num_samples=2)
     single = load_hf(path)
     expected = Sampler(sampling).generate(single, prepare_prompts(single.config, ids, mask, pixels, grids, BUCKETS),

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from medix_jax.models.qwen2_5_vl.config import TokenIds
+from medix_jax.models.qwen2_5_vl.config import TokenIds, end_tokens
 
 MEDIX_PROMPT = (
     "You are a Medical AI Assistant with advanced reasoning capabilities\n"
@@ -67,8 +67,10 @@ def prompt_ids(tokenizer, template: str, question: str, image_tokens: list[int],
     return np.asarray(tokenizer(expanded, add_special_tokens=False)["input_ids"], np.int32)
 
 
-def token_ids(tokenizer) -> TokenIds:
-    """The model's special token ids, read from its tokenizer (Qwen2.5-VL names); never hard-coded."""
+def token_ids(tokenizer, checkpoint_dir=None) -> TokenIds:
+    """The model's special token ids, read from its tokenizer (Qwen2.5-VL names); never hard-coded. Generation
+    ends at ``<|im_end|>``, ``<|endoftext|>`` and whatever else ``checkpoint_dir``'s ``generation_config.json``
+    declares."""
     def get(token: str) -> int:
         index = tokenizer.convert_tokens_to_ids(token)
         if index is None or index == tokenizer.unk_token_id:
@@ -76,10 +78,12 @@ def token_ids(tokenizer) -> TokenIds:
         return int(index)
 
     end_of_text = get("<|endoftext|>")
+    declared = end_tokens(checkpoint_dir) if checkpoint_dir else []
     return TokenIds(
         image_token_id=get("<|image_pad|>"), video_token_id=get("<|video_pad|>"),
         vision_start_token_id=get("<|vision_start|>"), vision_end_token_id=get("<|vision_end|>"),
         bos_token_id=end_of_text if tokenizer.bos_token_id is None else int(tokenizer.bos_token_id),
         eos_token_id=get("<|im_end|>"),
+        stop_token_ids=tuple(dict.fromkeys([end_of_text, *declared])),
         pad_token_id=end_of_text if tokenizer.pad_token_id is None else int(tokenizer.pad_token_id),
     )

@@ -5,7 +5,9 @@
   cache, logits and positions are then repeated ``num_samples`` (G) times -- the prefill never runs G times.
 * **Decode** (jit, cache donated): step k samples token ``y_k`` from the current logits, stores it, and feeds it
   back at cache slot ``prompt_len + k`` with M-RoPE position ``num_prompt_tokens + rope_delta + k`` on all three
-  axes (``rope.py``). A row stops at EOS; the loop exits early once every row has stopped.
+  axes (``rope.py``). A row stops at any end token (``TokenIds.end_token_ids``: ``<|im_end|>``,
+  ``<|endoftext|>`` and what the checkpoint's ``generation_config.json`` declares); the loop exits early once every
+  row has stopped.
 * **Log-probabilities** returned are ``log softmax(logits / T)[y_k]`` in float32 over the *full* vocabulary
   (top-k/top-p truncation only restricts which tokens can be drawn, it does not renormalise the returned value):
   exactly what the GRPO loss recomputes from the policy with the same temperature. Greedy (T = 0) reports T = 1.
@@ -39,7 +41,7 @@ class SamplingConfig:
     top_p: float = 1.0  # 1 = off
     top_k: int = 0  # 0 = off
     num_samples: int = 1  # G completions per prompt
-    eos_token_id: int | None = None  # None: the model's end-of-turn token
+    stop_token_ids: tuple[int, ...] | None = None  # None: the model's end tokens; (): never stop early
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -176,7 +178,7 @@ def _prefill(graphdef, state, inputs: ModelInputs, max_new_tokens: int, num_samp
 
 @functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 10), donate_argnums=(2,))
 def _decode(graphdef, state, cache: KVCache, logits, next_position, key_valid, sampling: SamplingConfig,
-            prompt_len: int, eos: int, key, mesh: Mesh | None):
+            prompt_len: int, ends: tuple[int, ...], key, mesh: Mesh | None):
     rows, steps = logits.shape[0], sampling.max_new_tokens
     pad = nnx.merge(graphdef, state).config.tokens.pad_token_id
     slots = jnp.arange(key_valid.shape[1])
@@ -195,7 +197,7 @@ def _decode(graphdef, state, cache: KVCache, logits, next_position, key_valid, s
         tokens = tokens.at[:, step].set(token)
         logprobs = logprobs.at[:, step].set(jnp.where(done, 0.0, logprob))
         alive = alive.at[:, step].set(~done)
-        done = done | (token == eos)
+        done = done | jnp.isin(token, jnp.asarray(ends, jnp.int32))
         # Feed the token back: cache slot prompt_len + step, position num_prompt_tokens + rope_delta + step.
         index = prompt_len + step
         positions = jnp.broadcast_to((next_position + step)[None, :, None], (3, rows, 1))
@@ -234,9 +236,9 @@ class Sampler:
         prompts = parallel.shard_prompts(prompts, self.mesh)
         graphdef, state = nnx.split(model)
         s = self.sampling
-        eos = model.config.tokens.eos_token_id if s.eos_token_id is None else s.eos_token_id
+        ends = model.config.tokens.end_token_ids if s.stop_token_ids is None else s.stop_token_ids
         cache, logits, next_position, key_valid = _prefill(
             graphdef, state, prompts, s.max_new_tokens, s.num_samples, self.mesh)
         out, _ = _decode(graphdef, state, cache, logits, next_position, key_valid, s,
-                         prompts.input_ids.shape[1], eos, key, self.mesh)
+                         prompts.input_ids.shape[1], ends, key, self.mesh)
         return out

@@ -94,6 +94,13 @@ class TokenIds:
     bos_token_id: int = 151643
     eos_token_id: int = 151645
     pad_token_id: int = 151643
+    # Further end tokens generation stops at (generation_config.json's eos_token_id list; <|endoftext|> for Qwen).
+    stop_token_ids: tuple[int, ...] = (151643,)
+
+    @property
+    def end_token_ids(self) -> tuple[int, ...]:
+        """Every token that ends a generation: ``eos_token_id`` and ``stop_token_ids``."""
+        return tuple(dict.fromkeys((self.eos_token_id, *self.stop_token_ids)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +121,8 @@ class ModelConfig:
             raise ValueError(
                 f"vision.out_hidden_size {self.vision.out_hidden_size} != text.hidden_size {self.text.hidden_size}"
             )
-        ids = dataclasses.asdict(self.tokens)
+        ids = {k: v for k, v in dataclasses.asdict(self.tokens).items() if k != "stop_token_ids"}
+        ids.update({f"stop_token_ids[{i}]": v for i, v in enumerate(self.tokens.stop_token_ids)})
         too_big = {k: v for k, v in ids.items() if not 0 <= v < self.text.vocab_size}
         if too_big:
             raise ValueError(f"token ids outside the vocabulary of {self.text.vocab_size}: {too_big}")
@@ -164,6 +172,7 @@ PRESETS: dict[str, ModelConfig] = {
             bos_token_id=506,
             eos_token_id=505,
             pad_token_id=506,
+            stop_token_ids=(506,),
         ),
     ),
 }
@@ -186,8 +195,19 @@ def _hf_text_fields(d: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
+def end_tokens(checkpoint_dir: str | Path) -> list[int]:
+    """The end-of-generation ids a checkpoint declares in ``generation_config.json`` (``eos_token_id``, an id or a
+    list; Qwen2.5-VL-Instruct: ``<|im_end|>`` and ``<|endoftext|>``), or [] when it has none."""
+    path = Path(checkpoint_dir) / "generation_config.json"
+    if not path.is_file():
+        return []
+    ends = json.loads(path.read_text()).get("eos_token_id")
+    return [int(e) for e in (ends if isinstance(ends, list) else [] if ends is None else [ends])]
+
+
 def model_config_from_hf(path: str | Path, **overrides: Any) -> ModelConfig:
-    """Read a Hugging Face Qwen2.5-VL ``config.json`` (file or directory) into a ``ModelConfig``."""
+    """Read a Hugging Face Qwen2.5-VL ``config.json`` (file or directory) into a ``ModelConfig``; end tokens
+    also come from ``generation_config.json`` beside it."""
     path = Path(path)
     if path.is_dir():
         path = path / "config.json"
@@ -234,12 +254,23 @@ def model_config_from_hf(path: str | Path, **overrides: Any) -> ModelConfig:
             raise ValueError(f"{path}: a list {name} is not supported; give the single id")
         return value
 
-    ids = {f.name: token(f.name) for f in dataclasses.fields(TokenIds)}
-    ids["eos_token_id"] = ids["eos_token_id"] if ids["eos_token_id"] is not None else TokenIds.eos_token_id
+    ends = d.get("eos_token_id", t.get("eos_token_id"))
+    ends = ends if isinstance(ends, list) else [] if ends is None else [ends]
+    ends += end_tokens(path.parent)
+    ids = {f.name: token(f.name) for f in dataclasses.fields(TokenIds)
+           if f.name not in ("eos_token_id", "stop_token_ids")}
+    ids["eos_token_id"] = ends[0] if ends else TokenIds.eos_token_id
     for name in ("pad_token_id", "bos_token_id"):  # often null: fall back to end-of-sequence
         ids[name] = ids[name] if ids[name] is not None else ids["eos_token_id"]
-    tokens = TokenIds(**{k: int(v) if v is not None else getattr(TokenIds, k) for k, v in ids.items()})
+    tokens = TokenIds(**{k: int(v) if v is not None else getattr(TokenIds, k) for k, v in ids.items()},
+                      stop_token_ids=tuple(dict.fromkeys(int(e) for e in ends[1:] if e != ends[0])))
     return ModelConfig(**{"vision": vision, "text": text, "tokens": tokens, **overrides})
+
+
+def generation_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """``generation_config.json``: the end tokens generation stops at (read back by ``model_config_from_hf``)."""
+    ids = cfg.tokens
+    return {"eos_token_id": list(ids.end_token_ids), "bos_token_id": ids.bos_token_id, "pad_token_id": ids.pad_token_id}
 
 
 def model_config_to_hf(cfg: ModelConfig, torch_dtype: str | None = None) -> dict[str, Any]:
@@ -267,7 +298,7 @@ def model_config_to_hf(cfg: ModelConfig, torch_dtype: str | None = None) -> dict
         "torch_dtype": torch_dtype or cfg.param_dtype,
         "use_cache": True,
         "vocab_size": t.vocab_size,
-        **dataclasses.asdict(ids),
+        **{k: v for k, v in dataclasses.asdict(ids).items() if k != "stop_token_ids"},
         "vision_config": {
             "depth": v.depth,
             "hidden_act": "silu",

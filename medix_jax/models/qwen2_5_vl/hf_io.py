@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import shutil
 from collections.abc import Iterator
@@ -30,7 +31,12 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from medix_jax.models.qwen2_5_vl.config import ModelConfig, model_config_from_hf, model_config_to_hf
+from medix_jax.models.qwen2_5_vl.config import (
+    ModelConfig,
+    generation_config_to_hf,
+    model_config_from_hf,
+    model_config_to_hf,
+)
 from medix_jax.models.qwen2_5_vl.model import Qwen2_5_VL, abstract_model
 
 log = logging.getLogger(__name__)
@@ -258,48 +264,82 @@ def save_hf(
     the tokenizer / processor / chat-template files of ``base_dir`` when given. ``dtype`` casts the weights
     (default: as stored). In a job of several processes every process calls it (the parameters are gathered one at
     a time) and process 0 writes.
+
+    Everything is written to a hidden ``.<name>.tmp-<pid>`` next to ``out_dir`` which then replaces it, so a crash
+    mid-export leaves the previous export intact (leftovers of such a crash are cleared by the next save). Other
+    files of a previous export (not its weights) are carried over; one holding subdirectories is not replaced.
     """
     out = Path(out_dir)
     if jax.process_index() != 0:
         for _ in hub_tensors(model, dtype):
             pass
         return out
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in list(out.glob("model*.safetensors")) + [out / SAFETENSORS_INDEX]:
-        stale.unlink(missing_ok=True)
+    final = out.resolve()  # a symlink is followed: its target is replaced
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp_prefix, old_prefix = f".{final.name}.tmp-", f".{final.name}.old-"
+    for left in sorted(p for p in final.parent.iterdir() if p.name.startswith((tmp_prefix, old_prefix))):
+        if left.name.startswith(old_prefix) and not final.exists():  # killed between the two renames below
+            left.rename(final)
+        else:
+            shutil.rmtree(left)
+    carried = [p for p in final.iterdir() if p.name != SAFETENSORS_INDEX and not p.match("model*.safetensors")
+               ] if final.is_dir() else []
+    if final.exists() and not final.is_dir():
+        raise FileExistsError(f"{final} exists and is not a directory")
+    if dirs := [p.name for p in carried if p.is_dir()]:
+        raise ValueError(f"{final} holds directories {dirs}, so it is no export of ours: not replacing it")
+    work = final.parent / f"{tmp_prefix}{os.getpid()}"
+    work.mkdir()
+    try:
+        shard: dict[str, np.ndarray] = {}
+        written: list[tuple[str, list[str]]] = []  # (temporary file name, keys), renamed once the count is known
+        total = 0
 
-    shard: dict[str, np.ndarray] = {}
-    written: list[tuple[str, list[str]]] = []  # (temporary file name, keys), renamed once the count is known
-    total = 0
+        def flush():
+            name = f"part-{len(written):05d}.safetensors"
+            save_file(shard, str(work / name), metadata={"format": "pt"})
+            written.append((name, list(shard)))
+            shard.clear()
 
-    def flush():
-        name = f"part-{len(written):05d}.safetensors"
-        save_file(shard, str(out / name), metadata={"format": "pt"})
-        written.append((name, list(shard)))
-        shard.clear()
+        for key, array in hub_tensors(model, dtype):
+            if shard and sum(a.nbytes for a in shard.values()) + array.nbytes > max_shard_bytes:
+                flush()
+            shard[key] = array
+            total += array.nbytes
+        flush()
 
-    for key, array in hub_tensors(model, dtype):
-        if shard and sum(a.nbytes for a in shard.values()) + array.nbytes > max_shard_bytes:
-            flush()
-        shard[key] = array
-        total += array.nbytes
-    flush()
+        if len(written) == 1:
+            (work / written[0][0]).rename(work / "model.safetensors")
+        else:
+            weight_map = {}
+            for i, (name, keys) in enumerate(written):
+                file = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+                (work / name).rename(work / file)
+                weight_map.update({k: file for k in keys})
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (work / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
-    if len(written) == 1:
-        (out / written[0][0]).rename(out / "model.safetensors")
+        stored = str(jnp.dtype(dtype or model.config.param_dtype))
+        config = model_config_to_hf(model.config, torch_dtype=stored)
+        (work / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        if base_dir is not None:
+            for name in AUX_FILES:
+                if (Path(base_dir) / name).is_file():
+                    shutil.copy2(Path(base_dir) / name, work / name)
+        for p in carried:
+            if not (work / p.name).exists():
+                shutil.copy2(p, work / p.name)
+        if not (work / "generation_config.json").exists():  # where generation stops (vLLM, transformers, load_hf)
+            text = json.dumps(generation_config_to_hf(model.config), indent=2)
+            (work / "generation_config.json").write_text(text + "\n")
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    if final.exists():
+        old = final.parent / f"{old_prefix}{os.getpid()}"
+        final.rename(old)
+        work.rename(final)
+        shutil.rmtree(old)
     else:
-        weight_map = {}
-        for i, (name, keys) in enumerate(written):
-            final = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
-            (out / name).rename(out / final)
-            weight_map.update({k: final for k in keys})
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (out / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-
-    stored = str(jnp.dtype(dtype or model.config.param_dtype))
-    (out / "config.json").write_text(json.dumps(model_config_to_hf(model.config, torch_dtype=stored), indent=2) + "\n")
-    if base_dir is not None:
-        for name in AUX_FILES:
-            if (Path(base_dir) / name).is_file():
-                shutil.copy2(Path(base_dir) / name, out / name)
+        work.rename(final)
     return out
