@@ -38,6 +38,10 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml
 SYNTHETIC_SIZES = {"train": 256, "test": 32}
 
 
+class RewardsUnavailable(RuntimeError):
+    """Every reward was missing for ``train.max_missing_steps`` steps in a row; the run saved before stopping."""
+
+
 def prepare_embedded_data(run_dir: Path) -> str:
     """The synthetic dataset, generated and prepared once into ``run_dir/data``; returns the tfds data dir."""
     from medix_jax.data.builder import VERSION
@@ -74,7 +78,8 @@ def tokenizer_and_model_config(cfg: Config, run_dir: Path):
     if len(tokenizer) > cfg.model.text.vocab_size:
         raise ConfigError(f"model.text.vocab_size {cfg.model.text.vocab_size} is smaller than the tokenizer "
                           f"({len(tokenizer)} tokens)")
-    return tokenizer, dataclasses.replace(cfg.model, tokens=token_ids(tokenizer)), checkpoint or run_dir / "tokenizer"
+    tokens = token_ids(tokenizer, checkpoint)
+    return tokenizer, dataclasses.replace(cfg.model, tokens=tokens), checkpoint or run_dir / "tokenizer"
 
 
 def _checkpoint_dir(cfg: Config) -> Path | None:
@@ -174,6 +179,10 @@ def run(cfg: Config, rewards=None) -> Path:
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics.get('reward_composite_mean', float('nan')):.3f}",
                                 loss=f"{metrics.get('loss', float('nan')):.4f}")
+                problem = trainer.rewards_down(metrics)  # the same on every process (combined metrics)
+                if problem:
+                    save()
+                    raise RewardsUnavailable(f"stopped after step {trainer.step_count}: {problem}")
                 halt = halted()
                 if trainer.step_count % cfg.train.save_every == 0 or trainer.step_count == cfg.train.steps or halt:
                     save()
@@ -226,7 +235,11 @@ def main(argv=None, rewards=None) -> int:
     except (ValueError, RuntimeError) as e:
         print(f"medix_jax.train: {e}", file=sys.stderr)
         return 2
-    run(cfg, rewards)
+    try:
+        run(cfg, rewards)
+    except RewardsUnavailable as e:
+        print(f"medix_jax.train: {e}", file=sys.stderr)
+        return 3
     return 0
 
 

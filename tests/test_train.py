@@ -21,10 +21,10 @@ from medix_jax.checkpoint import Checkpoints
 from medix_jax.config import load_config
 from medix_jax.data.pipeline import PromptBatches, data_source
 from medix_jax.rewards.judge import JudgeConfig
-from medix_jax.rewards.pool import RewardPool, RewardsConfig
+from medix_jax.rewards.pool import RewardBatch, RewardPool, RewardsConfig
 from medix_jax.rl import grpo
-from medix_jax.rl.trainer import Trainer, _gradients
-from medix_jax.train import DEFAULT_CONFIG, build_model, prepare_embedded_data, tokenizer_and_model_config
+from medix_jax.rl.trainer import Trainer
+from medix_jax.train import DEFAULT_CONFIG, build_model, main, prepare_embedded_data, tokenizer_and_model_config
 from tests.judge_server import JudgeServer
 from tests.letter_reward import LetterReward
 
@@ -43,8 +43,9 @@ def shared_run(tmp_path_factory):
     return cfg, tokenizer, model_cfg
 
 
-def make_trainer(shared_run, rewards, mesh=None, **train_changes):
+def make_trainer(shared_run, rewards, mesh=None, model_changes=None, **train_changes):
     cfg, tokenizer, model_cfg = shared_run
+    model_cfg = dataclasses.replace(model_cfg, **(model_changes or {}))
     mesh = mesh or parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     data = PromptBatches(data_source(cfg.data), cfg.data, model_cfg, tokenizer, cfg.buckets, cfg.seed)
     train = dataclasses.replace(cfg.train, **train_changes)
@@ -114,17 +115,19 @@ def test_sharded_update_equals_single_device(shared_run, mesh_sizes):
     """Gradients, loss and the updated parameters of one update on an 8-device mesh equal the
     single-device ones to 1e-5. Parameters are compared at the reference learning rate (1e-6): Adam's first step
     is lr * sign(g) for tiny g, so at a large rate float noise in a near-zero gradient would dominate the test."""
-    single = make_trainer(shared_run, LetterReward(), micro_batches=2, optim=dataclasses.replace(
+    single = make_trainer(shared_run, LetterReward(), micro_batches=2, rollout_batches=2, optim=dataclasses.replace(
         shared_run[0].train.optim, learning_rate=1e-6))
     groups, _ = single.collect(jax.random.PRNGKey(5))
     mesh = parallel.make_mesh(mesh_sizes)
-    sharded = make_trainer(shared_run, LetterReward(), mesh=mesh, micro_batches=2, optim=single.train.optim)
+    sharded = make_trainer(shared_run, LetterReward(), mesh=mesh, micro_batches=2, rollout_batches=2,
+                           optim=single.train.optim)
     assert any(len(leaf.sharding.device_set) == 8 for leaf in jax.tree.leaves(sharded.params))
     grads = []
     for trainer in (single, sharded):
         prompts, batch = trainer._device_batch(groups)
-        g, m = _gradients(trainer.graphdef, trainer.params, None, prompts, batch, grpo.totals(batch.mask),
-                          trainer.train.loss, trainer.rollout.num_samples, trainer.rollout.temperature)
+        g, m, _ = trainer._gradients(trainer.graphdef, trainer.params, prompts, batch, grpo.totals(batch.mask),
+                                     False, trainer.train.loss, trainer.rollout.num_samples,
+                                     trainer.rollout.temperature)
         grads.append((flat_params(g), float(m["loss"])))
     (g1, loss1), (g2, loss2) = grads
     assert abs(loss1 - loss2) <= 1e-5 and max(float(np.abs(v).max()) for v in g1.values()) > 1e-3
@@ -268,3 +271,128 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     saved = max(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
     assert f"saved step {saved}" in out and saved < 200
     shutil.rmtree(run_dir)
+
+
+# -- the reference settings (issue 13): bf16, KL with scanned or unrolled layers, GSPO-token, DAPO band filtering --
+
+GSPO = grpo.LossConfig(clip_low=3e-4, clip_high=4e-4, aggregation="seq_mean", sequence_ratio=True)
+
+
+def test_bf16_gspo_first_update_is_exactly_on_policy(shared_run):
+    """bf16, GSPO-token clips 3e-4/4e-4, default settings: the old log-probabilities are the trainer's own, so the
+    first update (parameters unchanged since sampling) has ratio exactly 1 and nothing clipped, while the logged
+    sampler-vs-trainer mismatch shows the KV-cache decode's bf16 difference."""
+    trainer = make_trainer(shared_run, LetterReward(), model_changes=dict(dtype="bfloat16"), loss=GSPO)
+    assert trainer.recompute  # the default whenever the compute dtype is not float32
+    first, second = trainer.step(), trainer.step()
+    assert first["ratio_mean"] == 1.0 and first["clip_fraction"] == 0.0, first
+    assert first["logprob_mismatch_mean"] > 0 and first["logprob_mismatch_max"] >= first["logprob_mismatch_mean"]
+    assert second["optimizer_updates"] == 1 and np.isfinite(second["loss"]) and second["ratio_mean"] == 1.0
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
+def test_kl_loss_with_scanned_and_unrolled_layers(shared_run, scan):
+    """kl_coef > 0 (the 3B GRPO reference) traces with scanned layers too; the reference parameters stay where they
+    were, and the k3 KL is finite, logged, and grows once the policy has moved."""
+    trainer = make_trainer(shared_run, LetterReward(), model_changes=dict(scan_layers=scan),
+                           loss=grpo.LossConfig(kl_coef=0.01, aggregation="token_mean"))
+    reference = flat_params(trainer.ref_params)
+    first, second = trainer.step(), trainer.step()
+    assert first["kl"] == 0.0 and np.isfinite(second["kl"]) and second["kl"] > 0, (first["kl"], second["kl"])
+    held = flat_params(trainer.ref_params)
+    assert all(np.array_equal(held[k], reference[k]) for k in reference)
+    moved = flat_params(trainer.params)
+    assert any(not np.array_equal(moved[k], reference[k]) for k in reference)
+
+
+class GroupPattern(LetterReward):
+    """Rewards by position in the group (G = 8), per answer: a group of mean 0.995 (not all equal), a group of
+    mean 0.5, and a group whose rewards are all 0.5."""
+
+    patterns = {"circle": [1.0] * 7 + [0.96], "square": [0.5] * 8}
+    other = [1.0, 0.0] * 4
+
+    def score(self, completions, solutions):
+        batch = super().score(completions, solutions)
+        composite = []
+        for i, s in enumerate(solutions):
+            pattern = next((p for word, p in self.patterns.items() if s.endswith(word)), self.other)
+            composite.append(pattern[i % 8])
+        return batch._replace(composite=np.asarray(composite, np.float32))
+
+
+def test_dapo_band_filtering_keeps_groups_whose_mean_is_inside(shared_run):
+    """The reference's online filtering: a group is kept when 0.01 < mean reward < 0.99. A group of mean 0.995 is
+    dropped although its rewards differ; a group of mean 0.5 is kept, also when all its rewards are 0.5."""
+    trainer = make_trainer(shared_run, GroupPattern(), dynamic_filtering=True, rollout_batches=2, max_tries=8)
+    groups, metrics = trainer.collect(jax.random.PRNGKey(0))
+    answers = [g.example["solution"] for g in groups if g.mask.any()]
+    assert answers and not any(a.endswith("circle") for a in answers)
+    assert any(a.endswith("square") for a in answers)  # all rewards equal, mean 0.5: kept
+    means = [float(g.rewards.mean()) for g in groups if g.mask.any()]
+    assert all(0.01 < m < 0.99 for m in means), means
+    distinct = make_trainer(shared_run, GroupPattern(), dynamic_filtering=True, rollout_batches=2, max_tries=8,
+                            filter_rule="distinct")
+    kept = [g.example["solution"] for g in distinct.collect(jax.random.PRNGKey(0))[0] if g.mask.any()]
+    assert not any(a.endswith("square") for a in kept) and any(a.endswith("circle") for a in kept)
+    for _ in range(2):
+        assert np.isfinite(trainer.step()["loss"])
+
+
+def test_a_mini_batch_without_signal_makes_no_update(shared_run):
+    """All advantages 0 (every reward equal) and no KL: AdamW would only decay the weights, so no update is made,
+    and the skipped update is counted."""
+
+    class Flat(LetterReward):
+        def score(self, completions, solutions):
+            batch = super().score(completions, solutions)
+            return batch._replace(composite=np.full_like(batch.composite, 0.5))
+
+    trainer = make_trainer(shared_run, Flat(), mini_batches=2)
+    before = flat_params(trainer.params)
+    metrics = trainer.step()
+    assert metrics["optimizer_updates"] == 0 and metrics["updates_skipped"] == 2
+    after = flat_params(trainer.params)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_gradients_keep_the_parameters_shardings(shared_run):
+    """fsdp=4 x tensor=2: every gradient (and the accumulated sum) is sharded like its parameter, so a device holds
+    exactly its share of the parameters' bytes in gradients."""
+    mesh = parallel.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
+    trainer = make_trainer(shared_run, LetterReward(), mesh=mesh, micro_batches=2, rollout_batches=2)
+    groups, _ = trainer.collect(jax.random.PRNGKey(1))
+    grads = None
+    for part in (groups[0::2], groups[1::2]):
+        prompts, batch = trainer._device_batch(part)
+        g, _, _ = trainer._gradients(trainer.graphdef, trainer.params, prompts, batch, grpo.totals(batch.mask),
+                                     np.asarray(False), trainer.train.loss, trainer.rollout.num_samples,
+                                     trainer.rollout.temperature)
+        grads = g if grads is None else trainer._accumulate(grads, g)
+        for total in (g, grads):
+            pairs = list(zip(jax.tree.leaves(total), jax.tree.leaves(trainer.params), strict=True))
+            assert all(a.sharding.is_equivalent_to(p.sharding, p.ndim) for a, p in pairs)
+            per_device = lambda tree: sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))  # noqa
+            assert per_device(total) == per_device(trainer.params)
+
+
+class NoReward(LetterReward):
+    """Every reward missing (e.g. the judge down): the components' NaN and invalid samples."""
+
+    active = ["judge"]
+
+    def score(self, completions, solutions):
+        n = len(completions)
+        return RewardBatch({"llm": np.full(n, np.nan, np.float32)}, np.zeros(n, np.float32), np.zeros(n, bool),
+                           {"reward_composite_mean": float("nan"), "reward_llm_missing": float(n),
+                            "reward_invalid": float(n)})
+
+
+def test_a_run_with_every_reward_missing_saves_and_stops(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    code = main([*FAST, f"train.run_dir={run_dir}", "train.steps=10", "train.max_missing_steps=2",
+                 "train.export_hf=false", "mesh.fsdp=4", "mesh.tensor=2"], rewards=NoReward())  # 8 test devices
+    assert code == 3
+    err = capsys.readouterr().err
+    assert "stopped after step 2" in err and "llm (32 missing)" in err, err
+    assert Checkpoints(run_dir / "checkpoints", 3).manager.latest_step() == 2

@@ -82,6 +82,7 @@ def policy_loss(logp, old_logp, advantages, mask, cfg: LossConfig, denominators:
     m = mask.astype(jnp.float32)
     lengths = jnp.maximum(m.sum(1), 1.0)
     log_ratio = jnp.where(mask, logp - old_logp, 0.0)
+    drift = jnp.abs(log_ratio)  # |logp - old| per token (on the first pass: the sampler-vs-trainer mismatch)
     if cfg.sequence_ratio:  # eq. 2, GSPO-token
         seq_log_ratio = log_ratio.sum(1, keepdims=True) / lengths[:, None]
         log_ratio = jax.lax.stop_gradient(seq_log_ratio) + logp - jax.lax.stop_gradient(logp)
@@ -106,6 +107,8 @@ def policy_loss(logp, old_logp, advantages, mask, cfg: LossConfig, denominators:
         "clip_fraction": per_token((clipped > unclipped).astype(jnp.float32)),
         "ratio_mean": per_token(ratio),
         "kl": per_token(kl),
+        "logprob_diff": per_token(drift),
+        "logprob_diff_max": jnp.max(drift),
     }
     return total, metrics
 

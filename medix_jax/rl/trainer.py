@@ -4,15 +4,27 @@ One step (``Trainer.step``):
 
 1. **Collect.** Draw ``rollout_batches`` prompt batches, sample G completions per prompt with the in-JAX sampler
    (``rl/sampler.py``), decode them, score them on the host (``rewards/pool.py``; batch k is scored while batch k+1
-   is sampled) and compute group advantages (``grpo.py`` eq. 1). With ``dynamic_filtering`` (DAPO) groups whose
-   valid rewards are all equal are dropped and more batches are drawn, at most ``max_tries`` in all, until the step
-   has its prompts; a shortfall is filled with masked copies (static shapes; they contribute nothing).
+   is sampled) and compute group advantages (``grpo.py`` eq. 1). With ``dynamic_filtering`` (DAPO, the
+   reference's ``online_filtering``) a group is kept only if the mean of its valid composite rewards lies strictly
+   between ``filter_low`` and ``filter_high`` (``filter_rule: mean_band``; ``distinct`` keeps groups whose rewards
+   are not all equal), and more prompt batches are drawn until the step has its prompts. ``max_tries`` counts the
+   prompt batches (``data.batch_size`` prompts each, the reference's ``mini_rollout_batch_size``) drawn in the
+   step, the first ones included (the reference's ``max_try_make_batch``); where the reference then raises, a
+   shortfall here is filled with masked copies (static shapes; they contribute nothing), reported on stdout and
+   in ``groups_kept``.
 2. **Update.** ``ppo_epochs`` passes over ``mini_batches`` mini-batches; each is one AdamW update (``optim``)
    whose gradient is accumulated over ``micro_batches`` micro-batches (``grpo.Totals`` keeps the mini-batch
    denominators, so accumulation is exact). Micro-batch m of the n = mini x micro holds groups m, m + n, m + 2n, ...
    of the step. The policy's log-probabilities come from one forward pass over prompt + completion
    (``completion_logits``); the vision tower runs once per prompt, not once per sample. Old log-probabilities are
-   the sampler's unless ``recompute_old_logprobs``; the reference policy exists only when ``loss.kl_coef > 0``.
+   recomputed by the trainer's own forward before the update (as the reference always does) whenever the compute
+   dtype is not float32 -- the sampler's KV-cache decode in bf16 differs from the full forward by up to ~1e-2 per
+   token, which alone would clip GSPO's 3e-4 band -- and the sampler's otherwise (``recompute_old_logprobs``
+   overrides). ``logprob_mismatch_{mean,max}`` logs the sampler-vs-trainer |delta log p| over completion tokens
+   every step. The reference policy exists only when ``loss.kl_coef > 0``; its log-probabilities are computed
+   once per step, outside the gradient, like the old ones. A mini-batch with nothing to learn from (only masked
+   filler, or all advantages 0 without a KL term) makes no optimizer update: AdamW would only decay the weights.
+   Gradients and their accumulator keep the parameters' shardings.
 
 Randomness is ``fold_in(seed, step)``, so a run resumed from a checkpoint (parameters, optimizer, step, data
 iterator state) repeats exactly what the uninterrupted run would have done.
@@ -71,17 +83,24 @@ class TrainConfig:
     ppo_epochs: int = 1
     mini_batches: int = 1  # optimizer updates per epoch (reference: 512 prompts / 128 = 4)
     micro_batches: int = 1  # gradient accumulation inside each update
-    recompute_old_logprobs: bool = False
-    dynamic_filtering: bool = False  # DAPO
-    max_tries: int = 20  # prompt batches drawn per step at most when filtering
+    recompute_old_logprobs: bool | None = None  # None: when model.dtype is not float32 (module docstring)
+    dynamic_filtering: bool = False  # DAPO online filtering (module docstring)
+    filter_rule: Literal["mean_band", "distinct"] = "mean_band"  # reference: filter_low < mean reward < filter_high
+    filter_low: float = 0.01
+    filter_high: float = 0.99
+    max_tries: int = 20  # prompt batches drawn per step at most when filtering, the first ones included
+    max_missing_steps: int = 3  # stop (after a save) when every reward is missing this many steps in a row; 0: never
     save_every: int = 50  # checkpoint every this many steps (and at the end, and on SIGTERM / SIGINT)
     keep_checkpoints: int = 3
     export_hf: bool = True  # write an HF directory (run_dir/hf) at the end
 
     def __post_init__(self):
         if min(self.steps, self.rollout_batches, self.ppo_epochs, self.mini_batches, self.micro_batches,
-               self.max_tries, self.save_every, self.keep_checkpoints) < 1:
+               self.max_tries, self.save_every, self.keep_checkpoints) < 1 or self.max_missing_steps < 0:
             raise ValueError(f"train: counts must be >= 1 ({self})")
+        if not 0 <= self.filter_low < self.filter_high <= 1:
+            raise ValueError(f"train: need 0 <= filter_low < filter_high <= 1, got {self.filter_low}, "
+                             f"{self.filter_high}")
 
 
 def make_optimizer(cfg: OptimConfig, total_updates: int) -> optax.GradientTransformation:
@@ -111,6 +130,7 @@ class Completions(NamedTuple):
     mask: jax.Array  # [N, T]
     old_logprobs: jax.Array  # [N, T]
     advantages: jax.Array  # [N]
+    ref_logprobs: jax.Array | None = None  # [N, T], when loss.kl_coef > 0
 
 
 def completion_logits(model: Qwen2_5_VL, prompts: ModelInputs, tokens: jax.Array, mask: jax.Array,
@@ -139,39 +159,50 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array, temperature: float) -> 
     return jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tokens[..., None], axis=-1)[..., 0]
 
 
-def _loss(params, graphdef, ref_params, prompts, batch: Completions, totals: grpo.Totals, loss_cfg: grpo.LossConfig,
+def _loss(params, graphdef, prompts, batch: Completions, totals: grpo.Totals, own_old, loss_cfg: grpo.LossConfig,
           num_samples: int, temperature: float):
     model = nnx.merge(graphdef, params)
     logits = completion_logits(model, prompts, batch.tokens, batch.mask, num_samples)
     logp = token_logprobs(logits, batch.tokens, temperature)
-    ref = None
-    if ref_params is not None:
-        ref_logits = completion_logits(nnx.merge(graphdef, ref_params), prompts, batch.tokens, batch.mask,
-                                       num_samples)
-        ref = jax.lax.stop_gradient(token_logprobs(ref_logits, batch.tokens, temperature))
-    loss, metrics = grpo.policy_loss(logp, batch.old_logprobs, batch.advantages, batch.mask, loss_cfg, totals, ref)
+    old = jnp.where(own_old, jax.lax.stop_gradient(logp), batch.old_logprobs)
+    loss, metrics = grpo.policy_loss(logp, old, batch.advantages, batch.mask, loss_cfg, totals, batch.ref_logprobs)
     scaled = logits / (temperature if temperature > 0 else 1.0)
     metrics["entropy"] = grpo.entropy(jax.lax.stop_gradient(scaled), batch.mask, totals)
     metrics["loss"] = loss
-    return loss, metrics
+    return loss, (metrics, jax.lax.stop_gradient(logp))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8))
-def _gradients(graphdef, params, ref_params, prompts, batch, totals, loss_cfg, num_samples, temperature):
-    grads, metrics = jax.grad(_loss, has_aux=True)(params, graphdef, ref_params, prompts, batch, totals, loss_cfg,
-                                                   num_samples, temperature)
-    return grads, metrics
+def _gradients(graphdef, params, prompts, batch, totals, own_old, loss_cfg, num_samples, temperature,
+               param_shardings=None, mesh=None):
+    """(gradients, metrics, per-token log-probabilities) of one micro-batch. ``own_old`` (a boolean array): the
+    old log-probabilities are this forward's own -- exact for a mini-batch the parameters have not moved on since
+    sampling, where a second program's bf16 forward would differ in the last bits. With ``param_shardings`` the
+    gradients keep the parameters' shardings and the log-probabilities are split over the mesh's batch axes."""
+    grads, (metrics, logp) = jax.grad(_loss, has_aux=True)(params, graphdef, prompts, batch, totals, own_old,
+                                                           loss_cfg, num_samples, temperature)
+    if param_shardings is not None:
+        grads = jax.lax.with_sharding_constraint(grads, param_shardings)
+        logp = _split_batch(logp, mesh)
+    return grads, metrics, logp
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5))
-def _logprobs(graphdef, params, prompts, batch: Completions, num_samples, temperature):
+def _split_batch(a, mesh):
+    return jax.lax.with_sharding_constraint(
+        a, NamedSharding(mesh, parallel.logical_spec(("batch",) + (None,) * (a.ndim - 1), a.shape, mesh)))
+
+
+def _logprobs(graphdef, params, prompts, batch: Completions, num_samples, temperature, mesh):
+    """Per-token log-probabilities ``[N, T]`` of the completions under ``params`` (old or reference policy),
+    split over the batch axes like the completions."""
     logits = completion_logits(nnx.merge(graphdef, params), prompts, batch.tokens, batch.mask, num_samples)
-    return token_logprobs(logits, batch.tokens, temperature)
+    return _split_batch(token_logprobs(logits, batch.tokens, temperature), mesh)
 
 
-@functools.partial(jax.jit, donate_argnums=(0,))
-def _accumulate(total, grads):
-    return jax.tree.map(jnp.add, total, grads)
+@jax.jit
+def _mismatch(sampler, trainer, mask):
+    """(sum, count, max) of ``|sampler - trainer|`` over completion tokens."""
+    diff = jnp.where(mask, jnp.abs(sampler - trainer), 0.0)
+    return diff.sum(), mask.sum(), diff.max()
 
 
 class Trainer:
@@ -205,6 +236,15 @@ class Trainer:
         self.ref_params = jax.tree.map(jnp.copy, self.params) if train.loss.kl_coef > 0 else None
         self.sampler = Sampler(rollout, mesh)
         self.step_count = 0
+        self.missing_steps = 0  # consecutive steps in which every reward was missing
+        self.recompute = model.config.dtype != "float32" if train.recompute_old_logprobs is None \
+            else train.recompute_old_logprobs
+        # Gradients and their running sum keep the parameters' shardings (else XLA may replicate them).
+        self._gradients = jax.jit(functools.partial(_gradients, param_shardings=param_shardings, mesh=mesh),
+                                  static_argnums=(0, 6, 7, 8))
+        self._accumulate = jax.jit(lambda total, grads: jax.tree.map(jnp.add, total, grads), donate_argnums=(0,),
+                                   out_shardings=param_shardings)
+        self._logprobs = jax.jit(_logprobs, static_argnums=(0, 4, 5, 6))
         self._apply = jax.jit(self._apply_fn, donate_argnums=(0, 1),
                               out_shardings=(param_shardings, opt_shardings, replicated))
 
@@ -218,7 +258,7 @@ class Trainer:
 
     @property
     def compile_count(self) -> int:
-        return (self.sampler.compile_count + _gradients._cache_size() + _logprobs._cache_size()
+        return (self.sampler.compile_count + self._gradients._cache_size() + self._logprobs._cache_size()
                 + self._apply._cache_size())
 
     # -- collect ---------------------------------------------------------------------------------------------------
@@ -236,6 +276,15 @@ class Trainer:
         future: cf.Future = cf.Future()
         future.set_result(self.rewards.score(texts, solutions))
         return future
+
+    def _informative(self, group: Group) -> bool:
+        """DAPO online filtering (module docstring); a group needs two valid samples for a baseline."""
+        rewards = group.rewards[group.mask.any(1)]
+        if len(rewards) < 2:
+            return False
+        if self.train.filter_rule == "distinct":
+            return float(rewards.max() - rewards.min()) > 0
+        return self.train.filter_low < float(rewards.mean()) < self.train.filter_high
 
     def _groups(self, batch: PromptBatch, out: SampleOutput, scored) -> tuple[list[Group], dict]:
         g = self.rollout.num_samples
@@ -289,10 +338,13 @@ class Trainer:
             if template is None:
                 template = groups[0]
             per_try.append(m)
-            kept += [grp for grp in groups if _informative(grp)] if filtering else groups
+            kept += [grp for grp in groups if self._informative(grp)] if filtering else groups
         metrics = {k: _combine(k, [m[k] for m in per_try if k in m]) for k in per_try[0]}
         metrics.update(rollout_seconds=sample_s, reward_wait_seconds=wait_s, rollout_batches=float(tries),
                        groups_kept=float(min(len(kept), want)))
+        if len(kept) < want:
+            print(f"trainer: step {self.step_count}: {len(kept)} of {want} groups kept after {tries} prompt batches "
+                  f"(train.max_tries {self.train.max_tries}); the rest are masked filler", flush=True)
         filler = template._replace(mask=np.zeros_like(template.mask), advantages=np.zeros_like(template.advantages))
         kept = kept[:want] + [filler] * max(0, want - len(kept))
         adv = np.concatenate([grp.advantages for grp in kept])
@@ -308,38 +360,66 @@ class Trainer:
         prompts = collate(examples, self.model_cfg, self.buckets, parallel.host_max(sizes(examples, self.model_cfg)))
         stack = lambda field: np.concatenate([getattr(grp, field) for grp in groups])  # noqa: E731
         batch = Completions(stack("tokens"), stack("mask"), stack("logprobs"), stack("advantages"))
-        batch = Completions(*(parallel.batch_array(a, self.mesh) for a in batch))
+        batch = Completions(*(parallel.batch_array(a, self.mesh) for a in batch[:4]))
         return parallel.shard_prompts(prompts.inputs, self.mesh), batch
 
     def update(self, groups: list[Group]) -> dict:
         t = self.train
         parts = t.mini_batches * t.micro_batches
-        temperature = self.rollout.temperature
+        temperature, g = self.rollout.temperature, self.rollout.num_samples
         device = [self._device_batch(groups[m::parts]) for m in range(parts)]
-        if t.recompute_old_logprobs:
-            device = [(p, b._replace(old_logprobs=_logprobs(self.graphdef, self.params, p, b, self.rollout.num_samples,
-                                                            temperature))) for p, b in device]
-        minis = []  # (micro-batches, denominators) per mini-batch that has any token to learn from
+        minis = []  # (micro-batches, denominators) per mini-batch that has something to learn from
         for k in range(t.mini_batches):
             chunk = device[k * t.micro_batches: (k + 1) * t.micro_batches]
             mask = jnp.concatenate([b.mask for _, b in chunk])  # the mini-batch's, over all processes
-            if bool(mask.any()):  # only masked filler: no update at all (AdamW would still move the weights)
+            signal = jnp.concatenate([b.mask.any(1) & (b.advantages != 0) for _, b in chunk])
+            if bool(signal.any()) or (t.loss.kl_coef > 0 and bool(mask.any())):
                 minis.append((chunk, grpo.totals(mask)))
-        sums: dict[str, float] = {}
+        # Old and reference log-probabilities: once per step, before any update. The first mini-batch's old ones come
+        # from its own first gradient pass (the parameters have not moved yet); later ones from a forward pass now.
+        mismatch = np.zeros(3)  # sum, count, max of |sampler - trainer| log-probs over completion tokens
+
+        def measure(sampler_logp, trainer_logp, mask):
+            total, count, peak = _mismatch(sampler_logp, trainer_logp, mask)
+            mismatch[:] = mismatch[0] + float(total), mismatch[1] + float(count), max(mismatch[2], float(peak))
+
+        for k, (chunk, _) in enumerate(minis):
+            for i, (prompts, batch) in enumerate(chunk):
+                if self.recompute and k > 0:
+                    old = self._logprobs(self.graphdef, self.params, prompts, batch, g, temperature, self.mesh)
+                    measure(batch.old_logprobs, old, batch.mask)
+                    batch = batch._replace(old_logprobs=old)
+                if self.ref_params is not None:
+                    batch = batch._replace(ref_logprobs=self._logprobs(
+                        self.graphdef, self.ref_params, prompts, batch, g, temperature, self.mesh))
+                chunk[i] = (prompts, batch)
+        per_update: list[dict[str, float]] = []
         norms = []
-        for _ in range(t.ppo_epochs):
-            for chunk, totals in minis:
+        for epoch in range(t.ppo_epochs):
+            for k, (chunk, totals) in enumerate(minis):
+                own = self.recompute and epoch == 0 and k == 0
                 grads = None
-                for prompts, batch in chunk:
-                    g, m = _gradients(self.graphdef, self.params, self.ref_params, prompts, batch, totals,
-                                      t.loss, self.rollout.num_samples, temperature)
-                    grads = g if grads is None else _accumulate(grads, g)
-                    for key, value in m.items():
-                        sums[key] = sums.get(key, 0.0) + float(value)
+                sums: dict[str, float] = {}
+                for i, (prompts, batch) in enumerate(chunk):
+                    grad, m, logp = self._gradients(self.graphdef, self.params, prompts, batch, totals,
+                                                    jnp.asarray(own), t.loss, g, temperature)
+                    if own:  # later epochs reuse these old log-probabilities
+                        measure(batch.old_logprobs, logp, batch.mask)
+                        chunk[i] = (prompts, batch._replace(old_logprobs=logp))
+                    grads = grad if grads is None else self._accumulate(grads, grad)
+                    for key, value in m.items():  # per-token means over the mini-batch add up over its parts
+                        sums[key] = max(sums.get(key, 0.0), float(value)) if key.endswith("_max") \
+                            else sums.get(key, 0.0) + float(value)
+                per_update.append(sums)
                 self.params, self.opt_state, norm = self._apply(self.params, self.opt_state, grads)
                 norms.append(float(norm))
-        metrics = {k: v / max(len(norms), 1) for k, v in sums.items()}
-        metrics.update(grad_norm=float(np.mean(norms)) if norms else 0.0, optimizer_updates=float(len(norms)))
+        metrics = {k: max(u[k] for u in per_update) if k.endswith("_max")
+                   else float(np.mean([u[k] for u in per_update])) for k in (per_update[0] if per_update else {})}
+        if not self.recompute and per_update:  # the first mini-batch saw the sampler's parameters unchanged
+            mismatch = [per_update[0]["logprob_diff"], 1.0, per_update[0]["logprob_diff_max"]]
+        metrics.update(grad_norm=float(np.mean(norms)) if norms else 0.0, optimizer_updates=float(len(norms)),
+                       updates_skipped=float(t.mini_batches - len(minis)) * t.ppo_epochs,
+                       logprob_mismatch_mean=mismatch[0] / max(mismatch[1], 1.0), logprob_mismatch_max=mismatch[2])
         return metrics
 
     def step(self) -> dict:
@@ -360,7 +440,20 @@ class Trainer:
             metrics = {k: _combine(k, [m.get(k, float("nan")) for m in per_process], over="processes")
                        for k in per_process[0]}
         metrics["tokens_per_second"] = metrics.get("response_tokens", 0.0) / metrics["step_seconds"]
+        no_reward = np.isnan(metrics.get("reward_composite_mean", np.nan))  # no valid reward in any process
+        self.missing_steps = self.missing_steps + 1 if no_reward else 0
         return metrics
+
+    def rewards_down(self, metrics: dict) -> str | None:
+        """Why the run must stop: every reward missing for ``train.max_missing_steps`` steps in a row (the
+        components that failed, from the step's metrics), or None."""
+        if not self.train.max_missing_steps or self.missing_steps < self.train.max_missing_steps:
+            return None
+        failing = [f"{k[len('reward_'):-len('_missing')]} ({v:.0f} missing)" for k, v in metrics.items()
+                   if k.startswith("reward_") and k.endswith("_missing") and v > 0]
+        return (f"every reward was missing for {self.missing_steps} steps in a row; failing: "
+                f"{', '.join(failing) or 'unknown (no component reported a missing value)'}. Check the reward "
+                "services (e.g. rewards.judge.url) and resume: the run saved its state")
 
 
 def _combine(key: str, values: list[float], over: str = "batches") -> float:
@@ -380,10 +473,3 @@ def _combine(key: str, values: list[float], over: str = "batches") -> float:
             or key.endswith(("_missing", "_invalid")):
         return float(np.nansum(values))
     return float(np.nanmean(values)) if not np.isnan(values).all() else float("nan")
-
-
-def _informative(group: Group) -> bool:
-    """DAPO dynamic sampling: a group is kept only if its valid rewards are not all equal (else no signal)."""
-    valid = group.mask.any(1)
-    rewards = group.rewards[valid]
-    return len(rewards) >= 2 and float(rewards.max() - rewards.min()) > 0
