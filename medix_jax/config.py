@@ -222,6 +222,17 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _leaves(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """``{dotted key: value}`` of a nested mapping's non-mapping values."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def _merge(base: dict, top: dict) -> dict:
     """``top`` over ``base``, section by section."""
     out = dict(base)
@@ -232,12 +243,23 @@ def _merge(base: dict, top: dict) -> dict:
 
 def load_config(path: str | Path | list | tuple | None = None, overrides: list[str] | tuple[str, ...] = (),
                 cls: type = Config) -> Any:
-    """Defaults <- YAML file(s), later ones over earlier ones (e.g. a run config, then a mesh preset) <- dotted
-    overrides, validated into ``cls``."""
+    """Defaults <- YAML file(s) (e.g. a run config, then a mesh preset) <- dotted overrides, validated into ``cls``.
+    Files add to each other: a file that sets a key an earlier file set to another value is an error (a mesh preset
+    must not silently change the run's settings); a dotted override is how to change one on purpose."""
     paths = [] if path is None else [path] if isinstance(path, str | Path) else list(path)
     raw: dict[str, Any] = {}
+    origin: dict[str, Path] = {}
+    overridden = {item.split("=", 1)[0].strip() for item in overrides}
     for p in paths:
-        raw = _merge(raw, load_yaml(p))
+        layer = load_yaml(p)
+        ours = _leaves(raw)
+        for key, value in _leaves(layer).items():
+            if key in ours and ours[key] != value and key not in overridden:
+                raise ConfigError(f"{p} sets {key}: {value!r}, but {origin[key]} already set {ours[key]!r}: layered "
+                                  f"config files may not change each other's values; to override on purpose, "
+                                  f"pass {key}=VALUE on the command line")
+            origin.setdefault(key, Path(p))
+        raw = _merge(raw, layer)
     for item in overrides:
         parts, value = parse_override(item)
         _set_dotted(raw, parts, value)
