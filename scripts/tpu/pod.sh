@@ -73,7 +73,7 @@ case "$action" in
       --command="rm -rf medix_jax && mkdir medix_jax && tar -xzf medix_jax.tar.gz -C medix_jax && cd medix_jax && MEDIX_EXTRAS=tpu bash scripts/setup.sh"
     ;;
   launch)
-    [[ ${#train_args[@]} -gt 0 ]] || { echo "pod.sh: launch needs training arguments after --, e.g. -- --config configs/qwen2_5_vl_3b_grpo.yaml --config configs/mesh/tpu_v5p_64.yaml" >&2; exit 2; }
+    [[ ${#train_args[@]} -gt 0 ]] || { echo "pod.sh: launch needs training arguments after --, e.g. -- --config configs/qwen2_5_vl_3b_grpo.yaml --config configs/mesh/tpu_v5p_64_3b.yaml" >&2; exit 2; }
     quoted="$(printf '%q ' "${train_args[@]}")"
     run gcloud compute tpus tpu-vm ssh "$name" "${common[@]}" --worker=all \
       --command="cd medix_jax && nohup .venv/bin/python -m medix_jax.train ${quoted}> train.log 2>&1 &"
