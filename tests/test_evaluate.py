@@ -13,8 +13,17 @@ import yaml
 from medix_jax.data.prompts import MEDIX_PROMPT, token_ids
 from medix_jax.data.synthetic import draw_example, png_bytes
 from medix_jax.data.tokenizer import train_tokenizer
-from medix_jax.evaluate import (Judge, OpenAIGenerator, Task, evaluate, load_items, load_tasks, main, make_generator,
-                                parse_score)
+from medix_jax.evaluate import (
+    Judge,
+    OpenAIGenerator,
+    Task,
+    evaluate,
+    load_items,
+    load_tasks,
+    main,
+    make_generator,
+    parse_score,
+)
 from medix_jax.models.qwen2_5_vl import init_model
 from medix_jax.models.qwen2_5_vl.config import preset
 from medix_jax.models.qwen2_5_vl.hf_io import save_hf
