@@ -178,7 +178,7 @@ def run(cfg: Config, rewards=None) -> Path:
                 writer.write(trainer.step_count, metrics)
                 bar.update(1)
                 bar.set_postfix(reward=f"{metrics.get('reward_composite_mean', float('nan')):.3f}",
-                                loss=f"{metrics.get('loss', float('nan')):.4f}")
+                                loss=f"{metrics['loss']:.4f}" if "loss" in metrics else "no update (no signal)")
                 problem = trainer.rewards_down(metrics)  # the same on every process (combined metrics)
                 if problem:
                     save()
