@@ -151,6 +151,9 @@ def _int_env(name: str) -> int | None:
     return int(value) if value else None
 
 
+BATCH_AXES = ("batch",)  # logical axes of activations: never replicated when they do not divide
+
+
 def logical_spec(axes, shape, mesh: Mesh, rules: Mapping | None = None) -> PartitionSpec:
     """PartitionSpec for a tensor with logical ``axes``; divisibility is checked per dimension. A parameter
     dimension that its mesh axes do not divide is replicated; a ``batch`` dimension is an error (replicating the
@@ -163,8 +166,6 @@ def logical_spec(axes, shape, mesh: Mesh, rules: Mapping | None = None) -> Parti
                              "data.batch_size, rollout.num_samples or train.micro_batches)")
     return spec
 
-
-BATCH_AXES = ("batch",)
 
 
 def _resolve(axes, shape, mesh: Mesh, rules: Mapping | None):

@@ -359,8 +359,8 @@ class Trainer:
         examples = [grp.example for grp in groups]
         prompts = collate(examples, self.model_cfg, self.buckets, parallel.host_max(sizes(examples, self.model_cfg)))
         stack = lambda field: np.concatenate([getattr(grp, field) for grp in groups])  # noqa: E731
-        batch = Completions(stack("tokens"), stack("mask"), stack("logprobs"), stack("advantages"))
-        batch = Completions(*(parallel.batch_array(a, self.mesh) for a in batch[:4]))
+        batch = Completions(*(parallel.batch_array(stack(field), self.mesh)
+                              for field in ("tokens", "mask", "logprobs", "advantages")))
         return parallel.shard_prompts(prompts.inputs, self.mesh), batch
 
     def update(self, groups: list[Group]) -> dict:
