@@ -10,6 +10,8 @@ tensor=4), with a warning at start-up; a batch dimension that does not divide is
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
 import json
@@ -44,8 +46,14 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     # never sharded
     "norm": None,
     "layers": None,  # the stacked-layer axis of scanned models
-    # activations
+    # activations (parallel.constrain): hidden states [batch, length, act_embed], heads and MLP over tensor
     "batch": ("data", "fsdp"),
+    "length": None,
+    "act_embed": None,
+    "act_heads": "tensor",
+    "act_kv_heads": "tensor",
+    "act_mlp": "tensor",
+    "act_vocab": "tensor",
 }
 
 
@@ -73,14 +81,29 @@ def make_mesh(sizes: Mapping[str, int], devices=None) -> Mesh:
     if math.prod(dcn) > 1:
         tpu = devices.flat[0].platform == "tpu"  # TPU: slices are the granules; elsewhere one process (node) is
         try:
-            grid = jax.experimental.mesh_utils.create_hybrid_device_mesh(
-                shape, dcn, devices=list(devices.flat), process_is_granule=not tpu)
+            grid = _on_torus(functools.partial(jax.experimental.mesh_utils.create_hybrid_device_mesh, shape, dcn,
+                                               devices=list(devices.flat), process_is_granule=not tpu), shape)
         except ValueError as e:
             raise ValueError(f"mesh dcn sizes {dcn} need {math.prod(dcn)} TPU slices (or, on GPUs, processes): "
                              f"{e}") from None
     else:
-        grid = jax.experimental.mesh_utils.create_device_mesh(shape, devices=list(devices.flat))
+        grid = _on_torus(functools.partial(jax.experimental.mesh_utils.create_device_mesh, shape,
+                                           devices=list(devices.flat)), shape)
     return Mesh(grid, MESH_AXES)
+
+
+def _on_torus(create: Callable[..., np.ndarray], shape: list[int]) -> np.ndarray:
+    """``create()`` (a ``mesh_utils`` call); where a TPU torus cannot give each mesh axis whole physical axes (fsdp
+    16 x tensor 4 on v6e 8x8), again with physical axes split over mesh axes -- slower collectives on the split
+    axes, but the mesh the config asks for. A ValueError naming the mesh and the topology when even that fails."""
+    try:
+        return create()
+    except NotImplementedError as first:
+        try:
+            return create(allow_split_physical_axes=True)
+        except (NotImplementedError, ValueError, AssertionError) as e:
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, shape, strict=True))} cannot be laid out on this "
+                             f"topology, not even with physical axes split ({e}; first: {first})") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +189,40 @@ def logical_spec(axes, shape, mesh: Mesh, rules: Mapping | None = None) -> Parti
                              "data.batch_size, rollout.num_samples or train.micro_batches)")
     return spec
 
+
+
+_ACTIVATIONS: contextvars.ContextVar[tuple[Mesh, Mapping | None] | None] = contextvars.ContextVar(
+    "medix_activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh | None, rules: Mapping | None = None):
+    """Inside this context (entered while tracing a jitted program whose ``mesh`` is a static argument),
+    ``constrain`` pins activations to ``mesh`` by the logical-axis rules, and ``current_mesh`` names the mesh
+    that kernels needing ``shard_map`` (splash attention) run over. Without it (or with ``mesh=None``) both are
+    no-ops: the model stays runnable on one device with no mesh at all."""
+    token = _ACTIVATIONS.set(None if mesh is None else (mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVATIONS.reset(token)
+
+
+def current_mesh() -> tuple[Mesh, Mapping | None] | None:
+    """(mesh, rules) of the enclosing ``activation_sharding`` context, or None."""
+    return _ACTIVATIONS.get()
+
+
+def constrain(x, axes):
+    """``with_sharding_constraint`` of activation ``x`` by its logical ``axes`` (e.g. ``("batch", "length",
+    "act_embed")``) under the enclosing ``activation_sharding`` context; ``x`` unchanged outside one. Without these
+    pins XLA may keep the whole batch on every device after the embedding gather (issue 14's measurement: every
+    chip computing every row)."""
+    context = _ACTIVATIONS.get()
+    if context is None:
+        return x
+    mesh, rules = context
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, logical_spec(axes, x.shape, mesh, rules)))
 
 
 def _resolve(axes, shape, mesh: Mesh, rules: Mapping | None):

@@ -101,7 +101,7 @@ def build_model(cfg: Config, model_cfg, mesh):
     checkpoint = _checkpoint_dir(cfg)
     if checkpoint:
         return load_hf(checkpoint, model_cfg.dtype, model_cfg.param_dtype, mesh, rules, tokens=model_cfg.tokens,
-                       remat=model_cfg.remat, scan_layers=model_cfg.scan_layers)
+                       remat=model_cfg.remat, scan_layers=model_cfg.scan_layers, attention=model_cfg.attention)
     return parallel.init_sharded(lambda: Qwen2_5_VL(model_cfg, rngs=nnx.Rngs(cfg.seed)), mesh, rules)
 
 

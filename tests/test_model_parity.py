@@ -12,7 +12,8 @@ from tests.helpers import hf_logits, left_pad, tokens_for
 TOL = 1e-4
 
 
-@pytest.fixture(scope="module", params=[{}, {"scan_layers": True, "remat": True}], ids=["unrolled", "scan+remat"])
+@pytest.fixture(scope="module", params=[{}, {"scan_layers": True, "remat": True}, {"attention": "blockwise"}],
+                ids=["unrolled", "scan+remat", "blockwise"])
 def pair(tiny_checkpoint, request):
     hf, path = tiny_checkpoint
     return hf, load_hf(path, **request.param)

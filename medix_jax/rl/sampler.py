@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from medix_jax import parallel
-from medix_jax.models.qwen2_5_vl.language import KVCache
+from medix_jax.models.qwen2_5_vl.language import KVCache, Segments
 from medix_jax.models.qwen2_5_vl.model import ModelInputs, Qwen2_5_VL, images_per_prompt, prepare_inputs
 from medix_jax.models.qwen2_5_vl.vision import rows_per_frame
 
@@ -42,12 +42,17 @@ class SamplingConfig:
     top_k: int = 0  # 0 = off
     num_samples: int = 1  # G completions per prompt
     stop_token_ids: tuple[int, ...] | None = None  # None: the model's end tokens; (): never stop early
+    # A copy of the weights in this dtype for rollouts (e.g. bfloat16: decode is memory-bound and streams half the
+    # bytes); None samples from the parameters as stored. The trainer refreshes the copy after every update.
+    weights_dtype: str | None = None
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0 or self.num_samples < 1:
             raise ValueError(f"invalid sampling settings {self}")
+        if self.weights_dtype not in (None, "float32", "bfloat16", "float16"):
+            raise ValueError(f"rollout.weights_dtype {self.weights_dtype!r} is not one of float32, bfloat16, float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,15 +164,17 @@ def _batch_axes(a):
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4, 5))
 def _prefill(graphdef, state, inputs: ModelInputs, max_new_tokens: int, num_samples: int, mesh: Mesh | None):
-    model: Qwen2_5_VL = nnx.merge(graphdef, state)
-    b, s = inputs.input_ids.shape
-    length = s + max_new_tokens
-    cache = KVCache.zeros(model.config.text, b, length, jnp.dtype(model.config.dtype))
-    cache = _constrain(cache, mesh, _cache_axes)
-    causal = jnp.tril(jnp.ones((s, s), bool))[None] & inputs.attention_mask[:, None, :]
-    mask = jnp.pad(causal, ((0, 0), (0, 0), (0, max_new_tokens)))
-    hidden, cache = model.decode(model.embed(inputs), inputs.positions, mask, cache, 0)
-    logits = model.logits(hidden[:, -1])
+    """The prompt through the decoder once: its keys/values fill the cache's first slots (the queries attend over
+    the prompt only, not over the empty completion slots); returns the cache repeated G times and the last
+    position's logits."""
+    with parallel.activation_sharding(mesh):
+        model: Qwen2_5_VL = nnx.merge(graphdef, state)
+        b, s = inputs.input_ids.shape
+        cache = KVCache.zeros(model.config.text, b, s + max_new_tokens, jnp.dtype(model.config.dtype))
+        cache = _constrain(cache, mesh, _cache_axes)
+        segments = inputs.attention_mask.astype(jnp.int32)
+        hidden, cache = model.decode(model.embed(inputs), inputs.positions, Segments(segments, segments), cache, 0)
+        logits = model.logits(hidden[:, -1])
     next_position = inputs.attention_mask.sum(1).astype(jnp.int32) + inputs.rope_delta
     key_valid = jnp.pad(inputs.attention_mask, ((0, 0), (0, max_new_tokens)), constant_values=True)
     repeat = lambda a, axis=0: jnp.repeat(a, num_samples, axis=axis)  # noqa: E731
@@ -181,7 +188,8 @@ def _decode(graphdef, state, cache: KVCache, logits, next_position, key_valid, s
             prompt_len: int, ends: tuple[int, ...], key, mesh: Mesh | None):
     rows, steps = logits.shape[0], sampling.max_new_tokens
     pad = nnx.merge(graphdef, state).config.tokens.pad_token_id
-    slots = jnp.arange(key_valid.shape[1])
+    kv_segments = key_valid.astype(jnp.int32)  # causality with the step's cache index hides unwritten slots
+    q_segments = jnp.ones((rows, 1), jnp.int32)
 
     def cond(carry):
         step, _, _, _, done, _, _, _ = carry
@@ -201,13 +209,14 @@ def _decode(graphdef, state, cache: KVCache, logits, next_position, key_valid, s
         # Feed the token back: cache slot prompt_len + step, position num_prompt_tokens + rope_delta + step.
         index = prompt_len + step
         positions = jnp.broadcast_to((next_position + step)[None, :, None], (3, rows, 1))
-        mask = (key_valid & (slots <= index))[:, None, :]
-        hidden, cache = model.decode(model.model.embed_tokens(token[:, None]), positions, mask, cache, index)
+        hidden, cache = model.decode(model.model.embed_tokens(token[:, None]), positions,
+                                     Segments(q_segments, kv_segments), cache, index)
         return step + 1, tokens, logprobs, alive, done, cache, model.logits(hidden[:, 0]), key
 
     init = (jnp.int32(0), jnp.full((rows, steps), pad, jnp.int32), jnp.zeros((rows, steps), jnp.float32),
             jnp.zeros((rows, steps), bool), jnp.zeros((rows,), bool), cache, logits, key)
-    _, tokens, logprobs, alive, _, cache, _, _ = jax.lax.while_loop(cond, body, init)
+    with parallel.activation_sharding(mesh):
+        _, tokens, logprobs, alive, _, cache, _, _ = jax.lax.while_loop(cond, body, init)
     # The cache is returned so that XLA can alias the donated input buffer to it (updated in place).
     out = SampleOutput(tokens, alive, logprobs, alive.sum(1).astype(jnp.int32))
     return _constrain(out, mesh, _batch_axes), cache  # rows stay where their prompts are (parallel.local_rows)

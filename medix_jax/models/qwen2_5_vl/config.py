@@ -103,6 +103,9 @@ class TokenIds:
         return tuple(dict.fromkeys((self.eos_token_id, *self.stop_token_ids)))
 
 
+ATTENTION = ("auto", "splash", "cudnn", "xla", "blockwise")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
@@ -112,8 +115,12 @@ class ModelConfig:
     dtype: str = "float32"  # matmul / activation dtype; rotary, softmax, norm statistics always fp32
     remat: bool = False  # rematerialise each decoder layer and vision block in the backward pass
     scan_layers: bool = False  # stack layers on a leading axis and run them with nnx.scan (flat compile time)
+    # auto: splash on TPU, cuDNN on GPU, blockwise (flash) or einsum on CPU by size (medix_jax/models/attention.py)
+    attention: str = "auto"
 
     def __post_init__(self):
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention {self.attention!r} is not one of {ATTENTION}")
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"{name} {getattr(self, name)!r} is not one of {DTYPES}")

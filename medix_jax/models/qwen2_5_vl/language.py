@@ -12,17 +12,23 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from medix_jax.models import attention
 from medix_jax.models.qwen2_5_vl.config import TextConfig
-from medix_jax.models.qwen2_5_vl.layers import (
-    Dense,
-    Embed,
-    RMSNorm,
-    SwiGLU,
-    apply_rotary,
-    attention,
-    run_layers,
-    stack_layers,
-)
+from medix_jax.models.qwen2_5_vl.layers import Dense, Embed, RMSNorm, SwiGLU, apply_rotary, run_layers, stack_layers
+from medix_jax.parallel import constrain
+
+HIDDEN = ("batch", "length", "act_embed")  # logical axes of activations (parallel.constrain)
+HEADS = ("batch", "length", "act_heads", None)
+KV_HEADS = ("batch", "length", "act_kv_heads", None)
+
+
+class Segments(NamedTuple):
+    """Who attends to whom, as ids instead of a ``[B, T, S]`` mask: query t attends key s iff their ids are equal
+    and s <= t (+ the cache index when decoding). Real tokens are 1 and padding 0 (padding attends padding only,
+    never read)."""
+
+    q: jax.Array  # [B, T] int32
+    kv: jax.Array  # [B, S] int32: the step's own tokens, or the whole cache when decoding
 
 
 class KVCache(NamedTuple):
@@ -52,40 +58,49 @@ class KVCache(NamedTuple):
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, implementation: str, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         hd = cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
+        self.implementation = implementation
         self.q_proj = Dense(cfg.hidden_size, cfg.num_heads * hd, ("embed", "heads"), bias=True, **kw)
         self.k_proj = Dense(cfg.hidden_size, cfg.num_kv_heads * hd, ("embed", "kv_heads"), bias=True, **kw)
         self.v_proj = Dense(cfg.hidden_size, cfg.num_kv_heads * hd, ("embed", "kv_heads"), bias=True, **kw)
         self.o_proj = Dense(cfg.num_heads * hd, cfg.hidden_size, ("heads", "embed"), bias=False, **kw)
 
-    def __call__(self, x, cos, sin, mask, cache: KVCache | None, layer, index):
-        """Without a cache, ``mask`` is ``[B, S, S]``; with one, this step's keys/values are written at
-        ``index`` and the queries attend over the whole cache (``mask`` ``[B, S, cache length]``)."""
+    def __call__(self, x, cos, sin, segments: Segments, cache: KVCache | None, layer, index):
+        """Causal attention of the step's tokens ``x`` ``[B, S, hidden]``. With a ``cache``, their keys/values are
+        written at ``index``; the queries attend over the whole cache when ``segments.kv`` covers it (decode) and
+        over the step's own keys otherwise (prefill: the prompt only, not the empty completion slots)."""
         b, s, _ = x.shape
-        q = self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim)
+        q = constrain(self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim), HEADS)
+        k = constrain(self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim), KV_HEADS)
+        v = constrain(self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim), KV_HEADS)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        offset = 0
         if cache is not None:
             cache = cache.write(layer, index, k, v)
-            k, v = cache.read(layer)
-        return self.o_proj(attention(q, k, v, mask).reshape(b, s, -1)), cache
+            if segments.kv.shape[1] != s:
+                k, v = cache.read(layer)
+                offset = index
+        out = attention.attention(q, k, v, segments.q, segments.kv, causal=True, q_offset=offset, contiguous=True,
+                                  implementation=self.implementation)
+        return self.o_proj(constrain(out, HEADS).reshape(b, s, -1)), cache
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, implementation: str, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        self.self_attn = Attention(cfg, **kw)
+        self.self_attn = Attention(cfg, implementation=implementation, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), bias=False, **kw)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), ("batch", "length", "act_mlp"),
+                          bias=False, **kw)
 
-    def __call__(self, carry, layer, cos, sin, mask, index):
+    def __call__(self, carry, layer, cos, sin, segments, index):
         x, cache = carry
-        attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, layer, index)
+        x = constrain(x, HIDDEN)  # every layer starts from the batch split over data x fsdp
+        attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, segments, cache, layer, index)
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
@@ -93,18 +108,20 @@ class DecoderLayer(nnx.Module):
 class TextModel(nnx.Module):
     """Token embedding, decoder layers and the final norm (HF on-disk prefix ``model.``)."""
 
-    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, remat: bool, scan: bool, rngs: nnx.Rngs):
+    def __init__(self, cfg: TextConfig, *, dtype, param_dtype, remat: bool, scan: bool, attention: str,
+                 rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.remat, self.scan, self.num_layers = remat, scan, cfg.num_layers
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, **kw, rngs=rngs)
-        make = lambda r: DecoderLayer(cfg, **kw, rngs=r)  # noqa: E731
+        make = lambda r: DecoderLayer(cfg, **kw, implementation=attention, rngs=r)  # noqa: E731
         self.layers = (stack_layers(make, cfg.num_layers, rngs) if scan
                        else nnx.List([make(rngs) for _ in range(cfg.num_layers)]))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, cache: KVCache | None = None, index=0) -> tuple[jax.Array, KVCache | None]:
+    def __call__(self, x, cos, sin, segments: Segments, cache: KVCache | None = None,
+                 index=0) -> tuple[jax.Array, KVCache | None]:
         """Final-norm hidden states (and the updated cache) for input embeddings ``x`` ``[B, S, hidden]``."""
         layer_ids = jnp.arange(self.num_layers)
-        x, cache = run_layers(self.layers, (x, cache), (layer_ids,), (cos, sin, mask, index),
+        x, cache = run_layers(self.layers, (x, cache), (layer_ids,), (cos, sin, segments, index),
                               scan=self.scan, remat=self.remat)
-        return self.norm(x), cache
+        return constrain(self.norm(x), HIDDEN), cache

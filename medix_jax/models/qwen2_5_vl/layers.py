@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from medix_jax.parallel import constrain
+
 Axes = tuple[str | None, ...]
 
 
@@ -63,17 +65,19 @@ class RMSNorm(nnx.Module):
 
 
 class SwiGLU(nnx.Module):
-    """``down(silu(gate(x)) * up(x))``; the vision tower uses biases, the decoder does not."""
+    """``down(silu(gate(x)) * up(x))``; the vision tower uses biases, the decoder does not. The wide activation
+    is pinned to ``act_axes`` (its logical axes; ``parallel.constrain``)."""
 
-    def __init__(self, dim: int, hidden: int, axes: tuple[str, str], *, bias: bool, dtype, param_dtype,
-                 rngs: nnx.Rngs):
+    def __init__(self, dim: int, hidden: int, axes: tuple[str, str], act_axes: Axes, *, bias: bool, dtype,
+                 param_dtype, rngs: nnx.Rngs):
         kw = dict(bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.act_axes = act_axes
         self.gate_proj = Dense(dim, hidden, axes, **kw)
         self.up_proj = Dense(dim, hidden, axes, **kw)
         self.down_proj = Dense(hidden, dim, axes[::-1], **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(constrain(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x), self.act_axes))
 
 
 def rotate_half(x: jax.Array) -> jax.Array:
@@ -86,22 +90,6 @@ def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     cos, sin = cos[..., None, :], sin[..., None, :]
     return (x32 * cos + rotate_half(x32) * sin).astype(x.dtype)
-
-
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Scaled dot-product attention with grouped KV heads and a boolean mask; softmax in float32.
-
-    q: ``[B, T, H, D]``; k, v: ``[B, S, K, D]`` with ``H`` a multiple of ``K``; mask: ``[B, T, S]`` (True = attend).
-    A query row with nothing to attend to yields a uniform average instead of NaN (it is padding, never read).
-    """
-    b, t, h, d = q.shape
-    kv = k.shape[2]
-    q = q.reshape(b, t, kv, h // kv, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * (d**-0.5)
-    logits = jnp.where(mask[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
-    return out.reshape(b, t, h, d)
 
 
 def stack_layers(make, n: int, rngs: nnx.Rngs) -> nnx.Module:

@@ -23,10 +23,11 @@ import numpy as np
 from flax import nnx
 
 from medix_jax.models.qwen2_5_vl.config import ModelConfig
-from medix_jax.models.qwen2_5_vl.language import KVCache, TextModel
+from medix_jax.models.qwen2_5_vl.language import HIDDEN, KVCache, Segments, TextModel
 from medix_jax.models.qwen2_5_vl.layers import Dense
 from medix_jax.models.qwen2_5_vl.rope import mrope_cos_sin, mrope_positions
 from medix_jax.models.qwen2_5_vl.vision import VisionInputs, VisionTower, vision_inputs
+from medix_jax.parallel import constrain
 
 
 class ModelInputs(NamedTuple):
@@ -113,7 +114,8 @@ class Qwen2_5_VL(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        kw = dict(dtype=dtype, param_dtype=param_dtype, remat=cfg.remat, scan=cfg.scan_layers, rngs=rngs)
+        kw = dict(dtype=dtype, param_dtype=param_dtype, remat=cfg.remat, scan=cfg.scan_layers,
+                  attention=cfg.attention, rngs=rngs)
         self.visual = VisionTower(cfg.vision, **kw)
         self.model = TextModel(cfg.text, **kw)
         untied = not cfg.text.tie_word_embeddings
@@ -122,25 +124,25 @@ class Qwen2_5_VL(nnx.Module):
 
     def embed(self, inputs: ModelInputs) -> jax.Array:
         """Token embeddings with image features scattered at the placeholders ``[B, S, hidden]``."""
-        embeds = self.model.embed_tokens(inputs.input_ids)
+        embeds = constrain(self.model.embed_tokens(inputs.input_ids), HIDDEN)
         if inputs.vision is None:
             return embeds
         is_image = (inputs.input_ids == self.config.tokens.image_token_id) & inputs.attention_mask
-        return scatter_image_features(embeds, is_image, self.visual(inputs.vision))
+        return constrain(scatter_image_features(embeds, is_image, self.visual(inputs.vision)), HIDDEN)
 
     def hidden_states(self, inputs: ModelInputs) -> jax.Array:
-        """Final-norm hidden states ``[B, S, hidden]`` under a causal mask that also hides padding keys."""
-        s = inputs.input_ids.shape[1]
-        mask = jnp.tril(jnp.ones((s, s), bool))[None] & inputs.attention_mask[:, None, :]
-        hidden, _ = self.decode(self.embed(inputs), inputs.positions, mask)
+        """Final-norm hidden states ``[B, S, hidden]``, causal, padding hidden from real tokens."""
+        segments = inputs.attention_mask.astype(jnp.int32)
+        hidden, _ = self.decode(self.embed(inputs), inputs.positions, Segments(segments, segments))
         return hidden
 
-    def decode(self, embeds, positions, mask, cache: KVCache | None = None, index=0):
+    def decode(self, embeds, positions, segments: Segments, cache: KVCache | None = None, index=0):
         """The decoder on embeddings ``[B, S, hidden]`` at 3-D ``positions`` ``[3, B, S]``; with a KV ``cache``
-        the step's keys/values are stored at ``index`` and ``mask`` is ``[B, S, cache length]``."""
+        the step's keys/values are stored at ``index``, and ``segments.kv`` covering the whole cache makes the
+        queries attend over it (decode) instead of over the step's own tokens (prefill)."""
         t = self.config.text
         cos, sin = mrope_cos_sin(positions, t.head_dim, t.rope_theta, t.mrope_section)
-        return self.model(embeds, cos, sin, mask, cache, index)
+        return self.model(embeds, cos, sin, segments, cache, index)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 logits ``[..., vocab]``: the matmul takes compute-dtype inputs and accumulates in float32, since

@@ -32,17 +32,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from medix_jax.models import attention
 from medix_jax.models.qwen2_5_vl.config import VisionConfig
-from medix_jax.models.qwen2_5_vl.layers import (
-    Dense,
-    RMSNorm,
-    SwiGLU,
-    apply_rotary,
-    attention,
-    run_layers,
-    stack_layers,
-)
+from medix_jax.models.qwen2_5_vl.layers import Dense, RMSNorm, SwiGLU, apply_rotary, run_layers, stack_layers
 from medix_jax.models.qwen2_5_vl.rope import vision_cos_sin
+from medix_jax.parallel import constrain
+
+ROWS = ("batch", "act_embed")  # the tower's [prompts x slots, hidden] rows: prompt-major, split like the batch
+HEADS = ("batch", None, "act_heads", None)  # [groups (windows or images), rows, heads, head_dim]
 
 
 class VisionInputs(NamedTuple):
@@ -153,39 +150,46 @@ def vision_inputs(cfg: VisionConfig, pixel_values: np.ndarray, image_grid_thw: n
 
 
 class VisionAttention(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, implementation: str, rngs: nnx.Rngs):
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.implementation = implementation
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         d = cfg.hidden_size
         self.qkv = Dense(d, (3, d), ("vision_embed", None, "vision_heads"), bias=True, **kw)
         self.proj = Dense(d, d, ("vision_heads", "vision_embed"), bias=True, **kw)
 
-    def __call__(self, x, full_attention, cos, sin, image_mask, window_mask):
-        """Attention within each image (``image_mask`` ``[I, R, R]``) or each window (``window_mask``
-        ``[W, chunk, chunk]``); ``full_attention`` may be traced (scanned layers), so ``lax.cond`` picks."""
+    def __call__(self, x, full_attention, cos, sin, image_segments, window_segments):
+        """Attention within each image (``image_segments`` ``[I, R]``) or each window (``window_segments``
+        ``[W, chunk]``): real slots attend to the real slots of their group, padding to padding. ``full_attention``
+        may be traced (scanned layers), so ``lax.cond`` picks."""
         n = x.shape[0]
         qkv = self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
-        def grouped(mask):
-            shape = (mask.shape[0], mask.shape[1], self.num_heads, self.head_dim)
-            return attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), mask).reshape(n, -1)
+        def grouped(segments):
+            shape = (*segments.shape, self.num_heads, self.head_dim)
+            q_, k_, v_ = (constrain(a.reshape(shape), HEADS) for a in (q, k, v))
+            out = attention.attention(q_, k_, v_, segments, segments, causal=False,
+                                      implementation=self.implementation)
+            return constrain(out, HEADS).reshape(n, -1)
 
-        out = jax.lax.cond(full_attention, lambda: grouped(image_mask), lambda: grouped(window_mask))
+        out = jax.lax.cond(full_attention, lambda: grouped(image_segments), lambda: grouped(window_segments))
         return self.proj(out)
 
 
 class VisionBlock(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, implementation: str, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.norm1 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.norm2 = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        self.attn = VisionAttention(cfg, **kw)
-        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, ("vision_embed", "vision_mlp"), bias=True, **kw)
+        self.attn = VisionAttention(cfg, implementation=implementation, **kw)
+        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, ("vision_embed", "vision_mlp"), ("batch", "act_mlp"),
+                          bias=True, **kw)
 
-    def __call__(self, x, full_attention, cos, sin, image_mask, window_mask):
-        x = x + self.attn(self.norm1(x), full_attention, cos, sin, image_mask, window_mask)
+    def __call__(self, x, full_attention, cos, sin, image_segments, window_segments):
+        x = constrain(x, ROWS)
+        x = x + self.attn(self.norm1(x), full_attention, cos, sin, image_segments, window_segments)
         return x + self.mlp(self.norm2(x))
 
 
@@ -214,12 +218,13 @@ class PatchEmbed(nnx.Module):
 
 
 class VisionTower(nnx.Module):
-    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, remat: bool, scan: bool, rngs: nnx.Rngs):
+    def __init__(self, cfg: VisionConfig, *, dtype, param_dtype, remat: bool, scan: bool, attention: str,
+                 rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
         self.cfg = cfg
         self.remat, self.scan = remat, scan
         self.patch_embed = PatchEmbed(cfg, **kw, rngs=rngs)
-        make = lambda r: VisionBlock(cfg, **kw, rngs=r)  # noqa: E731
+        make = lambda r: VisionBlock(cfg, **kw, implementation=attention, rngs=r)  # noqa: E731
         self.blocks = (stack_layers(make, cfg.depth, rngs) if scan
                        else nnx.List([make(rngs) for _ in range(cfg.depth)]))
         self.merger = PatchMerger(cfg, **kw, rngs=rngs)
@@ -228,15 +233,13 @@ class VisionTower(nnx.Module):
         """Merged image features ``[B, N / U, out_hidden_size]``: each prompt's real tokens in raster order, then
         padding. The prompts' slots are flattened into one sequence of attention groups (images, windows)."""
         b, n, _ = inputs.patches.shape
-        x = self.patch_embed(inputs.patches.reshape(b * n, -1))
+        x = constrain(self.patch_embed(inputs.patches.reshape(b * n, -1)), ROWS)
         cos, sin = vision_cos_sin(inputs.rowcol.reshape(b * n, 2), self.cfg.head_dim, self.cfg.rope_theta)
-        # Real slots attend to real slots of the same image / window; padding slots only to padding.
-        valid = inputs.valid.reshape(-1, inputs.valid.shape[-1])  # [B * I, R]
-        image_mask = valid[:, :, None] == valid[:, None, :]
-        windows = valid.reshape(-1, window_rows(self.cfg))
-        window_mask = windows[:, :, None] == windows[:, None, :]
+        # Segment 1 = real slot, 0 = padding: attention groups are the images [B * I, R] or the windows [W, chunk].
+        image_segments = inputs.valid.reshape(-1, inputs.valid.shape[-1]).astype(jnp.int32)
+        window_segments = image_segments.reshape(-1, window_rows(self.cfg))
         full_attention = jnp.asarray([i in self.cfg.fullatt_block_indexes for i in range(self.cfg.depth)])
-        x = run_layers(self.blocks, x, (full_attention,), (cos, sin, image_mask, window_mask),
+        x = run_layers(self.blocks, x, (full_attention,), (cos, sin, image_segments, window_segments),
                        scan=self.scan, remat=self.remat)
         merged = self.merger(x).reshape(b, n // self.cfg.merge_unit, -1)
         return jnp.take_along_axis(merged, inputs.merge_restore[..., None], axis=1)
