@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from medix_jax.rl.grpo import LossConfig, entropy, group_advantages, policy_loss, totals
+from medix_jax.rl.grpo import LossConfig, entropy, group_advantages, policy_loss, token_entropy, totals
 
 
 def test_group_advantages_unbiased_std_invalid_and_singletons():
@@ -116,7 +116,7 @@ def test_gspo_sequence_ratio_value_and_gradient():
 def test_entropy_of_uniform_logits():
     logits = jnp.zeros((2, 3, 8))
     mask = jnp.array([[True, True, False], [True, False, False]])
-    assert float(entropy(logits, mask, totals(mask))) == pytest.approx(math.log(8), rel=1e-6)
+    assert float(entropy(token_entropy(logits), mask, totals(mask))) == pytest.approx(math.log(8), rel=1e-6)
 
 
 @pytest.mark.parametrize("gap", [-200.0, 0.0, 200.0])

@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from flax import nnx
 
 from medix_jax import parallel
 from medix_jax.checkpoint import Checkpoints
@@ -374,6 +376,51 @@ def test_gradients_keep_the_parameters_shardings(shared_run):
             assert all(a.sharding.is_equivalent_to(p.sharding, p.ndim) for a, p in pairs)
             per_device = lambda tree: sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))  # noqa
             assert per_device(total) == per_device(trainer.params)
+
+
+def test_rollout_weights_dtype_samples_from_a_cast_copy_refreshed_after_each_update(shared_run):
+    """rollout.weights_dtype=bfloat16: the sampler gets the parameters cast to bf16 (in their shardings), a new copy
+    after every update, while the trainer keeps float32 parameters (and recomputes the old log-probabilities, so
+    the first update is exactly on-policy); without it the sampler gets the parameters themselves."""
+    cfg, tokenizer, model_cfg = shared_run
+
+    def spy(trainer):
+        seen = []
+        generate = trainer.sampler.generate
+
+        def record(model, prompts, key):
+            leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+            seen.append((flat_params(nnx.state(model, nnx.Param)), flat_params(trainer.params),
+                         all(a is b for a, b in zip(leaves, jax.tree.leaves(trainer.params), strict=True))))
+            return generate(model, prompts, key)
+
+        trainer.sampler.generate = record
+        return seen
+
+    plain = make_trainer(shared_run, LetterReward())
+    seen = spy(plain)
+    plain.collect(jax.random.PRNGKey(0))
+    assert seen and all(same for _, _, same in seen) and plain._rollout_params is None  # no copy
+
+    bf16 = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, weights_dtype="bfloat16"))
+    trainer = make_trainer((bf16, tokenizer, model_cfg), LetterReward())
+    assert trainer.recompute
+    seen = spy(trainer)
+    first, second = trainer.step(), trainer.step()
+    assert len(seen) == 2 and first["optimizer_updates"] == 1 and np.isfinite(second["loss"])
+    assert first["ratio_mean"] == 1.0 and first["logprob_mismatch_max"] > 0  # old log-probs: the trainer's own
+    cast = lambda flat: {k: np.asarray(jnp.asarray(v).astype(jnp.bfloat16)) for k, v in flat.items()}  # noqa: E731
+    for sampled, params, same in seen:
+        assert not same and all(v.dtype == jnp.bfloat16 for v in sampled.values())
+        assert all(v.dtype == np.float32 for v in params.values())
+        expected = cast(params)
+        assert all(np.array_equal(sampled[k], expected[k]) for k in expected)  # the current policy, cast
+    (s1, p1, _), (s2, p2, _) = seen
+    assert any(not np.array_equal(p1[k], p2[k]) for k in p1) and any(not np.array_equal(s1[k], s2[k]) for k in s1)
+    assert trainer._rollout_params is None  # dropped by the last update, cast again on the next rollout
+    copy = nnx.state(trainer.rollout_model, nnx.Param)
+    pairs = list(zip(jax.tree.leaves(copy), jax.tree.leaves(trainer.params), strict=True))
+    assert all(c.dtype == jnp.bfloat16 and c.sharding.is_equivalent_to(p.sharding, p.ndim) for c, p in pairs)
 
 
 class NoReward(LetterReward):

@@ -113,8 +113,13 @@ def policy_loss(logp, old_logp, advantages, mask, cfg: LossConfig, denominators:
     return total, metrics
 
 
-def entropy(logits, mask, denominators: Totals) -> jax.Array:
-    """Mean token entropy ``-sum_v p log p`` of ``[N, T, V]`` logits over the mini-batch's tokens."""
+def token_entropy(logits) -> jax.Array:
+    """Per-token entropy ``-sum_v p log p`` ``[...]`` of float logits ``[..., V]`` (computed in float32)."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    h = -(jnp.exp(logp) * logp).sum(-1)
-    return (h * mask).sum() / denominators.tokens
+    return -(jnp.exp(logp) * logp).sum(-1)
+
+
+def entropy(h, mask, denominators: Totals) -> jax.Array:
+    """Mean token entropy over the mini-batch's tokens, ``sum(h * mask) / denominators.tokens``, of per-token
+    entropies ``h`` ``[N, T]`` (``token_entropy``; the trainer computes them chunk by chunk)."""
+    return (jnp.asarray(h, jnp.float32) * mask).sum() / denominators.tokens

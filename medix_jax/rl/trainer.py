@@ -11,19 +11,26 @@ One step (``Trainer.step``):
    prompt batches (``data.batch_size`` prompts each, the reference's ``mini_rollout_batch_size``) drawn in the
    step, the first ones included (the reference's ``max_try_make_batch``); where the reference then raises, a
    shortfall here is filled with masked copies (static shapes; they contribute nothing), reported on stdout and
-   in ``groups_kept``.
+   in ``groups_kept``. With ``rollout.weights_dtype`` (e.g. ``bfloat16``: decode streams half the bytes) the
+   sampler runs a copy of the parameters cast to that dtype, in the parameters' shardings, made on first use after
+   every change of the parameters (rollouts always come from the current policy) and released when the update
+   begins (its memory goes to the backward pass); the gradient, the old and reference log-probabilities and the
+   optimizer use the stored parameters, and the old log-probabilities are then recomputed by default (below).
 2. **Update.** ``ppo_epochs`` passes over ``mini_batches`` mini-batches; each is one AdamW update (``optim``)
    whose gradient is accumulated over ``micro_batches`` micro-batches (``grpo.Totals`` keeps the mini-batch
    denominators, so accumulation is exact). Micro-batch m of the n = mini x micro holds groups m, m + n, m + 2n, ...
    of the step. The policy's log-probabilities come from one forward pass over prompt + completion
-   (``completion_logits``); the vision tower runs once per prompt, not once per sample. Old log-probabilities are
-   recomputed by the trainer's own forward before the update (as the reference always does) whenever the compute
-   dtype is not float32 -- the sampler's KV-cache decode in bf16 differs from the full forward by up to ~1e-2 per
-   token, which alone would clip GSPO's 3e-4 band -- and the sampler's otherwise (``recompute_old_logprobs``
-   overrides). ``logprob_mismatch_{mean,max}`` logs the sampler-vs-trainer |delta log p| over completion tokens
-   every step. The reference policy exists only when ``loss.kl_coef > 0``; its log-probabilities are computed
-   once per step, outside the gradient, like the old ones. A mini-batch with nothing to learn from (only masked
-   filler, or all advantages 0 without a KL term) makes no optimizer update: AdamW would only decay the weights.
+   (``completion_hidden``); the vision tower runs once per prompt, not once per sample. The vocabulary projection,
+   log-softmax and entropy run chunk by chunk along the completion (``completion_logprobs``, rematerialised in the
+   backward pass), so no program holds ``[N, T, vocab]`` logits. Old log-probabilities are recomputed by the
+   trainer's own forward before the update (as the reference always does) whenever the compute dtype is not
+   float32 -- the sampler's KV-cache decode in bf16 differs from the full forward by up to ~1e-2 per token, which
+   alone would clip GSPO's 3e-4 band -- or the sampler ran a copy of the weights in another dtype, and the
+   sampler's otherwise (``recompute_old_logprobs`` overrides). ``logprob_mismatch_{mean,max}`` logs the
+   sampler-vs-trainer |delta log p| over completion tokens every step. The reference policy exists only when
+   ``loss.kl_coef > 0``; its log-probabilities are computed once per step, outside the gradient, like the old
+   ones. A mini-batch with nothing to learn from (only masked filler, or all advantages 0 without a KL term) makes
+   no optimizer update: AdamW would only decay the weights.
    Gradients and their accumulator keep the parameters' shardings.
 
 Randomness is ``fold_in(seed, step)``, so a run resumed from a checkpoint (parameters, optimizer, step, data
@@ -43,6 +50,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import functools
 import time
@@ -57,6 +65,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from medix_jax import parallel
 from medix_jax.data.pipeline import PromptBatch, collate, sizes
+from medix_jax.models.qwen2_5_vl.language import Segments
 from medix_jax.models.qwen2_5_vl.model import ModelInputs, Qwen2_5_VL
 from medix_jax.rl import grpo
 from medix_jax.rl.sampler import Buckets, SampleOutput, Sampler, SamplingConfig
@@ -133,13 +142,16 @@ class Completions(NamedTuple):
     ref_logprobs: jax.Array | None = None  # [N, T], when loss.kl_coef > 0
 
 
-def completion_logits(model: Qwen2_5_VL, prompts: ModelInputs, tokens: jax.Array, mask: jax.Array,
-                      num_samples: int) -> jax.Array:
-    """float32 logits ``[B*G, T, V]`` for completion tokens ``[B*G, T]`` of left-padded prompts ``[B, P]``.
+LOGPROB_CHUNK = 512  # completion tokens per step of the log-probability scan (``completion_logprobs``)
 
-    Logit t predicts token t. Positions continue each prompt's M-RoPE positions exactly as the sampler does
-    (``num_prompt_tokens + rope_delta + t`` on all three axes); the prompt (with its images) is embedded once and
-    repeated G times.
+
+def completion_hidden(model: Qwen2_5_VL, prompts: ModelInputs, tokens: jax.Array, mask: jax.Array,
+                      num_samples: int) -> jax.Array:
+    """Final-norm hidden states ``[B*G, T, hidden]`` that predict completion tokens ``[B*G, T]`` of left-padded
+    prompts ``[B, P]``: state t predicts token t.
+
+    Positions continue each prompt's M-RoPE positions exactly as the sampler does (``num_prompt_tokens +
+    rope_delta + t`` on all three axes); the prompt (with its images) is embedded once and repeated G times.
     """
     p, t = prompts.input_ids.shape[1], tokens.shape[1]
     repeat = functools.partial(jnp.repeat, repeats=num_samples, axis=0)
@@ -147,10 +159,9 @@ def completion_logits(model: Qwen2_5_VL, prompts: ModelInputs, tokens: jax.Array
     start = repeat(prompts.attention_mask.sum(1).astype(jnp.int32) + prompts.rope_delta)
     completion_positions = jnp.broadcast_to((start[:, None] + jnp.arange(t))[None], (3, start.shape[0], t))
     positions = jnp.concatenate([jnp.repeat(prompts.positions, num_samples, axis=1), completion_positions], axis=2)
-    keys = jnp.concatenate([repeat(prompts.attention_mask), mask], axis=1)
-    attention = jnp.tril(jnp.ones((p + t, p + t), bool))[None] & keys[:, None, :]
-    hidden, _ = model.decode(embeds, positions, attention)
-    return model.logits(hidden[:, p - 1: p + t - 1])
+    segments = jnp.concatenate([repeat(prompts.attention_mask), mask], axis=1).astype(jnp.int32)
+    hidden, _ = model.decode(embeds, positions, Segments(segments, segments))  # causal; padding hidden
+    return hidden[:, p - 1: p + t - 1]
 
 
 def token_logprobs(logits: jax.Array, tokens: jax.Array, temperature: float) -> jax.Array:
@@ -159,15 +170,51 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array, temperature: float) -> 
     return jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tokens[..., None], axis=-1)[..., 0]
 
 
+def completion_logprobs(model: Qwen2_5_VL, hidden: jax.Array, tokens: jax.Array, temperature: float,
+                        with_entropy: bool = True, chunk: int | None = None) -> tuple[jax.Array, jax.Array | None]:
+    """(``token_logprobs`` ``[N, T]``, per-token entropies of ``softmax(logits / T)`` ``[N, T]`` or None) of
+    ``hidden`` ``[N, T, hidden]`` (``completion_hidden``), without ever holding ``[N, T, vocab]`` logits.
+
+    A ``lax.scan`` over chunks of ``chunk`` tokens (default ``LOGPROB_CHUNK``; T is padded to a multiple and the
+    outputs sliced back) computes each chunk's float32 logits with ``model.logits``, and its body is
+    ``jax.checkpoint``-ed: the backward pass recomputes a chunk's logits instead of storing them, so the largest
+    temporary is ``[N, chunk, vocab]``. The entropy is a metric: no gradient flows through it.
+    """
+    n, t = tokens.shape
+    c = min(chunk or LOGPROB_CHUNK, t)
+    steps = -(-t // c)
+    pad = steps * c - t
+    temp = temperature if temperature > 0 else 1.0
+
+    @functools.partial(jax.checkpoint, prevent_cse=False)  # the scan already keeps the recomputation apart
+    def body(carry, xs):
+        h, tok = xs
+        logits = parallel.constrain(model.logits(h), ("batch", None, "act_vocab"))
+        logp = token_logprobs(logits, tok, temperature)
+        ent = grpo.token_entropy(jax.lax.stop_gradient(logits) / temp) if with_entropy else None
+        return carry, (logp, ent)
+
+    split = lambda a: jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2)).reshape(  # noqa: E731
+        n, steps, c, *a.shape[2:]).swapaxes(0, 1)
+    _, (logp, ent) = jax.lax.scan(body, None, (split(hidden), split(tokens)))
+    join = lambda a: None if a is None else a.swapaxes(0, 1).reshape(n, steps * c)[:, :t]  # noqa: E731
+    return join(logp), join(ent)
+
+
+def _activations(mesh):
+    """``parallel.activation_sharding(mesh)`` (the model pins its activations to the mesh), or nothing (an outer
+    context, if any, stays in force) without a mesh."""
+    return contextlib.nullcontext() if mesh is None else parallel.activation_sharding(mesh)
+
+
 def _loss(params, graphdef, prompts, batch: Completions, totals: grpo.Totals, own_old, loss_cfg: grpo.LossConfig,
           num_samples: int, temperature: float):
     model = nnx.merge(graphdef, params)
-    logits = completion_logits(model, prompts, batch.tokens, batch.mask, num_samples)
-    logp = token_logprobs(logits, batch.tokens, temperature)
+    hidden = completion_hidden(model, prompts, batch.tokens, batch.mask, num_samples)
+    logp, token_entropy = completion_logprobs(model, hidden, batch.tokens, temperature)
     old = jnp.where(own_old, jax.lax.stop_gradient(logp), batch.old_logprobs)
     loss, metrics = grpo.policy_loss(logp, old, batch.advantages, batch.mask, loss_cfg, totals, batch.ref_logprobs)
-    scaled = logits / (temperature if temperature > 0 else 1.0)
-    metrics["entropy"] = grpo.entropy(jax.lax.stop_gradient(scaled), batch.mask, totals)
+    metrics["entropy"] = grpo.entropy(token_entropy, batch.mask, totals)
     metrics["loss"] = loss
     return loss, (metrics, jax.lax.stop_gradient(logp))
 
@@ -177,9 +224,11 @@ def _gradients(graphdef, params, prompts, batch, totals, own_old, loss_cfg, num_
     """(gradients, metrics, per-token log-probabilities) of one micro-batch. ``own_old`` (a boolean array): the
     old log-probabilities are this forward's own -- exact for a mini-batch the parameters have not moved on since
     sampling, where a second program's bf16 forward would differ in the last bits. With ``param_shardings`` the
-    gradients keep the parameters' shardings and the log-probabilities are split over the mesh's batch axes."""
-    grads, (metrics, logp) = jax.grad(_loss, has_aux=True)(params, graphdef, prompts, batch, totals, own_old,
-                                                           loss_cfg, num_samples, temperature)
+    gradients keep the parameters' shardings and the log-probabilities are split over the mesh's batch axes; with
+    ``mesh`` the model's activations are pinned to it (``parallel.activation_sharding``)."""
+    with _activations(mesh):
+        grads, (metrics, logp) = jax.grad(_loss, has_aux=True)(params, graphdef, prompts, batch, totals, own_old,
+                                                               loss_cfg, num_samples, temperature)
     if param_shardings is not None:
         grads = jax.lax.with_sharding_constraint(grads, param_shardings)
         logp = _split_batch(logp, mesh)
@@ -194,8 +243,15 @@ def _split_batch(a, mesh):
 def _logprobs(graphdef, params, prompts, batch: Completions, num_samples, temperature, mesh):
     """Per-token log-probabilities ``[N, T]`` of the completions under ``params`` (old or reference policy),
     split over the batch axes like the completions."""
-    logits = completion_logits(nnx.merge(graphdef, params), prompts, batch.tokens, batch.mask, num_samples)
-    return _split_batch(token_logprobs(logits, batch.tokens, temperature), mesh)
+    with _activations(mesh):
+        model = nnx.merge(graphdef, params)
+        hidden = completion_hidden(model, prompts, batch.tokens, batch.mask, num_samples)
+        logp, _ = completion_logprobs(model, hidden, batch.tokens, temperature, with_entropy=False)
+    return _split_batch(logp, mesh)
+
+
+def _cast_floats(params, dtype):
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
 
 
 @jax.jit
@@ -235,10 +291,20 @@ class Trainer:
         self.opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(self.params)
         self.ref_params = jax.tree.map(jnp.copy, self.params) if train.loss.kl_coef > 0 else None
         self.sampler = Sampler(rollout, mesh)
+        # rollout.weights_dtype: the sampler's copy of the parameters in that dtype (None: the parameters
+        # themselves, also when they are already stored in it), made on first use after each update.
+        cast = None if rollout.weights_dtype is None else jnp.dtype(rollout.weights_dtype)
+        if cast is not None and all(a.dtype == cast for a in jax.tree.leaves(self.params)
+                                    if jnp.issubdtype(a.dtype, jnp.floating)):
+            cast = None
+        self._cast = None if cast is None else jax.jit(functools.partial(_cast_floats, dtype=cast),
+                                                       out_shardings=param_shardings)
         self.step_count = 0
         self.missing_steps = 0  # consecutive steps in which every reward was missing
-        self.recompute = model.config.dtype != "float32" if train.recompute_old_logprobs is None \
-            else train.recompute_old_logprobs
+        # By default the old log-probabilities are recomputed whenever the sampler's differ from the trainer's
+        # forward by more than rounding: a bf16 compute dtype, or rollouts from a copy of the weights in another dtype.
+        self.recompute = (model.config.dtype != "float32" or self._cast is not None) \
+            if train.recompute_old_logprobs is None else train.recompute_old_logprobs
         # Gradients and their running sum keep the parameters' shardings (else XLA may replicate them).
         self._gradients = jax.jit(functools.partial(_gradients, param_shardings=param_shardings, mesh=mesh),
                                   static_argnums=(0, 6, 7, 8))
@@ -249,8 +315,28 @@ class Trainer:
                               out_shardings=(param_shardings, opt_shardings, replicated))
 
     @property
+    def params(self) -> nnx.State:
+        return self._params
+
+    @params.setter
+    def params(self, value: nnx.State) -> None:
+        """Every new value of the parameters (an update, a restored checkpoint) drops the rollout copy."""
+        self._params = value
+        self._rollout_params = None
+
+    @property
     def model(self) -> Qwen2_5_VL:
         return nnx.merge(self.graphdef, self.params)
+
+    @property
+    def rollout_model(self) -> Qwen2_5_VL:
+        """The policy the sampler runs: the current parameters, or (``rollout.weights_dtype``) their copy in that
+        dtype, in the parameters' shardings, cast on first use after the parameters last changed."""
+        if self._cast is None:
+            return self.model
+        if self._rollout_params is None:
+            self._rollout_params = self._cast(self.params)
+        return nnx.merge(self.graphdef, self._rollout_params)
 
     def _apply_fn(self, params, opt_state, grads):
         updates, opt_state = self.tx.update(grads, opt_state, params)
@@ -259,12 +345,12 @@ class Trainer:
     @property
     def compile_count(self) -> int:
         return (self.sampler.compile_count + self._gradients._cache_size() + self._logprobs._cache_size()
-                + self._apply._cache_size())
+                + self._apply._cache_size() + (self._cast._cache_size() if self._cast is not None else 0))
 
     # -- collect ---------------------------------------------------------------------------------------------------
 
     def _sample(self, batch: PromptBatch, key) -> tuple[SampleOutput, list[str]]:
-        out = jax.tree.map(parallel.local_rows, self.sampler.generate(self.model, batch.inputs, key))
+        out = jax.tree.map(parallel.local_rows, self.sampler.generate(self.rollout_model, batch.inputs, key))
         texts = [self.tokenizer.decode(row[:n], skip_special_tokens=True)
                  for row, n in zip(out.tokens, out.lengths, strict=True)]
         return out, texts
@@ -365,6 +451,7 @@ class Trainer:
 
     def update(self, groups: list[Group]) -> dict:
         t = self.train
+        self._rollout_params = None  # the rollouts are done: the memory of a cast copy goes to the update
         parts = t.mini_batches * t.micro_batches
         temperature, g = self.rollout.temperature, self.rollout.num_samples
         device = [self._device_batch(groups[m::parts]) for m in range(parts)]
