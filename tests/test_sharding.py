@@ -7,10 +7,11 @@ import jax
 import numpy as np
 import pytest
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from medix_jax import parallel
-from medix_jax.models.qwen2_5_vl import Qwen2_5_VL, init_model, preset, prepare_inputs
+from medix_jax.models.qwen2_5_vl import Qwen2_5_VL, init_model, prepare_inputs, preset
 from medix_jax.models.qwen2_5_vl.hf_io import load_hf
 from medix_jax.models.qwen2_5_vl.model import _apply
 from tests.helpers import left_pad, tokens_for
