@@ -306,7 +306,6 @@ def build_programs(cfg, mesh, images: int, image_rows: int | None) -> tuple[list
     """The programs of one training step with abstract arguments, and the shapes they were built at."""
     import jax
     import jax.numpy as jnp
-    import optax
     from flax import nnx
     from jax.sharding import NamedSharding, PartitionSpec
 
@@ -357,19 +356,14 @@ def build_programs(cfg, mesh, images: int, image_rows: int | None) -> tuple[list
     micro = step_prompts // parts
     kl = train.loss.kl_coef > 0
     # rollout.weights_dtype: the sampler runs a copy of the parameters cast to it (as Trainer.rollout_model does)
-    cast = getattr(rollout, "weights_dtype", None)
-    cast = None if cast is None or all(a.dtype == jnp.dtype(cast) for a in jax.tree.leaves(params)
-                                       if jnp.issubdtype(a.dtype, jnp.floating)) else jnp.dtype(cast)
+    cast = trainer.rollout_dtype(params, rollout)
     rollout_params = params if cast is None else jax.tree.map(
         lambda a: sds(a.shape, cast if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype, sharding=a.sharding),
         params)
-    recompute = (model_cfg.dtype != "float32" or cast is not None) if train.recompute_old_logprobs is None \
-        else train.recompute_old_logprobs
+    recompute = trainer.recomputes_old_logprobs(train, model_cfg, cast)
 
     tx = trainer.make_optimizer(train.optim, train.steps * train.ppo_epochs * train.mini_batches)
-    opt_shardings = optax.tree_utils.tree_map_params(
-        tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, params), param_shardings,
-        transform_non_params=lambda _: replicated)
+    opt_shardings = trainer.optimizer_shardings(tx, params, mesh)
     opt_state = jax.tree.map(lambda a, s: sds(a.shape, a.dtype, sharding=s), jax.eval_shape(tx.init, params),
                              opt_shardings)
 
@@ -424,8 +418,7 @@ def build_programs(cfg, mesh, images: int, image_rows: int | None) -> tuple[list
 
     @functools.partial(jax.jit, static_argnums=(0, 3))
     def vision_tower(graphdef, state, vision, mesh):  # under the activation pins the trainer's programs use
-        activations = getattr(trainer, "_activations", lambda mesh: contextlib.nullcontext())
-        with activations(mesh):
+        with trainer._activations(mesh):
             return nnx.merge(graphdef, state).visual(vision)
 
     if images:

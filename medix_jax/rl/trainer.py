@@ -250,6 +250,30 @@ def _logprobs(graphdef, params, prompts, batch: Completions, num_samples, temper
     return _split_batch(logp, mesh)
 
 
+def optimizer_shardings(tx: optax.GradientTransformation, params, mesh):
+    """Shardings of ``tx``'s state: Adam's moments like their parameters, scalars (the step count) replicated."""
+    return optax.tree_utils.tree_map_params(
+        tx, lambda _, sharding: sharding, jax.eval_shape(tx.init, params), jax.tree.map(lambda a: a.sharding, params),
+        transform_non_params=lambda _: NamedSharding(mesh, PartitionSpec()))
+
+
+def rollout_dtype(params, rollout: SamplingConfig):
+    """The dtype of the sampler's copy of the parameters (``rollout.weights_dtype``), or None: no copy (unset, or
+    the parameters are already stored in it)."""
+    cast = None if rollout.weights_dtype is None else jnp.dtype(rollout.weights_dtype)
+    floats = [a.dtype for a in jax.tree.leaves(params) if jnp.issubdtype(a.dtype, jnp.floating)]
+    return None if cast is None or all(d == cast for d in floats) else cast
+
+
+def recomputes_old_logprobs(train: TrainConfig, model_cfg, cast) -> bool:
+    """Whether the old log-probabilities are recomputed by the trainer's forward: ``train.recompute_old_logprobs``,
+    or by default whenever the sampler's differ from it by more than rounding (bf16 compute, or rollouts from a
+    ``cast`` copy of the weights)."""
+    if train.recompute_old_logprobs is not None:
+        return train.recompute_old_logprobs
+    return model_cfg.dtype != "float32" or cast is not None
+
+
 def _cast_floats(params, dtype):
     return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
 
@@ -285,26 +309,20 @@ class Trainer:
         # count) replicated on the mesh, kept by every update -- so a restored checkpoint lands where it was.
         replicated = NamedSharding(mesh, PartitionSpec())
         param_shardings = jax.tree.map(lambda a: a.sharding, self.params)
-        opt_shardings = optax.tree_utils.tree_map_params(
-            self.tx, lambda _, sharding: sharding, jax.eval_shape(self.tx.init, self.params), param_shardings,
-            transform_non_params=lambda _: replicated)
+        opt_shardings = optimizer_shardings(self.tx, self.params, mesh)
         self.opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(self.params)
         self.ref_params = jax.tree.map(jnp.copy, self.params) if train.loss.kl_coef > 0 else None
         self.sampler = Sampler(rollout, mesh)
         # rollout.weights_dtype: the sampler's copy of the parameters in that dtype (None: the parameters
         # themselves, also when they are already stored in it), made on first use after each update.
-        cast = None if rollout.weights_dtype is None else jnp.dtype(rollout.weights_dtype)
-        if cast is not None and all(a.dtype == cast for a in jax.tree.leaves(self.params)
-                                    if jnp.issubdtype(a.dtype, jnp.floating)):
-            cast = None
+        cast = rollout_dtype(self.params, rollout)
         self._cast = None if cast is None else jax.jit(functools.partial(_cast_floats, dtype=cast),
                                                        out_shardings=param_shardings)
         self.step_count = 0
         self.missing_steps = 0  # consecutive steps in which every reward was missing
         # By default the old log-probabilities are recomputed whenever the sampler's differ from the trainer's
         # forward by more than rounding: a bf16 compute dtype, or rollouts from a copy of the weights in another dtype.
-        self.recompute = (model.config.dtype != "float32" or self._cast is not None) \
-            if train.recompute_old_logprobs is None else train.recompute_old_logprobs
+        self.recompute = recomputes_old_logprobs(train, model.config, cast)
         # Gradients and their running sum keep the parameters' shardings (else XLA may replicate them).
         self._gradients = jax.jit(functools.partial(_gradients, param_shardings=param_shardings, mesh=mesh),
                                   static_argnums=(0, 6, 7, 8))
