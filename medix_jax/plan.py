@@ -373,9 +373,9 @@ def build_programs(cfg, mesh, images: int, image_rows: int | None) -> tuple[list
 
     scalar = lambda dtype: sds((), dtype, sharding=replicated)  # noqa: E731
     params_b, opt_b = _per_chip(params), _per_chip(opt_state)
-    micro_inputs = _per_chip((prompts(micro), completions(micro * g, kl)))
+    micro_inputs = _per_chip(completions(micro * g, kl))  # Trainer.update keeps the prompts on the host until used
     copy = {} if cast is None else {"rollout weights copy": _per_chip(rollout_params)}
-    others = {"other micro-batches' inputs": micro_inputs * (parts - 1)} if parts > 1 else {}
+    others = {"other micro-batches' completions": micro_inputs * (parts - 1)} if parts > 1 else {}
     reference = {"reference params": params_b} if kl else {}
     # beside the sampler: the training state (and, sampling from a cast copy, the parameters themselves)
     sampling_resident = {**({} if cast is None else {"params": params_b}), "Adam state": opt_b, **reference}

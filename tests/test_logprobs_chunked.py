@@ -65,7 +65,7 @@ def reference_loss(params, graphdef, prompts, batch, totals, samples, temperatur
     logp, scaled = reference_logprobs(model, hidden, batch.tokens, temperature)
     loss, metrics = grpo.policy_loss(logp, batch.old_logprobs, batch.advantages, batch.mask, LOSS, totals,
                                      batch.ref_logprobs)
-    metrics["entropy"] = grpo.entropy(jax.lax.stop_gradient(scaled), batch.mask, totals)
+    metrics["entropy"] = grpo.entropy(grpo.token_entropy(jax.lax.stop_gradient(scaled)), batch.mask, totals)
     metrics["loss"] = loss
     return loss, (metrics, jax.lax.stop_gradient(logp))
 
