@@ -190,7 +190,6 @@ def logical_spec(axes, shape, mesh: Mesh, rules: Mapping | None = None) -> Parti
     return spec
 
 
-
 _ACTIVATIONS: contextvars.ContextVar[tuple[Mesh, Mapping | None] | None] = contextvars.ContextVar(
     "medix_activation_sharding", default=None)
 

@@ -20,7 +20,6 @@ A query row with no attendable key yields a finite value that differs between im
 from __future__ import annotations
 
 import functools
-from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -31,8 +30,7 @@ from jax.sharding import PartitionSpec
 
 from medix_jax import parallel
 
-Implementation = Literal["auto", "splash", "cudnn", "xla", "blockwise"]
-IMPLEMENTATIONS = ("auto", "splash", "cudnn", "xla", "blockwise")
+IMPLEMENTATIONS = ("auto", "splash", "cudnn", "xla", "blockwise")  # ModelConfig.attention checks the same names
 XLA_MAX_SCORES = 2**20  # 'auto' materialises at most this many scores per head (T * S), else goes blockwise
 SPLASH_MIN_Q = 128  # on TPU, shorter queries than one splash tile (128 lanes) go to xla
 LANES = 128  # splash tiles are multiples of this
