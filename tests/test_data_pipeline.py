@@ -3,17 +3,23 @@ rendered through the chat template with one placeholder per merged patch; pixels
 
 import dataclasses
 import io
+import json
 import pickle
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from medix_jax.data.builder import TEXT_FIELDS, MedixRL
 from medix_jax.data.pipeline import DataConfig, Preprocess, PromptBatches, data_source
-from medix_jax.data.prepare import PrepareOptions, prepare
+from medix_jax.data.prepare import PrepareOptions, prepare, validate
+from medix_jax.data.prepare import main as prepare_main
 from medix_jax.data.prompts import MEDIX_PROMPT, token_ids, user_content
-from medix_jax.data.synthetic import synthetic_records, write_synthetic
+from medix_jax.data.synthetic import synthetic_records, write_jsonl, write_synthetic
 from medix_jax.data.tokenizer import train_tokenizer
 from medix_jax.models.qwen2_5_vl.config import preset
 from medix_jax.rl.sampler import Buckets
@@ -172,3 +178,95 @@ def test_bad_settings_are_errors(setup):
         DataConfig(prompt="no field here <image>")
     with pytest.raises(ValueError, match="data_dir"):
         data_source(DataConfig())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Target completions (for supervised fine-tuning): source column -> prepared dataset -> Preprocess, exactly.
+
+ABSENT = object()
+COMPLETIONS = (
+    "<CT_SCAN><thinking>Rundlich, glatt begrenzt — 病变 🫁\n  zwei Zeilen </thinking><answer>circle</answer>",
+    None,  # null: ""
+    ABSENT,  # no such key in the record (JSONL; null in parquet): ""
+    "",
+    "  <X_RAY><thinking>\tleading and trailing space kept</thinking><answer>cross</answer>\n",
+)
+
+
+def with_completions(n: int, field: str = "completion") -> tuple[list[dict], dict[str, str]]:
+    """Synthetic records carrying ``COMPLETIONS`` in turn under ``field``; id -> the completion expected back."""
+    records, expected = [], {}
+    for i, record in enumerate(synthetic_records(n, seed=5)):
+        completion = COMPLETIONS[i % len(COMPLETIONS)]
+        if completion is not ABSENT:
+            record[field] = completion
+        records.append(record)
+        expected[record["id"]] = completion if isinstance(completion, str) else ""
+    return records, expected
+
+
+def preprocessed(setup, data_dir, name="medix_rl") -> dict[str, dict]:
+    cfg, model_cfg, tokenizer = setup
+    prep = Preprocess(cfg, model_cfg, tokenizer, 10**6, 10**6)
+    source = data_source(dataclasses.replace(cfg, data_dir=str(data_dir), name=name))
+    examples = [prep(source[i]) for i in range(len(source))]
+    return {e["id"]: e for e in examples}
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_completions_round_trip_exactly_through_prepare_and_preprocess(setup, tmp_path, fmt):
+    records, expected = with_completions(12)
+    if fmt == "jsonl":
+        write_jsonl(records, tmp_path / "src", "train")
+    else:
+        rows = [{**r, "image": [{"bytes": b, "path": None} for b in r["image"]]} for r in records]
+        (tmp_path / "src").mkdir()
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "src" / "train-00000-of-00001.parquet")
+    report = prepare(tmp_path / "src", tmp_path / "data", opts=PrepareOptions(test_fraction=0))
+    assert report.kept == {"train": 12} and report.completions == {"train": sum(map(bool, expected.values()))}
+    examples = preprocessed(setup, tmp_path / "data")
+    assert {i: e["completion"] for i, e in examples.items()} == expected
+    assert all(type(e["completion"]) is str for e in examples.values())
+    cfg, model_cfg, tokenizer = setup  # and they travel with the batches' examples
+    cfg = dataclasses.replace(cfg, data_dir=str(tmp_path / "data"), epochs=1, shuffle=False)
+    it = PromptBatches(data_source(cfg), cfg, model_cfg, tokenizer, BUCKETS, 0)
+    assert {e["id"]: e["completion"] for b in it for e in b.examples} == expected
+
+
+def test_completion_field_names_the_column_to_read(setup, tmp_path):
+    records, expected = with_completions(6, field="reasoning")
+    for record in records:
+        record["completion"] = "not this one"
+    write_jsonl(records, tmp_path / "src", "train")
+    args = ["--src", str(tmp_path / "src"), "--test-fraction", "0"]
+    assert prepare_main([*args, "--data-dir", str(tmp_path / "data"), "--completion-field", "reasoning"]) == 0
+    assert {i: e["completion"] for i, e in preprocessed(setup, tmp_path / "data").items()} == expected
+    assert prepare_main([*args, "--data-dir", str(tmp_path / "default")]) == 0  # default: the completion column
+    assert {e["completion"] for e in preprocessed(setup, tmp_path / "default").values()} == {"not this one"}
+
+
+def test_a_source_without_completions_gives_empty_strings(setup):
+    examples = preprocessed(setup, setup[0].data_dir)  # the synthetic source: no completion column
+    assert len(examples) == 61 and {e["completion"] for e in examples.values()} == {""}
+
+
+class MedixRL100(MedixRL, skip_registration=True):
+    """The 1.0.0 layout: no completion field."""
+
+    name = "medix_rl"
+    VERSION = tfds.core.Version("1.0.0")
+    text_fields = tuple(f for f in TEXT_FIELDS if f != "completion")
+
+
+def test_a_dataset_prepared_before_completions_still_reads(setup, tmp_path):
+    def records():
+        for record in synthetic_records(5, seed=7):
+            prepared = validate(record, tmp_path, PrepareOptions())
+            del prepared["completion"]
+            yield prepared
+
+    MedixRL100(splits={"train": records}, data_dir=str(tmp_path / "data")).download_and_prepare()
+    stored = json.loads((tmp_path / "data" / "medix_rl" / "1.0.0" / "features.json").read_text())
+    assert "completion" not in stored["featuresDict"]["features"] and "problem" in stored["featuresDict"]["features"]
+    examples = preprocessed(setup, tmp_path / "data")
+    assert len(examples) == 5 and {e["completion"] for e in examples.values()} == {""}

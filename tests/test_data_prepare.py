@@ -11,6 +11,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
+from medix_jax.data.builder import VERSION
 from medix_jax.data.prepare import PrepareOptions, prepare
 from medix_jax.data.prepare import main as prepare_main
 from medix_jax.data.synthetic import png_bytes, synthetic_records, write_synthetic
@@ -36,8 +37,9 @@ def test_synthetic_source_round_trips_byte_for_byte(tmp_path, fmt):
                 assert have[field].decode() == want[field]
             tag, answer = want["solution"].split(" ", 1)
             assert (have["modality"].decode(), have["answer"].decode()) == (tag, answer)
-    info = json.loads((tmp_path / "data" / "medix_rl" / "1.0.0" / "prepare_report.json").read_text())
-    assert info["kept"] == {"train": 240, "test": 30}
+            assert have["completion"] == b""  # the source has no completion column
+    info = json.loads((tmp_path / "data" / "medix_rl" / VERSION / "prepare_report.json").read_text())
+    assert info["kept"] == {"train": 240, "test": 30} and info["completions"] == {"train": 0, "test": 0}
 
 
 def test_without_a_test_file_a_fraction_of_train_is_held_out(tmp_path):
@@ -137,9 +139,38 @@ def test_a_split_with_no_valid_record_writes_nothing_and_the_cli_says_why(tmp_pa
     (src / "train.jsonl").write_text(json.dumps({"id": "a", "image": [], "problem": "p", "solution": "<X_RAY> b"}))
     assert prepare_main(["--src", str(src), "--data-dir", str(tmp_path / "data")]) == 2
     assert "no valid record" in capsys.readouterr().err
-    assert not (tmp_path / "data" / "medix_rl" / "1.0.0").exists()
+    assert not (tmp_path / "data" / "medix_rl" / VERSION).exists()
     write_synthetic(src, "jsonl", train=20, test=5)
     assert prepare_main(["--src", str(src), "--data-dir", str(tmp_path / "data")]) == 0
     assert prepare_main(["--src", str(src), "--data-dir", str(tmp_path / "data")]) == 2  # exists: no overwrite
     assert "already exists" in capsys.readouterr().err
     assert prepare_main(["--src", str(src), "--data-dir", str(tmp_path / "data"), "--overwrite"]) == 0
+
+
+def test_completions_are_checked_like_the_other_text_fields(tmp_path, capsys):
+    """The completion column is optional (null: ""), but a bad value skips its record under the usual reason."""
+    good = png_bytes(Image.new("RGB", (64, 48), (10, 200, 30)))
+    trace = "<CT_SCAN><thinking>Rundlich, 病变 🫁\n</thinking><answer>nodule</answer>"
+    completions = {"ok": trace.encode(), "null": None, "empty": b"", "latin1": "café".encode("latin-1"),
+                   "too_long": b"x" * 40_000}
+    rows = [{"id": key, "image": [{"bytes": good, "path": None}], "problem": "Which finding?",
+             "solution": "<CT_SCAN> nodule", "completion": value} for key, value in completions.items()]
+    (tmp_path / "src").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "src" / "train-00000-of-00001.parquet")
+    report = prepare(tmp_path / "src", tmp_path / "data", opts=PrepareOptions(test_fraction=0))
+    assert dict(report.skipped["train"]) == {"non_utf8_text": 1, "text_too_long": 1}
+    assert report.kept == {"train": 3} and report.completions == {"train": 1}
+    got = {r["id"].decode(): r["completion"].decode() for r in read_split(tmp_path / "data", "medix_rl", "train")}
+    assert got == {"ok": trace, "null": "", "empty": ""}
+
+    src = tmp_path / "jsonl"
+    src.mkdir()
+    (src / "g.png").write_bytes(good)
+    lines = [{"id": key, "image": ["g.png"], "problem": "p", "solution": "<X_RAY> q", "completion": value}
+             for key, value in {"number": 3, "list": ["a"], "fine": trace}.items()]
+    (src / "train.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    report = prepare(src, tmp_path / "data2", opts=PrepareOptions(test_fraction=0))
+    assert dict(report.skipped["train"]) == {"malformed_record": 2} and report.completions == {"train": 1}
+
+    assert prepare_main(["--src", str(src), "--data-dir", str(tmp_path / "data3"), "--completion-field", " "]) == 2
+    assert "completion_field" in capsys.readouterr().err

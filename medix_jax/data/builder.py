@@ -2,10 +2,15 @@
 
 One record per example: the raw fields of ``MBZUAI/medix-rl-data`` (REFERENCE §1) -- ``id``, ``images`` (the
 encoded image files, byte for byte as in the source), ``source``, ``problem``, ``solution`` -- plus the parsed
-``modality`` tag and ``answer``. The builder only writes what it is given: reading and validating the source is
-``prepare.py``'s job. tfds writes each split into a temporary directory and renames it when the whole dataset is
-done, so a failed preparation leaves nothing that looks finished. Read back with
-``tfds.data_source(name, data_dir=..., split=...)`` (text fields come back as UTF-8 ``bytes``).
+``modality`` tag and ``answer``, and ``completion``: a target completion for supervised fine-tuning taken from the
+source (e.g. a reasoning trace ``<TAG><thinking>...</thinking><answer>...</answer>``), "" where it has none. The
+builder only writes what it is given: reading and validating the source is ``prepare.py``'s job. tfds writes each
+split into a temporary directory and renames it when the whole dataset is done, so a failed preparation leaves
+nothing that looks finished. Read back with ``tfds.data_source(name, data_dir=..., split=...)`` (text fields come
+back as UTF-8 ``bytes``).
+
+Versions: 1.0.0 had no ``completion``; 1.1.0 added it. A reader takes the features stored with the dataset
+(``dataset_info.json``), so a 1.0.0 copy still reads -- its records just lack the key (the pipeline reads it as "").
 """
 
 from __future__ import annotations
@@ -16,8 +21,8 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import tensorflow_datasets as tfds
 
-VERSION = "1.0.0"
-TEXT_FIELDS = ("id", "source", "problem", "solution", "modality", "answer")
+VERSION = "1.1.0"  # 1.1.0: + completion
+TEXT_FIELDS = ("id", "source", "problem", "solution", "modality", "answer", "completion")
 
 
 class MedixRL(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -25,6 +30,7 @@ class MedixRL(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 
     name = "medix_rl"
     VERSION = tfds.core.Version(VERSION)
+    text_fields = TEXT_FIELDS  # a subclass may store fewer (tests write a 1.0.0-layout copy this way)
 
     def __init__(self, *, splits: dict[str, Callable[[], Iterable[dict]]] | None = None, **kwargs):
         self._splits = splits or {}
@@ -33,10 +39,11 @@ class MedixRL(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     def _info(self) -> tfds.core.DatasetInfo:
         return tfds.core.DatasetInfo(
             builder=self,
-            description="MediX-style medical RL data: image(s), question, '<TAG> answer' ground truth.",
+            description="MediX-style medical RL data: image(s), question, '<TAG> answer' ground truth, optional "
+                        "target completion.",
             features=tfds.features.FeaturesDict({
                 "images": tfds.features.Sequence(tfds.features.Scalar(dtype=np.object_)),  # encoded, unchanged
-                **{name: tfds.features.Text() for name in TEXT_FIELDS},
+                **{name: tfds.features.Text() for name in self.text_fields},
             }),
             disable_shuffling=True,  # records keep the source order; grain shuffles at read time
         )

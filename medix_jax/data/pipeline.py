@@ -68,7 +68,11 @@ def _text(value) -> str:
 
 
 class Preprocess:
-    """One prepared record -> a tokenised example with pixel rows, or ``{"dropped": reason}`` (picklable)."""
+    """One prepared record -> a tokenised example with pixel rows, or ``{"dropped": reason}`` (picklable).
+
+    The example: ``id``, ``solution`` ("<TAG> answer"), ``completion`` (the record's target completion for supervised
+    fine-tuning, as a str; "" when it has none or the dataset predates the field, version 1.0.0), ``input_ids`` (the
+    prompt) and, with images, ``pixel_values`` and ``image_grid_thw``."""
 
     def __init__(self, cfg: DataConfig, model_cfg, tokenizer, max_prompt_tokens: int, max_rows_per_image: int,
                  max_images: int | None = None):
@@ -97,7 +101,8 @@ class Preprocess:
         if any(rows_per_frame(vision, h // vision.patch_size, w // vision.patch_size) > self.max_rows_per_image
                for h, w in shapes):
             return {"dropped": "image_rows"}
-        example = {"id": _text(record["id"]), "solution": _text(record["solution"]), "input_ids": ids}
+        example = {"id": _text(record["id"]), "solution": _text(record["solution"]),
+                   "completion": _text(record.get("completion", b"")), "input_ids": ids}
         if record["images"]:
             try:
                 images = [to_rgb(decode_image(data)) for data in record["images"]]

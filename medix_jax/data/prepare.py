@@ -5,6 +5,12 @@ files (``train.jsonl`` / ``test.jsonl``, images as paths relative to the file), 
 the splits with the tfds builder (``builder.py``). The split of a file is the start of its name (``train-00003-of-
 00010.parquet`` -> train); with no test file, ``--test-fraction`` of train is held out by a hash of the id.
 
+A record may carry a target completion for supervised fine-tuning (e.g. a reasoning trace
+``<CT_SCAN><thinking>...</thinking><answer>...</answer>``) in the column named by ``--completion-field`` (default
+``completion``). It is optional -- a source or a record without it (or with null) stores "" -- and is checked like
+the other text fields (UTF-8, ``--max-text-chars``), stored exactly as given. How many records of each split carry
+one is part of the report, so a misspelt column name shows as 0.
+
 A record that cannot be used is skipped and counted under one reason (``REASONS``); preparation never stops on one
 bad record. The counts are printed and written to ``prepare_report.json`` beside the dataset. A split left with no
 valid record is an error, and nothing is written.
@@ -62,6 +68,11 @@ class PrepareOptions:
     max_images: int = 1
     max_text_chars: int = 32768
     test_fraction: float = 0.05  # held out of train when the source has no test split
+    completion_field: str = "completion"  # source column with a target completion (optional; "" when absent)
+
+    def __post_init__(self):
+        if not self.completion_field.strip():
+            raise ValueError("completion_field must name a column")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -153,7 +164,8 @@ def validate(record: dict, base_dir: Path, opts: PrepareOptions) -> dict:
     problem = _text(record, "problem", opts)
     solution = _text(record, "solution", opts)
     prepared = {"id": _text(record, "id", opts).strip(), "source": _text(record, "source", opts),
-                "problem": problem, "solution": solution}
+                "problem": problem, "solution": solution,
+                "completion": _text(record, opts.completion_field, opts)}
     if not problem.strip():
         raise Skip("empty_problem")
     try:
@@ -183,6 +195,7 @@ def validate(record: dict, base_dir: Path, opts: PrepareOptions) -> dict:
 @dataclasses.dataclass
 class Report:
     kept: Counter = dataclasses.field(default_factory=Counter)  # split -> records written
+    completions: Counter = dataclasses.field(default_factory=Counter)  # split -> of those, with a completion
     skipped: dict[str, Counter] = dataclasses.field(default_factory=dict)  # split -> reason -> count
     examples: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # reason -> first origins
 
@@ -193,14 +206,15 @@ class Report:
             shown.append(origin)
 
     def to_dict(self) -> dict:
-        return {"kept": dict(self.kept), "skipped": {s: dict(c) for s, c in self.skipped.items()},
-                "examples": self.examples}
+        return {"kept": dict(self.kept), "completions": dict(self.completions),
+                "skipped": {s: dict(c) for s, c in self.skipped.items()}, "examples": self.examples}
 
     def summary(self) -> str:
         lines = []
         for split in sorted(set(self.kept) | set(self.skipped)):
             skipped = self.skipped.get(split, Counter())
-            lines.append(f"  {split}: {self.kept[split]} written, {sum(skipped.values())} skipped")
+            lines.append(f"  {split}: {self.kept[split]} written ({self.completions[split]} with a completion), "
+                         f"{sum(skipped.values())} skipped")
             lines += [f"    {reason:<20} {n}" for reason, n in skipped.most_common()]
         return "\n".join(lines)
 
@@ -241,6 +255,7 @@ def prepare(src: str | Path, data_dir: str | Path, name: str = "medix_rl", opts:
                         continue
                     seen.add(record["id"])
                     report.kept[out_split] += 1
+                    report.completions[out_split] += bool(record["completion"])
                     yield record
             if not report.kept[out_split]:
                 raise ValueError(f"split {out_split!r} has no valid record; skipped: "
@@ -265,11 +280,15 @@ def main(argv=None) -> int:
     parser.add_argument("--max-images", type=int, default=PrepareOptions.max_images)
     parser.add_argument("--max-text-chars", type=int, default=PrepareOptions.max_text_chars)
     parser.add_argument("--test-fraction", type=float, default=PrepareOptions.test_fraction)
+    parser.add_argument("--completion-field", default=PrepareOptions.completion_field, metavar="NAME",
+                        help="source column holding a target completion for supervised fine-tuning, e.g. a "
+                             "reasoning trace (optional: absent or null stores \"\"; default %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing prepared copy")
     args = parser.parse_args(argv)
-    opts = PrepareOptions(min_images=args.min_images, max_images=args.max_images,
-                          max_text_chars=args.max_text_chars, test_fraction=args.test_fraction)
     try:
+        opts = PrepareOptions(min_images=args.min_images, max_images=args.max_images,
+                              max_text_chars=args.max_text_chars, test_fraction=args.test_fraction,
+                              completion_field=args.completion_field)
         report = prepare(args.src, args.data_dir, args.name, opts, args.overwrite)
     except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"prepare: {e}", file=sys.stderr)
