@@ -1,5 +1,6 @@
-"""python -m medix_jax.evaluate: MCQ / open / image+text / report task sets in the real file formats, our sampler on
-a tiny model and an OpenAI-compatible endpoint as generators, a real local judge server; resume, faults."""
+"""python -m medix_jax.evaluate: MCQ / open / image+text / report task sets in the real file formats, MediX tasks on
+a prepared tfds split scored by the training reward pool, our sampler on a tiny model (also sharded on a mesh) and an
+OpenAI-compatible endpoint as generators, a real local judge server or exact match without one; resume, faults."""
 
 import dataclasses
 import json
@@ -9,25 +10,34 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
+from transformers import AutoTokenizer
 
+from medix_jax import parallel
+from medix_jax.data.prepare import prepare
 from medix_jax.data.prompts import MEDIX_PROMPT, token_ids
-from medix_jax.data.synthetic import draw_example, png_bytes
+from medix_jax.data.synthetic import draw_example, png_bytes, write_synthetic
 from medix_jax.data.tokenizer import train_tokenizer
 from medix_jax.evaluate import (
+    DEFAULT_PROMPT,
     Judge,
     OpenAIGenerator,
+    SamplerGenerator,
     Task,
     evaluate,
+    exact_match,
     load_items,
     load_tasks,
     main,
     make_generator,
+    medix_task,
     parse_score,
 )
 from medix_jax.models.qwen2_5_vl import init_model
 from medix_jax.models.qwen2_5_vl.config import preset
-from medix_jax.models.qwen2_5_vl.hf_io import save_hf
+from medix_jax.models.qwen2_5_vl.hf_io import load_hf, save_hf
 from medix_jax.rewards.judge import JudgeConfig
+from medix_jax.rewards.pool import RewardPool, RewardsConfig
+from medix_jax.rewards.rules import MEDIX_MODALITY_TAGS, parse_solution
 from tests.judge_server import JudgeServer
 
 
@@ -183,17 +193,24 @@ def test_structured_outputs_when_the_judge_takes_them_else_a_fenced_reply(regist
     assert judge.stats["judge_error_BadRequestError"] == 1 and judge.stats["eval_structured_outputs_rejected"] == 1
 
 
-def test_our_sampler_on_a_tiny_hf_model_and_the_cli(registry, tmp_path):
-    tokenizer = train_tokenizer([MEDIX_PROMPT] * 4 + ["Which organ filters blood? Kidney"] * 4, tmp_path / "tok")
+@pytest.fixture(scope="module")
+def tiny_hf(tmp_path_factory):
+    """An HF directory of a tiny random Qwen2.5-VL with a tokenizer trained on the prompts."""
+    root = tmp_path_factory.mktemp("tiny")
+    tokenizer = train_tokenizer([MEDIX_PROMPT] * 4 + ["Which organ filters blood? Kidney"] * 4, root / "tok")
     cfg = dataclasses.replace(preset("tiny"), tokens=token_ids(tokenizer))
-    save_hf(init_model(cfg, 0), tmp_path / "hf", base_dir=tmp_path / "tok")
-    generator = make_generator(str(tmp_path / "hf"), None, max_tokens=6)
+    save_hf(init_model(cfg, 0), root / "hf", base_dir=root / "tok")
+    return root / "hf"
+
+
+def test_our_sampler_on_a_tiny_hf_model_and_the_cli(registry, tiny_hf, tmp_path):
+    generator = make_generator(str(tiny_hf), None, max_tokens=6)
     items = load_items(load_tasks(registry, only=["vqa"])[0])
     broken = dataclasses.replace(items[0], id="broken", images=[b"not an image"])
     texts = generator.generate([items[0], broken, items[1]])
     assert isinstance(texts[0], str) and texts[1] is None and isinstance(texts[2], str)  # one bad sample, no crash
     with JudgeServer(default="score") as judge_server:
-        args = ["--model", str(tmp_path / "hf"), "--tasks", str(registry), "--judge", judge_server.url,
+        args = ["--model", str(tiny_hf), "--tasks", str(registry), "--judge", judge_server.url,
                 "--out", str(tmp_path / "out"), "--max-tokens", "6", "--only", "vqa,mcq", "--no-thinking"]
         assert main(args) == 0
         summary = json.loads((tmp_path / "out" / "results.json").read_text())
@@ -235,3 +252,162 @@ def test_a_training_run_is_evaluated_from_its_newest_checkpoint(trained_run, reg
         judge = Judge(JudgeConfig(url=judge_server.url, model="judge"))
         summary = evaluate(load_tasks(registry, only=["vqa"]), generator, judge, tmp_path)
     assert summary["tasks"]["vqa"]["judged"] == 2 and summary["counts"]["generations_new"] == 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# MediX tasks, exact match without a judge
+
+
+@pytest.fixture(scope="module")
+def medix_data(tmp_path_factory):
+    """A prepared synthetic MediX dataset (tfds data dir): 8 train, 12 test records."""
+    root = tmp_path_factory.mktemp("medix")
+    prepare(write_synthetic(root / "src", "parquet", train=8, test=12), root / "data")
+    return root / "data"
+
+
+# What each pattern of hand-written completion scores: (format, modality, exact); pattern 4 is a failed generation.
+PATTERNS = {0: (1, 1, 1), 1: (1, 0, 1), 2: (1, 1, 0), 3: (0, 0, 0), 4: (0, 0, 0)}
+
+
+def medix_completion(item) -> str | None:
+    """Pattern ``k % 5`` for the ``k``-th test record: right (answer in another case, spaced, with a full stop),
+    wrong modality, wrong answer, unformatted (no tags), no generation."""
+    tag, answer = parse_solution(item.reference)
+    other = next(t for t in MEDIX_MODALITY_TAGS if t != tag)
+    return [f"{tag}<thinking>The shape is plain.</thinking> <answer> {answer.upper()}. </answer>\n",
+            f"{other}<thinking>The shape is plain.</thinking><answer>{answer}</answer>",
+            f"{tag}<thinking>Hard to say.</thinking><answer>banana</answer>",
+            f"The answer is {answer}.",
+            None][int(item.id[-6:]) % 5]
+
+
+class Scripted:
+    """A generator answering with ``medix_completion``; it records the templates it was asked with."""
+
+    def __init__(self, answer=medix_completion):
+        self.answer, self.prompts, self.calls = answer, [], 0
+
+    def generate(self, items):
+        self.calls += 1
+        self.prompts += [it.prompt for it in items]
+        return [self.answer(it) for it in items]
+
+
+def test_a_medix_split_is_scored_without_a_judge_by_the_training_rewards(medix_data, tmp_path):
+    registry = tmp_path / "tasks.yaml"
+    registry.write_text(yaml.safe_dump({"tasks": [
+        {"name": "heldout", "kind": "medix", "path": str(medix_data), "split": "test", "dataset": "medix_rl"}]}))
+    [task] = load_tasks(registry)
+    assert task == medix_task("heldout", str(medix_data))
+    items = load_items(task)
+    assert len(items) == 12 and len(load_items(medix_task("h", str(medix_data), limit=5))) == 5
+    assert items[0].id == "synthetic-test-000000" and parse_solution(items[0].reference)
+    assert items[0].question and isinstance(items[0].images[0], bytes) and items[0].images[0][:4] == b"\x89PNG"
+
+    generator = Scripted()
+    summary = evaluate([task], generator, None, tmp_path / "out")  # pool built here: format, modality, embed
+    assert set(generator.prompts) == {MEDIX_PROMPT}
+    result, n = summary["tasks"]["heldout"], len(items)
+    expected = [PATTERNS[k % 5] for k in range(n)]
+    assert result["format"] == pytest.approx(sum(e[0] for e in expected) / n) == pytest.approx(8 / 12)
+    assert result["modality"] == pytest.approx(sum(e[1] for e in expected) / n) == pytest.approx(5 / 12)
+    assert result["exact"] == pytest.approx(sum(e[2] for e in expected) / n) == pytest.approx(6 / 12)
+    texts = [medix_completion(it) for it in items]
+    pool = RewardPool(RewardsConfig(judge=JudgeConfig()))
+    try:
+        batch = pool.score([t for t in texts if t], [it.reference for it, t in zip(items, texts) if t])
+    finally:
+        pool.close()
+    assert result["embed"] == pytest.approx(batch.components["embed"].sum() / n)
+    assert result["composite"] == pytest.approx(batch.composite.sum() / n)
+    assert result["score"] == result["accuracy"] == result["exact"] and "llm" not in result
+    assert (result["kind"], result["scorer"], summary["scorer"]) == ("medix", "exact", "exact")
+    assert (result["samples"], result["scored"], result["missing"]) == (12, 10, 2)  # 2 generations failed
+    table = (tmp_path / "out" / "results.md").read_text()
+    assert "| task | format | modality | exact | embed | llm | composite | score | missing / samples |" in table
+    assert f"| heldout | 66.7 | 41.7 | 50.0 | {100 * result['embed']:.1f} | – | {100 * result['composite']:.1f} " \
+           "| 50.0 | 2 / 12 |" in table
+
+    # The training job's own pool (here: no embedding); the cached generations are scored again, the failed retried.
+    own = RewardPool(RewardsConfig(embedding_on=False))
+    try:
+        again = evaluate([task], generator, None, tmp_path / "out", pool=own)
+    finally:
+        own.close()
+    assert again["counts"] == {"generations_reused": 10, "generations_failed": 2}
+    assert "embed" not in again["tasks"]["heldout"] and again["tasks"]["heldout"]["exact"] == result["exact"]
+    assert again["tasks"]["heldout"]["composite"] == pytest.approx((0.1 * 8 + 0.045 * 5) / 12)
+
+
+def test_a_medix_split_with_a_judge_scores_by_the_llm_reward(medix_data, tmp_path):
+    task = medix_task("heldout", str(medix_data))
+    with JudgeServer(default="judge") as judge_server:  # YES when the answer equals the truth (case-insensitive)
+        judge = Judge(JudgeConfig(url=judge_server.url, model="judge"))
+        summary = evaluate([task], Scripted(), judge, tmp_path)
+        asked = [r["messages"][-1]["content"] for r in judge_server.requests]
+    result = summary["tasks"]["heldout"]
+    # The judge says NO to " SQUARE. " (the full stop) and "banana"; the exact answers are YES without a request.
+    assert result["llm"] == pytest.approx(3 / 12) and result["exact"] == pytest.approx(6 / 12)
+    assert result["score"] == result["accuracy"] == result["llm"] and result["scorer"] == summary["scorer"] == "judge"
+    assert len(asked) == 3 + 2 and any("banana" in a for a in asked)
+    assert result["missing"] == 2 and "embed" in result
+    assert f"| {100 * result['llm']:.1f} | {100 * result['composite']:.1f} | 25.0 | 2 / 12 |" in \
+        (tmp_path / "results.md").read_text()
+
+
+def test_open_and_mcq_without_a_judge_are_scored_by_exact_match(registry, tmp_path):
+    answers = {"m0": "B", "m1": "(b).", "m2": "<think>It is the kidney.</think>\n Kidney ", "m3": "B. Liver",
+               "o0": "Pneumothorax.", "o1": "a pneumothorax", "o2": None, "0": "A. circle", "1": "square"}
+    generator = Scripted(lambda item: answers[item.id])
+    summary = evaluate(load_tasks(registry, only=["mcq", "open", "vqa"]), generator, None, tmp_path)
+    assert set(generator.prompts) == {DEFAULT_PROMPT} and summary["scorer"] == "exact"
+    assert summary["tasks"]["mcq"] == {"kind": "mcq", "samples": 4, "judged": 4, "missing": 0, "score": 0.75}
+    assert summary["tasks"]["open"] == {"kind": "open", "samples": 3, "judged": 2, "missing": 1, "score": 1 / 3}
+    assert summary["tasks"]["vqa"]["score"] == 0.5  # no letters for an open task
+    assert "exact match" in (tmp_path / "results.md").read_text()
+    for form in ("A", "a", "A.", "(A)", " (a) ", "A. Heart", "heart", "HEART."):
+        assert exact_match(form, "Heart", "A") == 1.0
+    for form in ("B", "AB", "A Heart", "", None):
+        assert exact_match(form, "Heart", "A") == 0.0
+    assert exact_match("A", "a") == 1.0 and exact_match("A.", "Heart") == 0.0
+
+    with pytest.raises(ValueError, match="report.*needs --judge"):  # refused before anything is generated
+        evaluate(load_tasks(registry, only=["open", "report"]), generator, None, tmp_path / "report")
+    assert generator.calls == 3
+
+
+def test_the_cli_without_a_judge_on_mixed_kinds(registry, medix_data, tiny_hf, tmp_path, capsys):
+    spec = yaml.safe_load(registry.read_text())
+    spec["tasks"].append({"name": "heldout", "kind": "medix", "path": str(medix_data), "split": "test", "limit": 3})
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(yaml.safe_dump(spec))
+    args = ["--model", str(tiny_hf), "--tasks", str(tasks), "--out", str(tmp_path / "out"), "--max-tokens", "4"]
+    assert main([*args, "--only", "mcq,heldout"]) == 0
+    summary = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert summary["scorer"] == "exact" and summary["counts"]["generations_new"] == 4 + 3
+    assert summary["tasks"]["mcq"]["judged"] == 4 and summary["tasks"]["heldout"]["samples"] == 3
+    assert "| heldout | " in (tmp_path / "out" / "results.md").read_text().split("MediX tasks")[1]
+    assert main([*args, "--only", "report"]) == 2 and "report" in capsys.readouterr().err
+
+    # Each item is asked with its kind's template (MEDIX_PROMPT is far longer), unless --prompt overrides it.
+    generator = make_generator(str(tiny_hf), None, max_tokens=4)
+    medix_item = load_items(medix_task("h", str(medix_data), limit=1))[0]
+    plain = dataclasses.replace(medix_item, prompt=DEFAULT_PROMPT)
+    assert len(generator._prepare(medix_item)[0]) > len(generator._prepare(plain)[0]) + 50
+    assert OpenAIGenerator("http://x", "m", 4)._message(medix_item)["content"][0]["text"].startswith("You are a")
+    forced = OpenAIGenerator("http://x", "m", 4, prompt=DEFAULT_PROMPT)._message(medix_item)["content"]
+    assert forced[0]["type"] == "image_url" and forced[1]["text"] == medix_item.question
+
+
+def test_the_sampler_generates_under_a_mesh_as_without_one(registry, tiny_hf):
+    """A sharded model generates the same greedy text on a data x fsdp x tensor mesh; 3 prompts are padded to 4."""
+    items = load_items(load_tasks(registry, only=["vqa"])[0]) + load_items(load_tasks(registry, only=["open"])[0])[:1]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_hf)
+    mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    sharded = load_hf(tiny_hf, tokens=token_ids(tokenizer), mesh=mesh)
+    generator = SamplerGenerator(sharded, tokenizer, 4, mesh=mesh)
+    assert generator._rows_multiple() == 4 and generator.sampler.mesh is mesh
+    texts = generator.generate(items)
+    assert texts == make_generator(str(tiny_hf), None, max_tokens=4).generate(items)
+    assert all(isinstance(t, str) for t in texts)
