@@ -25,6 +25,7 @@ from medix_jax.models.qwen2_5_vl.config import ModelConfig, model_config_from_hf
 from medix_jax.parallel import DistributedConfig
 from medix_jax.rewards.pool import RewardsConfig
 from medix_jax.rl.sampler import Buckets, SamplingConfig
+from medix_jax.rl.sft import SFTConfig
 from medix_jax.rl.trainer import TrainConfig
 
 
@@ -45,6 +46,20 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    """The held-out evaluation the training job runs at the end of its supervised stage and of GRPO (``train.py``,
+    through ``evaluate.py``): greedy generations on ``split`` of ``data.data_dir``, scored by the run's rewards."""
+
+    split: str | None = "test"  # None: no evaluation
+    max_samples: int | None = None  # the first N records of the split (None: all)
+    batch_size: int = 64  # prompts generated together
+
+    def __post_init__(self):
+        if self.batch_size < 1 or (self.max_samples is not None and self.max_samples < 1):
+            raise ValueError(f"eval: batch_size and max_samples must be >= 1 ({self})")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """The whole job's configuration; sections are added by the subsystems that own them."""
 
@@ -52,10 +67,12 @@ class Config:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
     distributed: DistributedConfig = dataclasses.field(default_factory=DistributedConfig)  # parallel.py
     data: DataConfig = dataclasses.field(default_factory=DataConfig)  # data/pipeline.py
+    sft: SFTConfig = dataclasses.field(default_factory=SFTConfig)  # supervised stage before GRPO (rl/sft.py)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)  # rl/trainer.py
     rollout: SamplingConfig = dataclasses.field(default_factory=SamplingConfig)  # policy sampling (rl/sampler.py)
     buckets: Buckets = dataclasses.field(default_factory=Buckets)  # static shapes of prompts and pixels
     rewards: RewardsConfig = dataclasses.field(default_factory=RewardsConfig)  # rewards/pool.py
+    eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)  # held-out evaluation after each stage
     # Logical axis name -> mesh axis (or list of mesh axes, or null for replicated); merged over parallel.DEFAULT_RULES.
     sharding_rules: dict[str, Any] = dataclasses.field(default_factory=dict)
     # A local Hugging Face checkpoint directory: initial weights and tokenizer (and, unless the model section names

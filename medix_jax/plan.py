@@ -13,7 +13,7 @@ allocated. The programs are the functions the trainer itself runs, imported, not
 * the vision tower alone on one micro-batch's prompts (diagnostic: it also runs inside prefill and update);
 * ``rl.trainer._gradients`` -- one update micro-batch, jitted as ``Trainer.__init__`` jits it;
 * ``rl.trainer._logprobs`` -- the old / reference log-prob forward (when ``kl_coef > 0`` or recomputing);
-* the optimizer apply (``Trainer._apply_fn``; parameters and Adam state donated);
+* the optimizer apply (``trainer.apply_updates``; parameters and Adam state donated);
 * with ``rollout.weights_dtype``, the cast of the sampler's copy of the parameters (``rl.trainer._cast_floats``).
 
 Per program and chip it prints the compiler's memory analysis (argument, temporary, output, alias bytes), plus the
@@ -42,7 +42,6 @@ import re
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 GIB = 1024**3
@@ -449,10 +448,10 @@ def build_programs(cfg, mesh, images: int, image_rows: int | None) -> tuple[list
             + (", and for old log-probs of every mini-batch but the first" if recompute else ""),
             {"Adam state": opt_b, **({"the other parameter copy": params_b} if kl else {}), **copy, **others}))
 
-    apply = jax.jit(functools.partial(trainer.Trainer._apply_fn, types.SimpleNamespace(tx=tx)), donate_argnums=(0, 1),
+    apply = jax.jit(functools.partial(trainer.apply_updates, tx), donate_argnums=(0, 1),
                     out_shardings=(param_shardings, opt_shardings, replicated))
     programs.append(Program(
-        "optimizer", "Trainer._apply_fn: clip + AdamW over params and Adam state (donated)", apply,
+        "optimizer", "apply_updates: clip + AdamW over params and Adam state (donated)", apply,
         (params, opt_state, params), train.ppo_epochs * train.mini_batches, "ppo_epochs x mini_batches",
         {**reference, **copy, **others}))
     return programs, dict(shapes, decode_program=decode_program)

@@ -19,6 +19,9 @@ valid samples. Settings of the reference runs: REFERENCE §1.
 5. Aggregation: ``token_mean`` (DAPO) ``sum_{i,t} L / sum_{i,t} mask``; ``seq_mean`` (GRPO, GSPO)
    ``mean_i (sum_t L / |o_i|)``. Both take their denominators from the whole mini-batch (``Totals``), so gradient
    accumulation over micro-batches gives exactly the full-batch gradient.
+6. Supervised cold start (``rl/sft.py``): token-level negative log-likelihood of target completions,
+   ``L = -sum_{i,t} m_{i,t} log pi(y_{i,t} | x_i, y_{i,<t}) / sum_{i,t} m_{i,t}``, ``m`` marking completion tokens
+   only (the prompt and its images are context), the denominator the whole mini-batch's (``Totals``).
 """
 
 from __future__ import annotations
@@ -111,6 +114,11 @@ def policy_loss(logp, old_logp, advantages, mask, cfg: LossConfig, denominators:
         "logprob_diff_max": jnp.max(drift),
     }
     return total, metrics
+
+
+def sft_loss(logp, mask, denominators: Totals) -> jax.Array:
+    """Eq. 6: ``-sum(logp * mask) / denominators.tokens``; ``logp``, ``mask``: ``[N, T]``."""
+    return -(jnp.where(mask, logp.astype(jnp.float32), 0.0)).sum() / denominators.tokens
 
 
 def token_entropy(logits) -> jax.Array:

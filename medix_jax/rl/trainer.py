@@ -85,7 +85,7 @@ class OptimConfig:
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
     run_dir: str = "runs/default"
-    steps: int = 200
+    steps: int = 200  # GRPO steps (after the ``sft`` stage's, if any; 0: supervised only)
     loss: grpo.LossConfig = dataclasses.field(default_factory=grpo.LossConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     rollout_batches: int = 1  # prompt batches (data.batch_size each) per step; rewards of one overlap the next
@@ -104,7 +104,7 @@ class TrainConfig:
     export_hf: bool = True  # write an HF directory (run_dir/hf) at the end
 
     def __post_init__(self):
-        if min(self.steps, self.rollout_batches, self.ppo_epochs, self.mini_batches, self.micro_batches,
+        if self.steps < 0 or min(self.rollout_batches, self.ppo_epochs, self.mini_batches, self.micro_batches,
                self.max_tries, self.save_every, self.keep_checkpoints) < 1 or self.max_missing_steps < 0:
             raise ValueError(f"train: counts must be >= 1 ({self})")
         if not 0 <= self.filter_low < self.filter_high <= 1:
@@ -274,6 +274,12 @@ def recomputes_old_logprobs(train: TrainConfig, model_cfg, cast) -> bool:
     return model_cfg.dtype != "float32" or cast is not None
 
 
+def apply_updates(tx: optax.GradientTransformation, params, opt_state, grads):
+    """One optimizer update: (new parameters, new state, global gradient norm)."""
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, optax.tree.norm(grads)
+
+
 def _cast_floats(params, dtype):
     return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
 
@@ -304,13 +310,9 @@ class Trainer:
                              f"train.micro_batches {train.micro_batches}")
         for rows in (prompts // parts, prompts // parts * rollout.num_samples):  # a micro-batch's, on every process
             parallel.process_rows(mesh, rows * jax.process_count())
-        self.tx = make_optimizer(train.optim, train.steps * train.ppo_epochs * train.mini_batches)
-        # Explicit shardings for the whole training state: Adam's moments like their parameters, scalars (the step
-        # count) replicated on the mesh, kept by every update -- so a restored checkpoint lands where it was.
-        replicated = NamedSharding(mesh, PartitionSpec())
         param_shardings = jax.tree.map(lambda a: a.sharding, self.params)
-        opt_shardings = optimizer_shardings(self.tx, self.params, mesh)
-        self.opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(self.params)
+        self.tx = make_optimizer(train.optim, train.steps * train.ppo_epochs * train.mini_batches)
+        self.opt_state, self._apply = self.optimizer(self.tx)
         self.ref_params = jax.tree.map(jnp.copy, self.params) if train.loss.kl_coef > 0 else None
         self.sampler = Sampler(rollout, mesh)
         # rollout.weights_dtype: the sampler's copy of the parameters in that dtype (None: the parameters
@@ -329,8 +331,19 @@ class Trainer:
         self._accumulate = jax.jit(lambda total, grads: jax.tree.map(jnp.add, total, grads), donate_argnums=(0,),
                                    out_shardings=param_shardings)
         self._logprobs = jax.jit(_logprobs, static_argnums=(0, 4, 5, 6))
-        self._apply = jax.jit(self._apply_fn, donate_argnums=(0, 1),
-                              out_shardings=(param_shardings, opt_shardings, replicated))
+        self._extra_compiles = []  # other stages' jitted functions (rl/sft.py), counted in compile_count
+
+    def optimizer(self, tx: optax.GradientTransformation):
+        """(initial state, jitted ``apply_updates(params, state, grads) -> (params, state, grad norm)``) of ``tx``
+        over the parameters, with explicit shardings for the whole training state: Adam's moments like their
+        parameters, scalars (the step count) replicated on the mesh, kept by every update -- so a restored
+        checkpoint lands where it was. Parameters and state are donated."""
+        param_shardings = jax.tree.map(lambda a: a.sharding, self.params)
+        opt_shardings = optimizer_shardings(tx, self.params, self.mesh)
+        state = jax.jit(tx.init, out_shardings=opt_shardings)(self.params)
+        apply = jax.jit(functools.partial(apply_updates, tx), donate_argnums=(0, 1),
+                        out_shardings=(param_shardings, opt_shardings, NamedSharding(self.mesh, PartitionSpec())))
+        return state, apply
 
     @property
     def params(self) -> nnx.State:
@@ -356,14 +369,11 @@ class Trainer:
             self._rollout_params = self._cast(self.params)
         return nnx.merge(self.graphdef, self._rollout_params)
 
-    def _apply_fn(self, params, opt_state, grads):
-        updates, opt_state = self.tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, optax.tree.norm(grads)
-
     @property
     def compile_count(self) -> int:
-        return (self.sampler.compile_count + self._gradients._cache_size() + self._logprobs._cache_size()
-                + self._apply._cache_size() + (self._cast._cache_size() if self._cast is not None else 0))
+        jitted = [self._gradients, self._logprobs, self._apply, *self._extra_compiles]
+        return (self.sampler.compile_count + sum(f._cache_size() for f in jitted)
+                + (self._cast._cache_size() if self._cast is not None else 0))
 
     # -- collect ---------------------------------------------------------------------------------------------------
 
