@@ -2,8 +2,10 @@
 
 ``python -m medix_jax.plot RUN_DIR [--out FILE.png] [--keys k1,k2,...]``
 
-One subplot per key against the step; by default the rewards, loss, KL, entropy, clip fraction and response length
-that the run logged (keys it never logged are skipped). Null values (NaN/inf when logged) are gaps in the curve.
+One subplot per key against the step; by default the rewards, the supervised NLL, loss, KL, entropy, clip fraction
+and response length that the run logged (keys it never logged are skipped). Null values (NaN/inf when logged) are
+gaps in the curve. A run with a supervised stage before GRPO gets a dashed line where GRPO begins (after the last
+step that logged ``sft_loss``).
 Writes ``RUN_DIR/curves.png`` unless ``--out`` says otherwise; exits with status 2 when there is nothing to plot.
 """
 
@@ -22,6 +24,7 @@ DEFAULT_KEYS = (
     "reward_modality_mean",
     "reward_llm_mean",
     "reward_embed_mean",
+    "sft_loss",
     "loss",
     "kl",
     "entropy",
@@ -60,6 +63,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, keys: list[str]
     if not series:
         raise ValueError(f"no values to plot in {run_dir / METRICS_FILE} for keys {', '.join(keys or DEFAULT_KEYS)}")
 
+    supervised = [r["step"] for r in records if r.get("sft_loss") is not None]
+    boundary = max(supervised) if supervised and max(supervised) < records[-1]["step"] else None
     ncols = 1 if len(series) == 1 else 2
     nrows = math.ceil(len(series) / ncols)
     fig = Figure(figsize=(6 * ncols, 2.8 * nrows), layout="constrained")
@@ -69,6 +74,12 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, keys: list[str]
         ax.plot(steps, values, marker="." if len(steps) < 50 else None)  # markers keep isolated points visible
         ax.set_title(key)
         ax.set_xlabel("step")
+        if boundary is not None:
+            ax.axvline(boundary + 0.5, color="grey", linestyle="--", linewidth=1)
+            ax.text(boundary + 0.5, 1.0, " GRPO", transform=ax.get_xaxis_transform(), va="top", fontsize=8,
+                    color="grey")
+            ax.text(boundary + 0.5, 1.0, "SFT ", transform=ax.get_xaxis_transform(), va="top", ha="right",
+                    fontsize=8, color="grey")
         ax.grid(alpha=0.3)
     for ax in axes[len(series):]:
         ax.set_visible(False)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import signal
 import sys
 from pathlib import Path
@@ -35,7 +36,8 @@ from medix_jax.metrics import MetricsWriter
 from medix_jax.plot import plot_run
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
-SYNTHETIC_SIZES = {"train": 256, "test": 32}
+SYNTHETIC_SIZES = {"train": 512, "test": 128}
+SYNTHETIC_IMAGE_SIZE = (56, 56)  # pixels per side: 2 x 2 merged image tokens for the tiny model
 
 
 class RewardsUnavailable(RuntimeError):
@@ -50,7 +52,7 @@ def prepare_embedded_data(run_dir: Path) -> str:
 
     data_dir = run_dir / "data" / "tfds"
     if jax.process_index() == 0 and not (data_dir / "medix_rl" / VERSION).exists():
-        write_synthetic(run_dir / "data" / "source", "parquet", **SYNTHETIC_SIZES)
+        write_synthetic(run_dir / "data" / "source", "parquet", **SYNTHETIC_SIZES, image_size=SYNTHETIC_IMAGE_SIZE)
         prepare(run_dir / "data" / "source", data_dir)
     parallel.barrier("embedded dataset")
     return str(data_dir)
@@ -64,13 +66,17 @@ def tokenizer_and_model_config(cfg: Config, run_dir: Path):
     from medix_jax.data.prompts import token_ids
     from medix_jax.data.synthetic import synthetic_records
     from medix_jax.data.tokenizer import train_tokenizer
+    from medix_jax.rewards.rules import parse_solution
 
     checkpoint = _checkpoint_dir(cfg)
     if checkpoint:
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     else:
-        texts = [cfg.data.prompt] * 8 + [r["problem"] + " " + r["solution"] for r in synthetic_records(256)]
-        texts += ["<thinking>the lesion is round</thinking><answer>circle</answer>"] * 8
+        records = list(synthetic_records(256))
+        texts = [cfg.data.prompt] * 8 + [r["problem"] + " " + r["solution"] for r in records]
+        texts += [cfg.sft.template.format(tag=tag, answer=answer, thinking=cfg.sft.thinking)  # the answer format
+                  for tag, answer in (parse_solution(r["solution"]) for r in records)]
+        texts += [r["completion"] for r in records]  # the reasoning traces
         if jax.process_index() == 0:
             train_tokenizer(texts, run_dir / "tokenizer", cfg.model.text.vocab_size)
         parallel.barrier("tokenizer")
@@ -106,16 +112,22 @@ def build_model(cfg: Config, model_cfg, mesh):
 
 
 def run(cfg: Config, rewards=None) -> Path:
-    """Train to ``train.steps`` (resuming if the run has checkpoints). ``rewards``: anything with the reward pool's
-    ``score(completions, solutions) -> RewardBatch`` (default: ``RewardPool(cfg.rewards)``)."""
+    """Run the job to its end: ``sft.steps`` supervised steps, then ``train.steps`` GRPO steps, each stage followed by
+    the held-out evaluation (resuming if the run has checkpoints; a finished run only says where its results are).
+    ``rewards``: anything with the reward pool's ``score(completions, solutions) -> RewardBatch`` (default:
+    ``RewardPool(cfg.rewards)``)."""
     from medix_jax.data.pipeline import PromptBatches, data_source
     from medix_jax.models.qwen2_5_vl.hf_io import save_hf
     from medix_jax.rewards.pool import RewardPool
+    from medix_jax.rl.sft import SupervisedStage, label_sets
     from medix_jax.rl.trainer import Trainer
 
     run_dir = Path(cfg.train.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     lead = jax.process_index() == 0
+    total = cfg.sft.steps + cfg.train.steps
+    if total == 0:
+        raise ConfigError("sft.steps and train.steps are both 0: nothing to run")
     mesh = parallel.make_mesh(dataclasses.asdict(cfg.mesh))
     if not cfg.data.data_dir:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=prepare_embedded_data(run_dir)))
@@ -124,23 +136,51 @@ def run(cfg: Config, rewards=None) -> Path:
     if lead:
         (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     model = build_model(cfg, model_cfg, mesh)
-    data = PromptBatches(data_source(cfg.data), cfg.data, model_cfg, tokenizer, cfg.buckets, cfg.seed,
+    source = data_source(cfg.data)
+    data = PromptBatches(source, cfg.data, model_cfg, tokenizer, cfg.buckets, cfg.seed,
                          parallel.process_rows(mesh, cfg.data.batch_size))
     pool = rewards or RewardPool(cfg.rewards)
     trainer = Trainer(model, tokenizer, data, pool, cfg.train, cfg.rollout, cfg.buckets, mesh, cfg.seed)
+    labels = label_sets(source) if "random" in (cfg.sft.answers, cfg.sft.tags) else None
+    sft = SupervisedStage(trainer, cfg.sft, labels) if cfg.sft.steps else None
+    held_out = HeldOut(cfg, run_dir, tokenizer, pool, mesh, labels)
     checkpoints = Checkpoints(run_dir / "checkpoints", cfg.train.keep_checkpoints)
+
+    def stage():  # the stage that the next step (or the newest checkpoint) belongs to
+        return sft if sft is not None and trainer.step_count < cfg.sft.steps else trainer
+
+    def opt_state():  # a checkpoint at the end of the supervised stage holds its optimizer state
+        return sft.opt_state if sft is not None and trainer.step_count <= cfg.sft.steps else trainer.opt_state
+
     restored = checkpoints.restore_latest({"params": trainer.params, "opt_state": trainer.opt_state})
     if restored:
         step, state, data_state = restored
-        trainer.params, trainer.opt_state, trainer.step_count = state["params"], state["opt_state"], step
+        trainer.params, trainer.step_count = state["params"], step
+        if sft is not None and step <= cfg.sft.steps:
+            sft.opt_state = state["opt_state"]
+        else:
+            trainer.opt_state = state["opt_state"]
         states = data_state.get("processes", [data_state])  # one state: written before per-process states
         data.set_state(_this_process(states, step, checkpoints.directory))
+    if restored and trainer.step_count >= total and held_out.complete() and \
+            (run_dir / "hf").exists() == cfg.train.export_hf:
+        if lead:
+            print(f"medix_jax.train: the run in {run_dir.absolute()} is already complete ({trainer.step_count} of "
+                  f"{total} steps); its results: {run_dir / RESULTS}.md, metrics {run_dir / 'metrics.jsonl'}, curves "
+                  f"{run_dir / 'curves.png'}" + (f", HF checkpoint {run_dir / 'hf'}" if cfg.train.export_hf else "")
+                  + ". Start a new run in another train.run_dir (or raise sft.steps / train.steps to go on).")
+        checkpoints.close()
+        data.close()
+        getattr(pool, "close", lambda: None)()
+        return run_dir
     if lead:
+        stages = [f"{cfg.sft.steps} supervised"] * bool(cfg.sft.steps) + [f"{cfg.train.steps} GRPO"] * bool(
+            cfg.train.steps)
         print(f"medix_jax.train: run {run_dir.absolute()}, {jax.device_count()} {jax.devices()[0].platform} "
               f"device(s) in {jax.process_count()} process(es), mesh {dict(mesh.shape)}; rewards: "
-              f"{', '.join(getattr(pool, 'active', ['custom']))}; "
+              f"{', '.join(getattr(pool, 'active', ['custom']))}; {' then '.join(stages)} steps; "
               + (f"resumed at step {trainer.step_count}" if restored else "starting at step 0")
-              + f" of {cfg.train.steps}", flush=True)
+              + f" of {total}", flush=True)
 
     stop: list[int] = []
     saved = [trainer.step_count]
@@ -148,7 +188,7 @@ def run(cfg: Config, rewards=None) -> Path:
     def save() -> None:
         if saved[-1] != trainer.step_count:
             data_states = {"processes": parallel.host_gather(data.get_state())}  # every process's position
-            checkpoints.save(trainer.step_count, {"params": trainer.params, "opt_state": trainer.opt_state},
+            checkpoints.save(trainer.step_count, {"params": trainer.params, "opt_state": opt_state()},
                              data_states, {**meta, "step": trainer.step_count})
             saved.append(trainer.step_count)
 
@@ -162,14 +202,19 @@ def run(cfg: Config, rewards=None) -> Path:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     meta = {"config": to_dict(cfg), "aux_dir": str(Path(aux_dir).absolute())}
+    halt = False
     try:
         with MetricsWriter(run_dir, enabled=lead) as writer:
             writer.truncate_after(trainer.step_count)
-            bar = tqdm(total=cfg.train.steps, initial=trainer.step_count, desc="train", disable=not lead)
+            bar = tqdm(total=total, initial=trainer.step_count, desc="train", disable=not lead)
             halt = halted()
-            while trainer.step_count < cfg.train.steps and not halt:
+            while not halt:
+                held_out.catch_up(trainer)  # a stage that just ended (or ended before a kill) is evaluated first
+                if trainer.step_count >= total:
+                    break
+                current = stage()
                 try:
-                    metrics = trainer.step()
+                    metrics = current.step()
                 except StopIteration:  # a finite data.epochs ran out
                     if lead:
                         print(f"medix_jax.train: the data ran out after step {trainer.step_count}", flush=True)
@@ -177,14 +222,21 @@ def run(cfg: Config, rewards=None) -> Path:
                     break
                 writer.write(trainer.step_count, metrics)
                 bar.update(1)
-                bar.set_postfix(reward=f"{metrics.get('reward_composite_mean', float('nan')):.3f}",
-                                loss=f"{metrics['loss']:.4f}" if "loss" in metrics else "no update (no signal)")
-                problem = trainer.rewards_down(metrics)  # the same on every process (combined metrics)
-                if problem:
-                    save()
-                    raise RewardsUnavailable(f"stopped after step {trainer.step_count}: {problem}")
+                bar.set_description("sft" if current is sft else "grpo")
+                postfix = {"reward": f"{metrics.get('reward_composite_mean', float('nan')):.3f}"}
+                if current is sft:
+                    postfix["nll"] = f"{metrics['sft_loss']:.4f}"
+                else:
+                    postfix["loss"] = f"{metrics['loss']:.4f}" if "loss" in metrics else "no update (no signal)"
+                bar.set_postfix(postfix)
+                if current is trainer:
+                    problem = trainer.rewards_down(metrics)  # the same on every process (combined metrics)
+                    if problem:
+                        save()
+                        raise RewardsUnavailable(f"stopped after step {trainer.step_count}: {problem}")
                 halt = halted()
-                if trainer.step_count % cfg.train.save_every == 0 or trainer.step_count == cfg.train.steps or halt:
+                if trainer.step_count % cfg.train.save_every == 0 or trainer.step_count in (cfg.sft.steps, total) \
+                        or halt:
                     save()
             bar.close()
         checkpoints.wait()
@@ -194,8 +246,8 @@ def run(cfg: Config, rewards=None) -> Path:
         getattr(pool, "close", lambda: None)()
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if halt:
-        if lead:
+    if halt or trainer.step_count < total:
+        if lead and halt:
             print(f"medix_jax.train: {f'signal {stop[0]}' if stop else 'another process was signalled'}: saved "
                   f"step {trainer.step_count}; run again to resume")
         return run_dir
@@ -204,9 +256,96 @@ def run(cfg: Config, rewards=None) -> Path:
     if lead:
         if (run_dir / "metrics.jsonl").exists():
             plot_run(run_dir)
+        table = held_out.report()
+        if table:
+            print(table)
         print(f"medix_jax.train: done, {trainer.step_count} steps; metrics {run_dir / 'metrics.jsonl'}, curves "
-              f"{run_dir / 'curves.png'}" + (f", HF checkpoint {run_dir / 'hf'}" if cfg.train.export_hf else ""))
+              f"{run_dir / 'curves.png'}" + (f", results {run_dir / RESULTS}.md" if table else "")
+              + (f", HF checkpoint {run_dir / 'hf'}" if cfg.train.export_hf else ""))
     return run_dir
+
+
+RESULTS = "results"  # run_dir/results.{md,json}: the held-out evaluation after each stage, side by side
+
+
+class HeldOut:
+    """The held-out evaluation at the end of each stage: greedy generations on ``eval.split`` of the run's data,
+    through ``evaluate.py`` (the code path of ``python -m medix_jax.evaluate``) and scored by the run's own reward
+    pool. Each evaluation is written to ``run_dir/eval/step_N/`` (``results.json``, ``results.md``, cached
+    generations); ``report`` writes the stages side by side to ``run_dir/results.{md,json}``. In a job of several
+    processes the run is evaluated afterwards (``python -m medix_jax.evaluate``)."""
+
+    def __init__(self, cfg: Config, run_dir: Path, tokenizer, pool, mesh, labels=None):
+        from medix_jax import evaluate
+
+        self.cfg, self.run_dir, self.tokenizer, self.pool, self.mesh = cfg, run_dir, tokenizer, pool, mesh
+        self.points = [("after SFT", cfg.sft.steps)] * bool(cfg.sft.steps) + [
+            ("after GRPO", cfg.sft.steps + cfg.train.steps)] * bool(cfg.train.steps)
+        self.chance = 1 / len(labels[0]) if labels and labels[0] else None
+        self.task = None
+        if cfg.eval.split is None:
+            return
+        if jax.process_count() > 1:
+            if jax.process_index() == 0:
+                print("medix_jax.train: the held-out evaluation runs in single-process jobs only; evaluate this run "
+                      f"afterwards: python -m medix_jax.evaluate --model {run_dir}", flush=True)
+            return
+        self.task = evaluate.medix_task("held_out", cfg.data.data_dir, cfg.eval.split, cfg.data.name,
+                                        cfg.eval.max_samples)
+        self.samples = len(evaluate.load_items(self.task))  # a missing split fails now, not after training
+
+    def _dir(self, step: int) -> Path:
+        return self.run_dir / "eval" / f"step_{step}"
+
+    def complete(self) -> bool:
+        return self.task is None or all((self._dir(step) / "results.json").exists() for _, step in self.points)
+
+    def catch_up(self, trainer) -> None:
+        """Evaluate the stage that ends at the current step, unless that was done (e.g. before a kill)."""
+        for name, step in self.points:
+            if self.task is not None and trainer.step_count == step and not (self._dir(step) / "results.json").exists():
+                self.run(trainer.model, name, step)
+
+    def run(self, model, name: str, step: int) -> dict:
+        from medix_jax import evaluate
+
+        d = self.cfg.data
+        generator = evaluate.SamplerGenerator(model, self.tokenizer, self.cfg.rollout.max_new_tokens, d.prompt,
+                                              d.min_pixels, d.max_pixels, mesh=self.mesh)
+        print(f"medix_jax.train: evaluating {name} (step {step}) on {self.samples} held-out samples "
+              f"({d.data_dir}, split {self.cfg.eval.split})", flush=True)
+        summary = evaluate.evaluate([self.task], generator, None, self._dir(step), self.cfg.eval.batch_size,
+                                    pool=self.pool)
+        print(self.row(name, step, summary["tasks"][self.task.name]), flush=True)
+        return summary
+
+    COLUMNS = ("format", "modality", "accuracy", "embed", "llm", "composite")
+
+    def row(self, name: str, step: int, result: dict) -> str:
+        cells = [f"{100 * result[c]:.1f}" if result.get(c) is not None else "–" for c in self.COLUMNS]
+        return f"| {name} (step {step}) | " + " | ".join(cells) + " |"
+
+    def report(self) -> str | None:
+        """The stages' held-out results side by side (markdown, also written to ``run_dir/results.md`` and
+        ``.json``), or None without an evaluation."""
+        if self.task is None:
+            return None
+        rows, data = [], {}
+        for name, step in self.points:
+            path = self._dir(step) / "results.json"
+            if path.exists():
+                result = json.loads(path.read_text())["tasks"][self.task.name]
+                rows.append(self.row(name, step, result))
+                data[name] = {"step": step, **result}
+        chance = f"; answering at random scores {100 * self.chance:.1f} % accuracy" if self.chance else ""
+        table = "\n".join([
+            f"held-out evaluation: {self.samples} samples of split {self.cfg.eval.split!r}, greedy; percentages of "
+            f"samples{chance}",
+            "", "| | " + " | ".join(self.COLUMNS) + " |", "|---" + "|---:" * len(self.COLUMNS) + "|", *rows])
+        (self.run_dir / f"{RESULTS}.md").write_text(table + "\n")
+        (self.run_dir / f"{RESULTS}.json").write_text(json.dumps(
+            {"split": self.cfg.eval.split, "samples": self.samples, "chance_accuracy": self.chance, **data}, indent=2))
+        return table
 
 
 def _this_process(states: list[dict], step: int, directory: Path) -> dict:

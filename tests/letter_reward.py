@@ -24,4 +24,6 @@ class LetterReward:
 if __name__ == "__main__":
     from medix_jax.train import main
 
-    sys.exit(main(sys.argv[1:], rewards=LetterReward()))
+    # The GRPO stage alone (the embedded default's supervised stage and held-out evaluation are off; later
+    # overrides win).
+    sys.exit(main(["sft.steps=0", "eval.split=null", *sys.argv[1:]], rewards=LetterReward()))

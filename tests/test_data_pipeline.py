@@ -197,6 +197,7 @@ def with_completions(n: int, field: str = "completion") -> tuple[list[dict], dic
     """Synthetic records carrying ``COMPLETIONS`` in turn under ``field``; id -> the completion expected back."""
     records, expected = [], {}
     for i, record in enumerate(synthetic_records(n, seed=5)):
+        del record["completion"]  # the synthetic trace; these records carry the test's own
         completion = COMPLETIONS[i % len(COMPLETIONS)]
         if completion is not ABSENT:
             record[field] = completion
@@ -245,9 +246,12 @@ def test_completion_field_names_the_column_to_read(setup, tmp_path):
     assert {e["completion"] for e in preprocessed(setup, tmp_path / "default").values()} == {"not this one"}
 
 
-def test_a_source_without_completions_gives_empty_strings(setup):
-    examples = preprocessed(setup, setup[0].data_dir)  # the synthetic source: no completion column
-    assert len(examples) == 61 and {e["completion"] for e in examples.values()} == {""}
+def test_a_source_without_completions_gives_empty_strings(setup, tmp_path):
+    records = [{k: v for k, v in r.items() if k != "completion"} for r in synthetic_records(12, seed=2)]
+    write_jsonl(records, tmp_path / "src", "train")  # no completion column
+    prepare(tmp_path / "src", tmp_path / "data")
+    examples = preprocessed(setup, tmp_path / "data")
+    assert examples and {e["completion"] for e in examples.values()} == {""}
 
 
 class MedixRL100(MedixRL, skip_registration=True):

@@ -33,13 +33,12 @@ def test_synthetic_source_round_trips_byte_for_byte(tmp_path, fmt):
         assert len(got) == n
         for want, have in zip(expected, got, strict=True):
             assert have["images"] == want["image"]  # identical encoded bytes
-            for field in ("id", "source", "problem", "solution"):
+            for field in ("id", "source", "problem", "solution", "completion"):  # completion: the record's trace
                 assert have[field].decode() == want[field]
             tag, answer = want["solution"].split(" ", 1)
             assert (have["modality"].decode(), have["answer"].decode()) == (tag, answer)
-            assert have["completion"] == b""  # the source has no completion column
     info = json.loads((tmp_path / "data" / "medix_rl" / VERSION / "prepare_report.json").read_text())
-    assert info["kept"] == {"train": 240, "test": 30} and info["completions"] == {"train": 0, "test": 0}
+    assert info["kept"] == {"train": 240, "test": 30} and info["completions"] == {"train": 240, "test": 30}
 
 
 def test_without_a_test_file_a_fraction_of_train_is_held_out(tmp_path):

@@ -3,7 +3,8 @@
 Each record is one PIL-drawn image and a question about it. The image's *style* gives the modality tag (an X-ray
 is a bright shape on black, an ultrasound a speckled fan, a fundus photo an orange disc, ...) and the *shape* drawn
 on it gives the answer, so both rewards are learnable from the pixels. Fields are those of ``MBZUAI/medix-rl-data``
-(REFERENCE §1): ``id``, ``image`` (a list of encoded images), ``source``, ``problem``, ``solution`` = "<TAG> answer".
+(REFERENCE §1): ``id``, ``image`` (a list of encoded images), ``source``, ``problem``, ``solution`` = "<TAG> answer",
+plus a ``completion``: a reasoning trace that says what the image shows (``trace``), for supervised cold starts.
 
 Written as the hub stores it (``data/{split}-00000-of-00001.parquet``, images as ``{"bytes", "path"}`` structs) or
 as JSONL (``{split}.jsonl`` with image paths relative to the file, PNGs under ``images/``).
@@ -19,7 +20,15 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 SHAPES = ("circle", "square", "triangle", "cross")
+# Each finding has its own colour as well as its shape: a cue that a tiny model's 14-pixel patches carry directly,
+# so that the embedded default run can learn to read the image within minutes on a CPU.
+SHAPE_COLOURS = {"circle": (250, 230, 50), "square": (40, 200, 80), "triangle": (60, 100, 250),
+                 "cross": (220, 40, 200)}
 MODALITIES = ("<X_RAY>", "<CT_SCAN>", "<ULTRASOUND>", "<FUNDUS_PHOTOGRAPHY>", "<MICROSCOPY>")
+# What each image shows, in words: the reasoning trace of a record (its ``completion`` field).
+BACKGROUNDS = {"<X_RAY>": "a dark film", "<CT_SCAN>": "a grey disc", "<ULTRASOUND>": "a speckled fan",
+               "<FUNDUS_PHOTOGRAPHY>": "an orange disc", "<MICROSCOPY>": "a pink slide"}
+COLOUR_NAMES = {"circle": "yellow", "square": "green", "triangle": "blue", "cross": "magenta"}
 QUESTIONS = (
     "Which shape is the lesion in this image?",
     "What is the shape of the highlighted finding?",
@@ -54,9 +63,9 @@ def _background(modality: str, size: tuple[int, int], rng: random.Random) -> Ima
 def draw_example(modality: str, shape: str, size: tuple[int, int], rng: random.Random) -> Image.Image:
     image = _background(modality, size, rng)
     w, h = size
-    r = min(w, h) * rng.uniform(0.12, 0.22)
+    r = min(w, h) * rng.uniform(0.2, 0.3)
     cx, cy = rng.uniform(0.35, 0.65) * w, rng.uniform(0.35, 0.65) * h
-    colour = {"<X_RAY>": (240, 240, 240), "<MICROSCOPY>": (90, 20, 120)}.get(modality, (255, 255, 160))
+    colour = SHAPE_COLOURS[shape]
     draw = ImageDraw.Draw(image)
     if shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
@@ -88,7 +97,14 @@ def synthetic_records(n: int, seed: int = 0, split: str = "train", image_size: t
             "source": "synthetic",
             "problem": rng.choice(QUESTIONS),
             "solution": f"{modality} {shape}",
+            "completion": trace(modality, shape),
         }
+
+
+def trace(modality: str, shape: str) -> str:
+    """A record's reasoning trace in the MediX format: what the image shows, then the tag and answer it implies."""
+    return (f"{modality}<thinking>I see {BACKGROUNDS[modality]} with a {COLOUR_NAMES[shape]} lesion.</thinking>"
+            f"<answer>{shape}</answer>")
 
 
 def write_parquet(records, out_dir: Path, split: str) -> Path:
@@ -100,7 +116,7 @@ def write_parquet(records, out_dir: Path, split: str) -> Path:
     schema = pa.schema([
         ("id", pa.string()),
         ("image", pa.list_(pa.struct([("bytes", pa.binary()), ("path", pa.string())]))),
-        ("source", pa.string()), ("problem", pa.string()), ("solution", pa.string()),
+        ("source", pa.string()), ("problem", pa.string()), ("solution", pa.string()), ("completion", pa.string()),
     ])
     path = Path(out_dir) / "data" / f"{split}-00000-of-00001.parquet"
     path.parent.mkdir(parents=True, exist_ok=True)
