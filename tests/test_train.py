@@ -32,7 +32,7 @@ from tests.letter_reward import LetterReward
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["rollout.max_new_tokens=8", "rollout.num_samples=8", "train.optim.learning_rate=3e-3",
-        "mesh.fsdp=1", "sft.steps=0", "eval.split=null", "train.loss.kl_coef=0.0"]
+        "mesh.fsdp=1", "sft.steps=0", "eval.split=null", "train.loss.kl_coef=0.0", "data.batch_size=4"]
 
 
 @pytest.fixture(scope="module")
