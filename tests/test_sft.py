@@ -4,6 +4,7 @@ its targets on the held-out split (and does not without the reward signal)."""
 
 import dataclasses
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -15,14 +16,11 @@ import numpy as np
 import pytest
 
 from medix_jax import parallel
-from medix_jax.config import load_config
 from medix_jax.data.pipeline import collate
 from medix_jax.models.qwen2_5_vl import forward
-from medix_jax.rewards.pool import RewardBatch, RewardPool
 from medix_jax.rl import grpo
 from medix_jax.rl.sft import SFTConfig, SupervisedStage, label_sets
 from medix_jax.rl.trainer import OptimConfig
-from medix_jax.train import DEFAULT_CONFIG, run
 from tests.letter_reward import LetterReward
 from tests.test_train import ROOT, final_state, flat_params, make_trainer, metric_lines, shared_run  # noqa: F401
 
@@ -98,7 +96,7 @@ def test_a_sharded_step_equals_the_single_device_one(shared_run, mesh_sizes):  #
 
 
 def sft_cli(run_dir, cache):
-    env = {**__import__("os").environ, "JAX_COMPILATION_CACHE_DIR": str(cache),
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "XLA_FLAGS": ""}
     args = ["rollout.max_new_tokens=40", "rollout.num_samples=2", "mesh.fsdp=1", f"train.run_dir={run_dir}",
             "sft.steps=3", "sft.sample_every=2", "train.steps=2", "train.save_every=1", "train.export_hf=false",
@@ -132,19 +130,14 @@ def test_kill_9_then_resume_is_exact_across_the_stages(tmp_path):
     assert "reward_letters_mean" in lines[0] and "reward_letters_mean" not in lines[1]  # sft.sample_every=2
 
 
-class ZeroAdvantages:
-    """The run's reward pool with every composite set to 0: its components are still scored and logged, but every
-    group's advantages are 0 -- GRPO gets no signal."""
-
-    def __init__(self, pool):
-        self.pool, self.active = pool, pool.active
-
-    def score(self, completions, solutions):
-        scored = self.pool.score(completions, solutions)
-        return RewardBatch(scored.components, np.zeros_like(scored.composite), scored.valid, scored.metrics)
-
-    def close(self):
-        self.pool.close()
+def job(module: str, run_dir, *overrides: str, cache=None) -> str:
+    """The default job (configs/tiny.yaml) as a user runs it: its own process, one CPU device; its output."""
+    env = {**os.environ, "XLA_FLAGS": "", "JAX_COMPILATION_CACHE_DIR": str(cache),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    out = subprocess.run([sys.executable, "-m", module, f"train.run_dir={run_dir}", "train.export_hf=false",
+                          *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
 
 
 def held_out(run_dir):
@@ -152,34 +145,32 @@ def held_out(run_dir):
 
 
 @pytest.mark.slow
-def test_the_default_run_learns_the_task_and_not_without_the_reward(tmp_path, capsys):
+@pytest.mark.timeout(1800)  # four jobs of about 1.5, 3, 0.5 and 3 minutes
+def test_the_default_run_learns_the_task_and_not_without_the_reward(tmp_path):
     """The embedded default (configs/tiny.yaml, fixed seeds) in two parts -- its supervised stage, then the rest of
     the run resumed from it, which is the same run -- and, from a copy of the supervised stage, GRPO with every
-    advantage zeroed. Targets (issue 15) on the held-out split: after SFT, format >= 0.95 and accuracy at chance;
-    after GRPO, accuracy >= chance + 0.4 and modality >= 0.9; with zeroed advantages, accuracy stays at chance."""
-    run_dir, control = tmp_path / "run", tmp_path / "control"
-    cfg = load_config(DEFAULT_CONFIG, [f"train.run_dir={run_dir}", "train.export_hf=false"])
-    run(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=0)))  # the supervised stage
+    advantage zeroed (tests/zero_advantages.py). Targets (issue 15) on the held-out split: after SFT, format >= 0.95
+    and accuracy at chance; after GRPO, accuracy >= chance + 0.4 and modality >= 0.9; with zeroed advantages,
+    accuracy stays at chance."""
+    run_dir, control, cache = tmp_path / "run", tmp_path / "control", tmp_path / "xla-cache"
+    job("medix_jax.train", run_dir, "train.steps=0", cache=cache)  # the supervised stage
     shutil.copytree(run_dir, control)
     after_sft = held_out(run_dir)["after SFT"]
     chance = held_out(run_dir)["chance_accuracy"]
     assert chance == 0.25 and after_sft["format"] >= 0.95 and abs(after_sft["accuracy"] - chance) <= 0.1, after_sft
 
-    run(cfg)  # resumes at the end of the supervised stage
+    job("medix_jax.train", run_dir, cache=cache)  # resumes at the end of the supervised stage
     results = held_out(run_dir)
     assert results["after SFT"] == after_sft
     after_grpo = results["after GRPO"]
     assert after_grpo["accuracy"] >= chance + 0.4 and after_grpo["modality"] >= 0.9, results
     assert (run_dir / "curves.png").is_file() and (run_dir / "results.md").is_file()
 
-    capsys.readouterr()
-    run(cfg)  # a finished run says so and does nothing
-    out = capsys.readouterr().out
+    out = job("medix_jax.train", run_dir, cache=cache)  # a finished run says so and does nothing
     assert "already complete" in out and str(run_dir / "results") in out
     assert held_out(run_dir) == results
 
-    control_cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, run_dir=str(control)))
-    run(control_cfg, rewards=ZeroAdvantages(RewardPool(cfg.rewards)))
+    job("tests.zero_advantages", control, cache=cache)
     unrewarded = held_out(control)["after GRPO"]
     assert abs(unrewarded["accuracy"] - after_sft["accuracy"]) <= 0.1, (after_sft, unrewarded)
     assert unrewarded["accuracy"] < chance + 0.2

@@ -4,6 +4,7 @@ single-device one, a step with the full reward pool logs every component, bad ch
 import dataclasses
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -172,7 +173,9 @@ class AsAnswers:
         self.pool, self.active = pool, pool.active
 
     def score(self, completions, solutions):
-        wrapped = [f"<CT_SCAN><thinking>t</thinking><answer>{c}</answer>" for c in completions]
+        # a random policy may write tags of its own (they are words of its tokenizer): out of the answer with them
+        wrapped = [f"<CT_SCAN><thinking>t</thinking><answer>{re.sub('</?(thinking|answer)>', '', c)}</answer>"
+                   for c in completions]
         return self.pool.score(wrapped, solutions)
 
 
