@@ -1,13 +1,19 @@
 """The main job: ``python -m medix_jax.train [--config FILE] [key=value ...]``.
 
+A run is ``sft.steps`` supervised steps (``rl/sft.py``; 0: none) then ``train.steps`` GRPO steps (``rl/trainer.py``;
+0: none), one step counter, and after each stage the held-out evaluation of ``eval.split`` (``HeldOut``).
+
 With no arguments it runs the embedded default (``configs/tiny.yaml``): a tiny random Qwen2.5-VL with a tokenizer
-trained on the spot, on a synthetic dataset generated and prepared into the run directory, rewarded by the format
-and modality rules and the offline embedding model (the LLM judge joins when ``rewards.judge.url`` is set). Real
-runs name a config (``configs/qwen2_5_vl_3b_grpo.yaml``, ...) whose ``checkpoint`` is a local HF checkpoint
-directory (weights and tokenizer) and whose ``data.data_dir`` is a prepared dataset.
+trained on the spot, on a synthetic dataset generated and prepared into the run directory; a cold start on the
+records' reasoning traces with random answers, then GRPO rewarded by the format and modality rules and the offline
+embedding model (the LLM judge joins when ``rewards.judge.url`` is set). Real runs name a config
+(``configs/qwen2_5_vl_3b_grpo.yaml``, ...) whose ``checkpoint`` is a local HF checkpoint directory (weights and
+tokenizer) and whose ``data.data_dir`` is a prepared dataset.
 
 Everything lands in ``train.run_dir``: ``checkpoints/`` (orbax; the run resumes from the newest one), ``metrics.jsonl``
-and ``tensorboard/``, ``config.yaml`` (resolved), ``curves.png`` and, at the end, ``hf/`` (an HF checkpoint).
+and ``tensorboard/``, ``config.yaml`` (resolved), ``eval/step_N/`` and ``results.md`` / ``results.json`` (the
+held-out evaluations, side by side), ``curves.png`` and, at the end, ``hf/`` (an HF checkpoint). Running a finished
+run again only says where its results are.
 SIGTERM or SIGINT (TPU preemption, Ctrl-C) finishes the current step, saves and exits cleanly; a second one stops
 at once.
 
