@@ -41,7 +41,8 @@ def test_the_loss_is_the_nll_of_completion_tokens_only(shared_run):  # noqa: F81
     trainer = sft.trainer
     batch = next(trainer.data)
     example = batch.examples[0]
-    tokens, mask = sft.tokenize([sft.target(example, 0)])
+    tokens, mask, cut = sft.tokenize([sft.target(example, 0)])
+    assert cut == 0
     n = int(mask.sum())
     prompts = collate([example], trainer.model_cfg, trainer.buckets).inputs
     totals = grpo.totals(mask)

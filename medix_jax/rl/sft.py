@@ -131,7 +131,7 @@ class SupervisedStage:
         trainer._extra_compiles += [self._gradients, self._apply]
         self.width = trainer.rollout.max_new_tokens
         self.end = trainer.model_cfg.tokens.eos_token_id
-        self.truncated = 0  # targets longer than rollout.max_new_tokens, cut (counted in metrics)
+        self.warned = False  # about targets cut to rollout.max_new_tokens
 
     def target(self, example: dict, step: int) -> str:
         """The completion the policy is taught for ``example`` at ``step`` (module docstring)."""
@@ -152,20 +152,26 @@ class SupervisedStage:
             text = _ANSWER.sub(lambda _: f"<answer>{new_answer}</answer>", text, count=1)
         return text
 
-    def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Target texts -> (tokens ``[B, W]``, mask ``[B, W]``), W = ``rollout.max_new_tokens``: each text's tokens
-        and the end-of-turn token, cut to W (``truncated`` counts the cuts)."""
+    def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, int]:
+        """Target texts -> (tokens ``[B, W]``, mask ``[B, W]``, how many were cut), W = ``rollout.max_new_tokens``:
+        each text's tokens and the end-of-turn token, cut to W (a cut target never ends: said once, counted in the
+        step's ``sft_truncated``)."""
         tokenizer = self.trainer.tokenizer
         pad = self.trainer.model_cfg.tokens.pad_token_id
         tokens = np.full((len(texts), self.width), pad, np.int32)
         mask = np.zeros((len(texts), self.width), bool)
+        cut = 0
         for row, text in enumerate(texts):
             ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [self.end]
             if len(ids) > self.width:
-                self.truncated += 1
+                cut += 1
+                if not self.warned:
+                    print(f"sft: a target of {len(ids)} tokens is cut to rollout.max_new_tokens {self.width}; the "
+                          "policy will not learn to end it (raise rollout.max_new_tokens)", flush=True)
+                    self.warned = True
                 ids = ids[: self.width]
             tokens[row, : len(ids)], mask[row, : len(ids)] = ids, True
-        return tokens, mask
+        return tokens, mask, cut
 
     def step(self) -> dict:
         """One supervised step; returns its metrics (the job's, the same on every process)."""
@@ -179,7 +185,7 @@ class SupervisedStage:
             out, texts = trainer._sample(batch, jax.random.fold_in(jax.random.PRNGKey(trainer.seed), step))
             scored = trainer._submit(texts, [s for s in batch.solutions for _ in range(g)]).result()
             metrics.update(scored.metrics, response_length_mean=float(out.lengths.mean()))
-        tokens, mask = self.tokenize([self.target(ex, step) for ex in batch.examples])
+        tokens, mask, cut = self.tokenize([self.target(ex, step) for ex in batch.examples])
         zeros = np.zeros(len(tokens), np.float32)
         groups = [Group(ex, tokens[i:i + 1], mask[i:i + 1], zeros[i:i + 1, None] * mask[i:i + 1], zeros[i:i + 1],
                         zeros[i:i + 1]) for i, ex in enumerate(batch.examples)]
@@ -195,7 +201,7 @@ class SupervisedStage:
         trainer.params, self.opt_state, norm = self._apply(trainer.params, self.opt_state, grads)
         trainer.step_count += 1
         metrics.update(sums, grad_norm=float(norm), sft_tokens=float(mask.sum()),
-                       sft_truncated=float(self.truncated), step_seconds=time.perf_counter() - start,
+                       sft_truncated=float(cut), step_seconds=time.perf_counter() - start,
                        compile_count=float(trainer.compile_count))
         per_process = parallel.host_gather(metrics)
         if len(per_process) > 1:
