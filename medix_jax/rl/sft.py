@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import random
 import re
+import string
 import time
 from typing import Literal
 
@@ -69,27 +70,18 @@ class SFTConfig:
         if self.steps < 0 or self.micro_batches < 1 or self.sample_every < 0:
             raise ValueError(f"sft: need steps >= 0, micro_batches >= 1, sample_every >= 0 ({self})")
         if self.completion == "template":
-            unknown = {f for f in _fields(self.template)} - {"tag", "answer", "thinking"}
+            unknown = {name for _, name, _, _ in string.Formatter().parse(self.template) if name is not None}
+            unknown -= {"tag", "answer", "thinking"}
             if unknown:
                 raise ValueError(f"sft.template: unknown field(s) {sorted(unknown)}; use {{tag}}, {{answer}}, "
                                  "{thinking}")
 
 
-def _fields(template: str) -> list[str]:
-    import string
-
-    return [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
-
-
 def label_sets(source) -> tuple[list[str], list[str]]:
     """(sorted distinct answers, sorted distinct modality tags) of a prepared split (``data.data_source``)."""
-    answers, tags = set(), set()
-    for i in range(len(source)):
-        record = source[i]
-        text = lambda v: v.decode("utf-8") if isinstance(v, bytes) else str(v)  # noqa: E731
-        answers.add(text(record["answer"]))
-        tags.add(text(record["modality"]))
-    return sorted(answers), sorted(tags)
+    pairs = {(r["answer"], r["modality"]) for r in map(source.__getitem__, range(len(source)))}  # one at a time
+    text = lambda v: v.decode("utf-8") if isinstance(v, bytes) else str(v)  # noqa: E731
+    return sorted({text(a) for a, _ in pairs}), sorted({text(t) for _, t in pairs})
 
 
 def sft_gradients(graphdef, params, prompts, tokens, mask, totals: grpo.Totals, param_shardings=None, mesh=None):
