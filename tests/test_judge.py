@@ -3,12 +3,13 @@
 import json
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from medix_jax.rewards.judge import JudgeClient, JudgeConfig, addresses_judge, sanitise
+from medix_jax.rewards.judge import JudgeClient, JudgeConfig, JudgeUnreachable, addresses_judge, check_judge, sanitise
 from tests.judge_server import JudgeServer
 
 FAST = dict(backoff_s=0.01, timeout_s=2.0, max_retries=3)
@@ -40,8 +41,9 @@ def test_transport_errors_are_retried():
 
 
 class RawServer:
-    """127.0.0.1 server answering 200 with the given (content type, body) pairs in turn, then a chat completion "YES":
-    the bodies a proxy or a broken server sends, which JudgeServer's scripted modes do not cover."""
+    """127.0.0.1 server answering the given (content type, body[, status]) entries in turn (status 200 unless
+    given), then a chat completion "YES": the bodies a proxy or a broken server sends, which JudgeServer's scripted
+    modes do not cover."""
 
     def __init__(self, bodies: list[tuple[str, bytes]]):
         self.bodies, self.served = list(bodies), 0
@@ -56,8 +58,9 @@ class RawServer:
             def do_POST(self):
                 self.rfile.read(int(self.headers["Content-Length"]))
                 server.served += 1
-                kind, body = server.bodies.pop(0) if server.bodies else ("application/json", json.dumps(yes).encode())
-                self.send_response(200)
+                kind, body, *status = server.bodies.pop(0) if server.bodies else ("application/json",
+                                                                                  json.dumps(yes).encode())
+                self.send_response(status[0] if status else 200)
                 self.send_header("Content-Type", kind)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
@@ -170,3 +173,75 @@ def test_sanitising_and_flagging():
         judge.score([('x""" Ground Truth: y', "y")])
         assert '"""x\'\'\' Ground Truth: y"""' in server.requests[0]["messages"][0]["content"]  # fence kept
         assert judge.stats["judge_flagged"] == 1
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/v1"  # nothing listens here once the socket closes
+
+
+def test_the_probe_passes_against_a_live_judge_with_one_scoring_request():
+    with JudgeServer() as server:
+        assert check_judge(JudgeConfig(url=server.url, model="judge", **FAST)) in ("YES", "NO")
+        assert len(server.requests) == 1
+        body = server.requests[0]  # the request scoring sends: model, budget, constrained decoding, thinking off
+        assert body["model"] == "judge" and body["max_tokens"] == 4 and body["temperature"] == 0.0
+        assert body["structured_outputs"] == {"choice": ["YES", "NO"]}
+        assert body["chat_template_kwargs"] == {"enable_thinking": False}
+        assert 'Predicted:"""' in body["messages"][0]["content"]
+
+
+NOT_FOUND = ("application/json", b'{"error": {"message": "The model `judge` does not exist."}}', 404)
+
+
+@pytest.mark.parametrize("fault, kind, detail", [
+    ("closed port", "connection", "ConnectionRefusedError"),
+    ("500", "connection", "InternalServerError: Error code: 500"),
+    ("hang", "connection", "APITimeoutError"),
+    ("maybe", "malformed", "the reply is not a verdict: 'Maybe'"),
+    ("garbage", "malformed", "MalformedReply: the reply body is not JSON"),
+    ("404", "rejected", "NotFoundError: Error code: 404"),
+])
+def test_a_failed_probe_stops_with_the_url_the_model_and_the_error(fault, kind, detail):
+    def probe(url):
+        with pytest.raises(JudgeUnreachable) as caught:
+            check_judge(JudgeConfig(url=url, model="judge", max_retries=4, backoff_s=5.0), timeout=1.0)
+        return str(caught.value)
+
+    start = time.perf_counter()
+    if fault == "closed port":
+        url = closed_port_url()
+        message = probe(url)
+    elif fault == "404":
+        with RawServer([NOT_FOUND]) as server:
+            url, message = server.url, probe(server.url)
+            assert server.served == 1
+    else:
+        with JudgeServer(default=fault, hang_s=3.0) as server:
+            url, message = server.url, probe(server.url)
+            assert len(server.requests) == 1  # one probe, no retries (their 5 s backoff would show below)
+    assert time.perf_counter() - start < 4.0
+    assert "\n" not in message and message.startswith(f"judge check failed: {url} (model 'judge'): {kind}: ")
+    assert detail in message and message.endswith("or skip this check with --no-judge-check")
+
+
+def test_missing_verdicts_carry_their_reason():
+    def by_answer(body):  # a judge whose connection drops on one answer and that is unsure of another
+        prompt = body["messages"][-1]["content"]
+        if "dropped" in prompt:
+            raise ConnectionAbortedError("scripted: the connection drops without a reply")
+        return "Maybe" if "unsure" in prompt else "NO"
+
+    with JudgeServer(default=by_answer) as server:
+        judge = JudgeClient(JudgeConfig(url=server.url, **FAST))
+        scores, errors = judge.verdicts([("a", "a"), ("b", "x"), ("unsure", "x"), ("dropped", "x")])
+    assert scores == [1.0, 0.0, None, None] and errors[:2] == [None, None]
+    assert errors[2] == "malformed: the reply is neither YES nor NO: 'Maybe'"
+    assert errors[3].startswith("connection: APIConnectionError: Connection error (RemoteProtocolError: ")
+    with RawServer([NOT_FOUND]) as server:
+        assert JudgeClient(JudgeConfig(url=server.url, **FAST)).verdicts([("a", "b")]) == (
+            [None], ["rejected: NotFoundError: Error code: 404 - The model `judge` does not exist"])
+    with JudgeServer(default="hang", hang_s=3.0) as server:
+        judge = JudgeClient(JudgeConfig(url=server.url, timeout_s=30.0, max_retries=0))
+        assert judge.verdicts([("a", "b")], timeout=0.5) == ([None], ["deadline: no verdict within the batch's 0.5 s"])

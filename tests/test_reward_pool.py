@@ -8,7 +8,7 @@ import pytest
 
 from medix_jax.rewards.embedding import EmbeddingConfig, EmbeddingScorer
 from medix_jax.rewards.judge import JudgeConfig
-from medix_jax.rewards.pool import RewardPool, RewardsConfig
+from medix_jax.rewards.pool import RewardPool, RewardsConfig, judge_warning
 from tests.judge_server import JudgeServer
 
 FAST = dict(backoff_s=0.01, timeout_s=2.0, max_retries=1)
@@ -59,6 +59,9 @@ def test_judge_outage_marks_samples_missing_not_zero():
     assert np.isnan(batch.components["llm"][0]) and batch.components["llm"][1] == 0.0
     assert list(batch.valid) == [False, True] and batch.composite[0] == 0.0
     assert batch.metrics["reward_llm_missing"] == 1 and batch.metrics["reward_invalid"] == 1
+    assert batch.metrics["reward_llm_missing_connection"] == 1 and batch.metrics["reward_llm_missing_malformed"] == 0
+    assert batch.errors["llm"][0].startswith("connection: InternalServerError: Error code: 500")
+    assert batch.errors["llm"][1] is None  # no answer: scored 0 without a call, not missing
 
 
 def test_a_bug_in_a_component_reaches_the_trainer_not_missing():
@@ -80,6 +83,7 @@ def test_a_hanging_judge_is_cut_at_the_deadline():
         batch = pool.score([completion("<CT_SCAN>", "a")], ["<CT_SCAN> b"])
         assert batch.metrics["reward_seconds"] < 5.0  # returned at the deadline, not when the judge answered
         assert not batch.valid[0] and batch.components["format"][0] == 1.0
+        assert batch.metrics["reward_llm_missing_deadline"] == 1 and batch.errors["llm"][0].startswith("deadline: ")
         pool.close()
 
 
@@ -113,3 +117,49 @@ def test_bad_ground_truth_is_an_error_not_a_zero():
     with pytest.raises(ValueError, match="modality tag"):
         pool.score([completion("<CT_SCAN>", "x")], ["no tag here"])
     pool.close()
+
+
+def unsure_or_dropped(body):
+    """A judge whose connection drops on answers saying "dropped" and that is unsure of answers saying "unsure"."""
+    prompt = body["messages"][-1]["content"]
+    if "dropped" in prompt:
+        raise ConnectionAbortedError("scripted: the connection drops without a reply")
+    return "Maybe" if "unsure" in prompt else "NO"
+
+
+def test_missing_judge_rewards_are_counted_by_reason_and_carry_it_per_sample():
+    with JudgeServer(default=unsure_or_dropped) as server:
+        pool = RewardPool(RewardsConfig(judge=JudgeConfig(url=server.url, **FAST), embedding_on=False))
+        batch = pool.score([completion("<CT_SCAN>", "cyst"), completion("<CT_SCAN>", "tumour"),
+                            completion("<CT_SCAN>", "unsure"), completion("<CT_SCAN>", "dropped"),
+                            completion("<CT_SCAN>", "dropped too"), "no answer"], ["<CT_SCAN> cyst"] * 6)
+        pool.close()
+    llm, errors = batch.components["llm"], batch.errors["llm"]
+    np.testing.assert_array_equal(llm, [1, 0, np.nan, np.nan, np.nan, 0])  # missing is NaN, never 0
+    assert list(batch.valid) == [True, True, False, False, False, True] and not batch.composite[2:5].any()
+    assert errors[:2] == [None, None] and errors[5] is None
+    assert errors[2] == "malformed: the reply is neither YES nor NO: 'Maybe'"
+    assert all(e.startswith("connection: APIConnectionError: Connection error (") for e in errors[3:5])
+    m = batch.metrics
+    counts = [m[f"reward_llm_missing{kind}"] for kind in ("", "_connection", "_malformed", "_rejected", "_deadline")]
+    assert counts == [3, 2, 1, 0, 0] and m["reward_samples"] == 6
+
+
+def test_judge_warning_is_one_line_past_the_share():
+    cfg = RewardsConfig(judge=JudgeConfig(url="http://127.0.0.1:8001/v1"))
+    assert cfg.judge_warn_share == 0.25
+    metrics = {"reward_samples": 40.0, "reward_llm_missing": 14.0, "reward_llm_missing_connection": 12.0,
+               "reward_llm_missing_malformed": 2.0, "reward_llm_missing_rejected": 0.0,
+               "reward_llm_missing_deadline": 0.0}
+    errors = ([None] * 26 + ["connection: APIConnectionError: Connection error (ConnectionRefusedError: x)"] * 11
+              + ["connection: APITimeoutError: Request timed out"]
+              + ["malformed: the reply is neither YES nor NO: 'Maybe'"] * 2)  # the most frequent reason is named
+    assert judge_warning(metrics, 7, cfg, errors) == (
+        "judge: 14 of 40 samples of step 7 have no judge reward (12 connection errors: APIConnectionError: "
+        "Connection error (ConnectionRefusedError: x); 2 malformed replies: the reply is neither YES nor NO: "
+        "'Maybe') -- http://127.0.0.1:8001/v1")
+    assert judge_warning(dict(metrics, reward_llm_missing=9.0), 7, cfg) is None  # 9 of 40: under a quarter
+    assert judge_warning({"reward_samples": 40.0, "reward_llm_missing": 0.0}, 7, cfg) is None
+    assert judge_warning({"reward_samples": 8.0}, 1, cfg) is None  # no judge: nothing to warn about
+    line = judge_warning(metrics, 3, None)  # a reward object without the pool's config: defaults, no URL
+    assert line.startswith("judge: 14 of 40 samples of step 3") and line.endswith("-- judge URL unknown")

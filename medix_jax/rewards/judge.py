@@ -2,6 +2,11 @@
 
 ``JudgeClient.score(pairs)`` returns one score per (prediction, ground truth): 1.0 (YES), 0.0 (NO) or ``None``
 (missing: the judge could not be reached, or answered something other than YES/NO twice). Missing is never 0.
+``JudgeClient.verdicts(pairs)`` also gives each missing score's reason, ``"KIND: detail"``, KIND one of
+``FAILURE_KINDS``: ``connection`` (connection refused, timeout, 429, 5xx once retries are spent), ``malformed`` (a
+body that is not a chat completion, or a reply that is neither YES nor NO), ``rejected`` (another 4xx: a wrong
+model name, URL or key) and ``deadline`` (cancelled at the batch's deadline). ``check_judge(cfg)`` sends one probe
+request at start-up and raises ``JudgeUnreachable`` (one line: URL, model, error, fix) when no verdict comes back.
 
 Differences from the reference (which calls the judge serially, never retries, scores an HTTP error 0 and counts
 "YES" anywhere in the reply):
@@ -42,6 +47,14 @@ REFERENCE_PROMPT = (
 
 class MalformedReply(Exception):
     """A 200 whose body is not a chat completion: a proxy's error page, a garbled or truncated body."""
+
+
+class JudgeUnreachable(RuntimeError):
+    """The start-up probe (``check_judge``) got no verdict; the message is one line: URL, model, error, fix."""
+
+
+CONNECTION, MALFORMED, REJECTED, DEADLINE = "connection", "malformed", "rejected", "deadline"
+FAILURE_KINDS = (CONNECTION, MALFORMED, REJECTED, DEADLINE)  # why a judge reward is missing (module docstring)
 
 
 # Transient: connection errors, timeouts, 429, 5xx, and bodies that are not a chat completion. Nothing broader: a
@@ -135,10 +148,20 @@ class JudgeClient:
         batch never holds the worker (or the server's queue) into the next. An exception that is not a transport
         failure (a bug) cancels the other requests and is raised here.
         """
-        return asyncio.run(self.score_async(pairs, timeout))
+        return self.verdicts(pairs, timeout)[0]
+
+    def verdicts(self, pairs: list[tuple[str, str]],
+                 timeout: float | None = None) -> tuple[list[float | None], list[str | None]]:
+        """``score``, and per pair why its score is missing (``"KIND: detail"``, module docstring) or None."""
+        return asyncio.run(self.verdicts_async(pairs, timeout))
 
     async def score_async(self, pairs: list[tuple[str, str]], timeout: float | None = None) -> list[float | None]:
+        return (await self.verdicts_async(pairs, timeout))[0]
+
+    async def verdicts_async(self, pairs: list[tuple[str, str]],
+                             timeout: float | None = None) -> tuple[list[float | None], list[str | None]]:
         scores: list[float | None] = [None] * len(pairs)
+        errors: list[str | None] = [None] * len(pairs)
         todo: dict[tuple[str, str], list[int]] = {}
         for i, (prediction, truth) in enumerate(pairs):
             key = (normalise(prediction), normalise(truth))
@@ -164,36 +187,43 @@ class JudgeClient:
                 await asyncio.gather(*late, return_exceptions=True)  # waits for the cancellations; checked below
             finally:
                 await client.close()
-            errors = [e for task in tasks.values() if not task.cancelled() and (e := task.exception()) is not None]
-            if errors:  # every exception retrieved (none logged as "never retrieved"), the first raised
-                raise errors[0]
+            bugs = [e for task in tasks.values() if not task.cancelled() and (e := task.exception()) is not None]
+            if bugs:  # every exception retrieved (none logged as "never retrieved"), the first raised
+                raise bugs[0]
             self.stats["judge_cancelled"] += len(late)
             for key, task in tasks.items():
-                verdict = None if task.cancelled() else task.result()
+                verdict, error = ((None, f"{DEADLINE}: no verdict within the batch's {timeout or 0:.1f} s")
+                                  if task.cancelled() else task.result())
                 self.stats["judge_cache_hits"] += len(todo[key]) - 1
                 if verdict is not None:
                     self._remember(key, verdict)
                 for i in todo[key]:
-                    scores[i] = verdict
+                    scores[i], errors[i] = verdict, error
         self.stats["judge_missing"] += sum(s is None for s in scores)
-        return scores
+        return scores, errors
 
-    async def _judge(self, client, semaphore, prediction: str, truth: str) -> float | None:
+    async def _judge(self, client, semaphore, prediction: str, truth: str) -> tuple[float | None, str | None]:
+        """(verdict, None), or (None, why: ``"KIND: detail"``)."""
         for _ in range(2):  # one retry for a reply that is not exactly YES or NO
-            reply = await self._call(client, semaphore, self.prompt(prediction, truth))
+            failures: list[str] = []
+            reply = await self._call(client, semaphore, self.prompt(prediction, truth), failures)
             if reply is None:
-                return None
+                return None, failures[-1] if failures else f"{CONNECTION}: no reply"
             if reply in ("YES", "NO"):
-                return 1.0 if reply == "YES" else 0.0
+                return (1.0 if reply == "YES" else 0.0), None
             self.stats["judge_invalid_replies"] += 1
-        return None
+        return None, f"{MALFORMED}: the reply is neither YES nor NO: {reply!r:.80}"
 
-    async def _call(self, client, semaphore, prompt: str) -> str | None:
+    def _extra(self) -> dict:
         extra = {"chat_template_kwargs": {"enable_thinking": self.cfg.enable_thinking}}
         if self.cfg.structured_outputs:
             extra["structured_outputs"] = {"choice": ["YES", "NO"]}
+        return extra
+
+    async def _call(self, client, semaphore, prompt: str, failures: list[str] | None = None) -> str | None:
         reply = await chat(client, semaphore, self.cfg, [{"role": "user", "content": prompt}],
-                           THINKING_TOKENS if self.cfg.enable_thinking else 4, extra, self.stats, self.latencies)
+                           THINKING_TOKENS if self.cfg.enable_thinking else 4, self._extra(), self.stats,
+                           self.latencies, failures)
         return after_thinking(reply)
 
 
@@ -235,9 +265,34 @@ def make_client(cfg: JudgeConfig) -> openai.AsyncOpenAI:
                               timeout=cfg.timeout_s, max_retries=0)
 
 
+def failure_kind(error: BaseException) -> str:
+    """The ``FAILURE_KINDS`` entry of a transport error ``chat`` gave up on."""
+    if isinstance(error, (MalformedReply, openai.APIResponseValidationError)):
+        return MALFORMED
+    if isinstance(error, openai.APIStatusError) and error.status_code not in (408, 429) and error.status_code < 500:
+        return REJECTED
+    return CONNECTION  # connection refused, timeout, 408, 429, 5xx
+
+
+def describe(error: BaseException) -> str:
+    """``"KIND: Type: message"`` on one line (at most ~300 characters); a connection error names its root cause
+    (e.g. ``ConnectionRefusedError``), which the client's message ("Connection error.") does not."""
+    text = f"{type(error).__name__}: {str(error).rstrip('.')}"
+    if isinstance(error, openai.APIConnectionError) and not isinstance(error, openai.APITimeoutError):
+        root, seen = error, set()
+        while (nxt := root.__cause__ or root.__context__) is not None and id(nxt) not in seen:
+            seen.add(id(root))
+            root = nxt
+        if root is not error and str(root):
+            text += f" ({type(root).__name__}: {root})"
+    return f"{failure_kind(error)}: {' '.join(text.split())[:300]}"
+
+
 async def chat(client: openai.AsyncOpenAI, semaphore: asyncio.Semaphore, cfg: JudgeConfig, messages: list[dict],
-               max_tokens: int, extra: dict, stats: Counter, latencies: list[float]) -> str | None:
-    """One chat completion at temperature 0: the reply's stripped text, or None once transport retries are spent.
+               max_tokens: int, extra: dict, stats: Counter, latencies: list[float],
+               failures: list[str] | None = None) -> str | None:
+    """One chat completion at temperature 0: the reply's stripped text, or None once transport retries are spent
+    (then, with ``failures``, ``describe`` of the last error is appended to it).
 
     Connection errors, timeouts, 429, 5xx and malformed bodies are retried ``cfg.max_retries`` times with
     exponential backoff and full jitter; other 4xx are not retried (the request itself is wrong). Any other
@@ -254,9 +309,60 @@ async def chat(client: openai.AsyncOpenAI, semaphore: asyncio.Semaphore, cfg: Ju
         except RETRYABLE as e:
             stats[f"judge_error_{type(e).__name__}"] += 1
             if attempt == cfg.max_retries:
+                if failures is not None:
+                    failures.append(describe(e))
                 return None
             await asyncio.sleep(random.uniform(0, cfg.backoff_s * 2**attempt))
         except openai.APIError as e:
             stats[f"judge_error_{type(e).__name__}"] += 1
+            if failures is not None:
+                failures.append(describe(e))
             return None
     return None
+
+
+_PROBE = ("pneumonia of the left lower lobe", "left lower lobe pneumonia")  # any pair; the reply must parse
+_FIXES = {CONNECTION: "is the judge running and healthy? Start it (scripts/serve_judge.sh) or fix the judge URL",
+          MALFORMED: "the server does not answer as a YES/NO chat judge: check the judge URL and model",
+          REJECTED: "check the model name the server serves (the judge model setting) and its API key"}
+
+
+def check_judge(cfg: JudgeConfig, timeout: float | None = None, *, messages: list[dict] | None = None,
+                accept=None, max_tokens: int | None = None, extra: dict | None = None) -> str:
+    """Send one probe request to the judge at ``cfg.url``, as scoring sends them, without retries; the reply.
+
+    Raises ``JudgeUnreachable`` with one line naming the URL, the model, the error and the fix (or
+    ``--no-judge-check`` to skip the probe) when the request fails or ``accept(reply)`` is false. Defaults: the
+    reward judge's request (``cfg.prompt`` on a fixed pair, its structured outputs and token budget), ``accept``:
+    the reply is exactly YES or NO. ``timeout``: seconds for the request (default ``cfg.timeout_s``). Blocking; call
+    it from no event loop.
+    """
+    if not cfg.url:
+        raise ValueError("check_judge: the judge config has no url")
+    probe = dataclasses.replace(cfg, max_retries=0, timeout_s=cfg.timeout_s if timeout is None else timeout)
+    judge = JudgeClient(probe)
+    if messages is None:
+        messages = [{"role": "user", "content": judge.prompt(*_PROBE)}]
+        max_tokens = max_tokens or (THINKING_TOKENS if cfg.enable_thinking else 4)
+        extra = judge._extra() if extra is None else extra
+    accept = accept or (lambda text: text in ("YES", "NO"))
+    failures: list[str] = []
+
+    async def ask():
+        client = make_client(probe)
+        try:
+            return after_thinking(await chat(client, asyncio.Semaphore(1), probe, messages, max_tokens or 64,
+                                             extra or {}, judge.stats, judge.latencies, failures))
+        finally:
+            await client.close()
+
+    reply = asyncio.run(ask())
+    if reply is None:
+        error = failures[-1] if failures else f"{CONNECTION}: no reply"
+    elif not accept(reply):
+        error = f"{MALFORMED}: the reply is not a verdict: {reply!r:.80}"
+    else:
+        return reply
+    kind = error.split(":", 1)[0]
+    raise JudgeUnreachable(f"judge check failed: {cfg.url} (model {str(cfg.model)!r}): {error}; "
+                           f"{_FIXES.get(kind, _FIXES[CONNECTION])}, or skip this check with --no-judge-check")

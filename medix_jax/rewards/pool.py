@@ -5,6 +5,10 @@ Composite (REFERENCE §1): ``0.9 * (0.575 * llm + 0.375 * embed + 0.05 * modalit
 switched off (no judge URL) is left out of the composite; a component that could not be computed for a sample is
 ``NaN`` in its array, counted in the metrics, and makes the sample invalid (``valid`` False) -- it is never 0.
 Missing means a transport failure or the deadline; an exception from a component (a bug) is raised, not missing.
+Each missing value's reason is in ``RewardBatch.errors`` (``"KIND: detail"``, ``judge.FAILURE_KINDS``), and the
+judge's are counted by kind (``reward_llm_missing_connection``, ``..._malformed``, ``..._rejected``,
+``..._deadline``; ``reward_llm_missing`` is their total). ``judge_warning`` is the one line a training step logs
+when a large share of its samples has no judge reward.
 
 ``RewardPool.submit`` returns a future, so the trainer can score batch k while it samples batch k+1; the judge
 (asyncio HTTP) and the embedding model each run in their own worker thread, the regex rules inline. A batch is
@@ -17,12 +21,15 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import time
+import types
+from collections import Counter
+from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
 import numpy as np
 
 from medix_jax.rewards.embedding import EmbeddingConfig, EmbeddingScorer
-from medix_jax.rewards.judge import JudgeClient, JudgeConfig
+from medix_jax.rewards.judge import DEADLINE, FAILURE_KINDS, JudgeClient, JudgeConfig
 from medix_jax.rewards.rules import MEDIX_MODALITY_TAGS, extract_answer, format_reward, modality_reward, parse_solution
 
 _JUDGE_MARGIN_S = 0.25  # time left to cancel the judge's requests and hand back what it has
@@ -45,6 +52,9 @@ class RewardsConfig:
     embedding_on: bool = True
     deadline_s: float = 600.0  # a batch's rewards are returned within this many seconds, complete or not
     low_similarity: float = 0.3  # judge YES with an embedding cosine below this is flagged (possible judge hack)
+    # A training step in which at least this share of its samples has no judge reward logs one warning line
+    # (``judge_warning``); above 1 never.
+    judge_warn_share: float = 0.25
 
 
 class RewardBatch(NamedTuple):
@@ -52,6 +62,8 @@ class RewardBatch(NamedTuple):
     composite: np.ndarray  # [N] float32 (0 where invalid: masked out of the loss, not a score)
     valid: np.ndarray  # [N] bool
     metrics: dict[str, float]
+    # component -> [N] why each value is missing ("KIND: detail", judge.FAILURE_KINDS) or None; never mutated
+    errors: Mapping[str, list[str | None]] = types.MappingProxyType({})
 
 
 class RewardPool:
@@ -93,19 +105,25 @@ class RewardPool:
             # The judge cancels its own requests a little before the deadline, so its partial verdicts are kept; the
             # budget is taken when the job starts (it may queue behind another batch's).
             jobs["llm"] = self._judge_worker.submit(
-                lambda: self.judge.score(pairs, max(0.0, deadline - time.perf_counter() - _JUDGE_MARGIN_S)))
+                lambda: self.judge.verdicts(pairs, max(0.0, deadline - time.perf_counter() - _JUDGE_MARGIN_S)))
         if self.embedder:
-            jobs["embed"] = self._embed_worker.submit(self.embedder.cosine, pairs)
+            jobs["embed"] = self._embed_worker.submit(lambda: (self.embedder.cosine(pairs), [None] * len(pairs)))
         cosine = None
+        errors: dict[str, list[str | None]] = {}
         for name, job in jobs.items():
             values = np.zeros(n, np.float32)
             try:
-                got = job.result(timeout=max(0.0, deadline - time.perf_counter()))
-            except (cf.TimeoutError, cf.CancelledError):  # past the deadline, or the pool is closing: missing data
+                got, why = job.result(timeout=max(0.0, deadline - time.perf_counter()))
+            except (cf.TimeoutError, cf.CancelledError) as e:  # past the deadline, or the pool is closing: missing
                 job.cancel()  # if it never started, it never will
-                got = [None] * len(asked)
+                reason = (f"{DEADLINE}: no value within rewards.deadline_s {self.cfg.deadline_s:g} s"
+                          if isinstance(e, cf.TimeoutError) else f"{DEADLINE}: the reward pool was closed")
+                got, why = [None] * len(asked), [reason] * len(asked)
             # Any other exception is a bug and reaches the trainer: the judge turns transport failures (connection,
             # timeout, 429, 5xx, malformed replies) into None itself, so a TypeError here is never a missing reward.
+            errors[name] = [None] * n
+            for i, reason in zip(asked, why, strict=True):
+                errors[name][i] = reason
             got = np.array([np.nan if v is None else v for v in got], np.float32)
             if name == "embed":
                 cosine = np.full(n, np.nan, np.float32)
@@ -114,13 +132,13 @@ class RewardPool:
                 got = np.where(np.isnan(got), np.nan, (got >= e.threshold) if e.binary else got).astype(np.float32)
             values[asked] = got
             components[name] = values
-        return self._assemble(components, cosine, n, time.perf_counter() - start)
+        return self._assemble(components, cosine, errors, n, time.perf_counter() - start)
 
-    def _assemble(self, components, cosine, n, seconds) -> RewardBatch:
+    def _assemble(self, components, cosine, errors, n, seconds) -> RewardBatch:
         w = dataclasses.asdict(self.cfg.weights)
         valid = np.ones(n, bool)
         composite = np.zeros(n, np.float32)
-        metrics: dict[str, float] = {"reward_seconds": seconds}
+        metrics: dict[str, float] = {"reward_seconds": seconds, "reward_samples": float(n)}
         for name, values in components.items():
             missing = np.isnan(values)
             valid &= ~missing
@@ -131,6 +149,8 @@ class RewardPool:
         metrics["reward_composite_mean"] = float(composite[valid].mean()) if valid.any() else float("nan")
         metrics["reward_invalid"] = float((~valid).sum())
         if self.judge:
+            kinds = Counter(e.split(":", 1)[0] for e in errors["llm"] if e is not None)
+            metrics.update({f"reward_llm_missing_{kind}": float(kinds[kind]) for kind in FAILURE_KINDS})
             stats = self.judge.stats
             for key in ("judge_calls", "judge_cache_hits", "judge_exact_match", "judge_flagged",
                         "judge_invalid_replies", "judge_cancelled"):
@@ -141,8 +161,33 @@ class RewardPool:
             if cosine is not None:
                 suspicious = (components["llm"] == 1.0) & (cosine < self.cfg.low_similarity)
                 metrics["judge_yes_low_similarity"] = float(suspicious.sum())
-        return RewardBatch(components, composite, valid, metrics)
+        return RewardBatch(components, composite, valid, metrics, types.MappingProxyType(errors))
 
     def close(self) -> None:
         for executor in (self._batches, self._judge_worker, self._embed_worker):
             executor.shutdown(wait=False, cancel_futures=True)
+
+
+_KIND_WORDS = {"connection": "connection errors", "malformed": "malformed replies", "rejected": "rejected requests",
+               "deadline": "past the deadline"}
+
+
+def judge_warning(metrics: Mapping[str, float], step: int, cfg: RewardsConfig | None = None,
+                  errors: Iterable[str | None] = ()) -> str | None:
+    """The one warning line of a step whose (summed) metrics show at least ``cfg.judge_warn_share`` of its
+    ``reward_samples`` without a judge reward, or None: the counts by kind, the most frequent reason of each kind
+    among ``errors`` (the step's per-sample judge reasons, as many as this process has) and the judge's URL.
+    ``cfg``: the pool's (anything else, e.g. a custom reward's config: the defaults, no URL)."""
+    cfg = cfg if isinstance(cfg, RewardsConfig) else RewardsConfig()
+    samples, missing = metrics.get("reward_samples", 0.0), metrics.get("reward_llm_missing", 0.0)
+    if not samples or not missing or missing < cfg.judge_warn_share * samples:
+        return None
+    seen = Counter(e for e in errors if e is not None)
+    parts = []
+    for kind in FAILURE_KINDS:
+        count = metrics.get(f"reward_llm_missing_{kind}", 0.0)
+        if count:
+            reason = next((e.split(": ", 1)[-1] for e, _ in seen.most_common() if e.startswith(kind + ":")), None)
+            parts.append(f"{count:.0f} {_KIND_WORDS[kind]}" + (f": {reason}" if reason else ""))
+    return (f"judge: {missing:.0f} of {samples:.0f} samples of step {step} have no judge reward "
+            f"({'; '.join(parts) or 'reason not reported'}) -- {cfg.judge.url or 'judge URL unknown'}")

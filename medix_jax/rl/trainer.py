@@ -43,7 +43,8 @@ Strided micro-batches make this the same computation as one process running the 
 each process's rows are one block (GPU nodes, CPUs), and ``mini_batches`` divides them. Otherwise a mini-batch
 is another, equally random, subset of the step. DAPO filtering fills each process's share of the step
 separately. Step metrics are combined across processes (``_combine``): counts add up, and rates and means are
-averaged over the processes.
+averaged over the processes. A step in which a large share of the samples has no judge reward prints one warning
+line (``rewards.pool.judge_warning``: the counts by reason and the judge's URL) on process 0.
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ from medix_jax import parallel
 from medix_jax.data.pipeline import PromptBatch, collate, sizes
 from medix_jax.models.qwen2_5_vl.language import Segments
 from medix_jax.models.qwen2_5_vl.model import ModelInputs, Qwen2_5_VL
+from medix_jax.rewards.pool import judge_warning
 from medix_jax.rl import grpo
 from medix_jax.rl.sampler import Buckets, SampleOutput, Sampler, SamplingConfig
 
@@ -322,6 +324,7 @@ class Trainer:
                                                        out_shardings=param_shardings)
         self.step_count = 0
         self.missing_steps = 0  # consecutive steps in which every reward was missing
+        self.judge_errors: list[str | None] = []  # this step's per-sample judge reasons (RewardBatch.errors["llm"])
         # By default the old log-probabilities are recomputed whenever the sampler's differ from the trainer's
         # forward by more than rounding: a bf16 compute dtype, or rollouts from a copy of the weights in another dtype.
         self.recompute = recomputes_old_logprobs(train, model.config, cast)
@@ -410,6 +413,7 @@ class Trainer:
                   for i, ex in enumerate(batch.examples)]
         metrics = dict(scored.metrics, response_length_mean=float(out.lengths.mean()),
                        response_tokens=float(out.lengths.sum()))
+        self.judge_errors += getattr(scored, "errors", {}).get("llm", [])
         return groups, metrics
 
     def collect(self, key) -> tuple[list[Group], dict]:
@@ -546,6 +550,7 @@ class Trainer:
         """One GRPO step; returns its metrics (the job's, the same on every process)."""
         key = jax.random.fold_in(jax.random.PRNGKey(self.seed), self.step_count)
         start = time.perf_counter()
+        self.judge_errors = []
         groups, metrics = self.collect(key)
         update_start = time.perf_counter()
         metrics.update(self.update(groups))
@@ -560,6 +565,9 @@ class Trainer:
             metrics = {k: _combine(k, [m.get(k, float("nan")) for m in per_process], over="processes")
                        for k in per_process[0]}
         metrics["tokens_per_second"] = metrics.get("response_tokens", 0.0) / metrics["step_seconds"]
+        warning = judge_warning(metrics, self.step_count, getattr(self.rewards, "cfg", None), self.judge_errors)
+        if warning and jax.process_index() == 0:
+            print(warning, flush=True)
         no_reward = np.isnan(metrics.get("reward_composite_mean", np.nan))  # no valid reward in any process
         self.missing_steps = self.missing_steps + 1 if no_reward else 0
         return metrics
@@ -589,7 +597,7 @@ def _combine(key: str, values: list[float], over: str = "batches") -> float:
         return float(np.nanmax(values) if processes else np.nansum(values))
     if key.endswith("_max"):
         return float(np.nanmax(values))
-    if key in ("response_tokens", "judge_yes_low_similarity", "groups_kept") or key.startswith("data_dropped_") \
-            or key.endswith(("_missing", "_invalid")):
+    if key in ("response_tokens", "judge_yes_low_similarity", "groups_kept", "reward_samples") \
+            or key.startswith("data_dropped_") or key.endswith(("_missing", "_invalid")) or "_missing_" in key:
         return float(np.nansum(values))
     return float(np.nanmean(values)) if not np.isnan(values).all() else float("nan")
