@@ -31,6 +31,7 @@ Each figure is the median of ``--runs`` full passes, worker start-up included; "
 from __future__ import annotations
 
 import argparse
+import re
 import statistics
 import tempfile
 import time
@@ -332,19 +333,47 @@ def bench_data(runs: int, records: int, batch: int, image_size: int) -> dict:
     return figures
 
 
+def _kind_doc(kind: str) -> str:
+    """The module docstring's usage line and paragraph for one kind (``Rewards: ...``)."""
+    usage = re.search(rf"``python -m medix_jax.bench {kind}[^`]*``", __doc__).group(0)
+    paragraph = next(p for p in __doc__.split("\n\n") if p.startswith(kind.capitalize() + ":"))
+    return f"{usage}\n\n{paragraph}"
+
+
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["sampler", "rewards", "data", "train"])
-    parser.add_argument("--judge-url", help="rewards: OpenAI-compatible base URL, e.g. http://127.0.0.1:8000/v1")
-    parser.add_argument("--judge-model", help="rewards: the served model name")
-    parser.add_argument("--answers", type=int, default=2560)
-    parser.add_argument("--records", type=int, default=256, help="data: synthetic records to prepare")
-    parser.add_argument("--config", help="model config (default: configs/bench/small.yaml)")
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--image-size", type=int, default=448)
-    parser.add_argument("overrides", nargs="*")
+    from medix_jax import cli
+
+    parser = cli.parser("medix_jax.bench", __doc__)
+    kinds = parser.add_subparsers(dest="what", required=True, metavar="{sampler,rewards,data,train}",
+                                  help="what to benchmark; `python -m medix_jax.bench KIND --help` describes it")
+
+    def kind(name: str, summary: str) -> argparse.ArgumentParser:
+        return kinds.add_parser(name, help=summary, description=cli.plain(_kind_doc(name)),
+                                formatter_class=parser.formatter_class)
+
+    def model_flags(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="model config (default: configs/bench/small.yaml)")
+        p.add_argument("--batch", type=int, default=8, help="prompts per batch")
+        p.add_argument("--new-tokens", type=int, default=128, help="tokens generated (sampler) or completion tokens "
+                                                                   "(train) per prompt")
+        p.add_argument("--image-size", type=int, default=448, help="side of each prompt's square image, in pixels")
+        p.add_argument("overrides", nargs="*", help="dotted model config overrides, e.g. model.text.num_layers=4")
+
+    sampler = kind("sampler", "our compiled sampler vs transformers generate")
+    model_flags(sampler)
+    train = kind("train", "one GRPO update step vs transformers forward + backward")
+    model_flags(train)
+    rewards = kind("rewards", "our judge client vs the reference's serial loop")
+    rewards.add_argument("--judge-url", required=True, help="OpenAI-compatible base URL, e.g. "
+                                                            "http://127.0.0.1:8000/v1")
+    rewards.add_argument("--judge-model", required=True, help="the served model name")
+    rewards.add_argument("--answers", type=int, default=2560, help="answers judged per run")
+    data = kind("data", "our grain pipeline vs the transformers processor")
+    data.add_argument("--records", type=int, default=256, help="synthetic records to prepare")
+    data.add_argument("--batch", type=int, default=8, help="prompts per batch")
+    data.add_argument("--image-size", type=int, default=448, help="side of each record's square image, in pixels")
+    for p in (sampler, train, rewards, data):
+        p.add_argument("--runs", type=int, default=3, help="timed runs; figures are their medians")
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be >= 1")
@@ -353,8 +382,6 @@ def main(argv=None) -> None:
     elif args.what == "data":
         bench_data(args.runs, args.records, args.batch, args.image_size)
     elif args.what == "rewards":
-        if not (args.judge_url and args.judge_model):
-            parser.error("rewards needs --judge-url and --judge-model")
         bench_rewards(args.judge_url, args.judge_model, args.runs, args.answers)
     else:
         bench_sampler(args.config, args.overrides, args.runs, args.batch, args.new_tokens, args.image_size)

@@ -10,6 +10,7 @@ transient read error (I/O, timeout) is retried and then raised, leaving every ch
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -21,6 +22,18 @@ RETRY_BACKOFF_S = 2.0  # seconds before the second try, doubling after
 # tensorstore reports every failure as ValueError prefixed by its status code; these codes are not the data's fault.
 TRANSIENT_CODES = ("UNAVAILABLE", "DEADLINE_EXCEEDED", "ABORTED", "RESOURCE_EXHAUSTED", "CANCELLED", "INTERNAL",
                    "UNKNOWN")
+
+
+class IncompatibleCheckpoint(ValueError):
+    """The newest checkpoint holds a state of another shape (a changed model or optimizer): nothing was touched."""
+
+
+def flat_leaves(tree, prefix: str = "") -> dict:
+    """``{"a.b.0": leaf}`` for a pytree or nested dicts, in the dotted names orbax gives stored arrays."""
+    def name(part):
+        return str(getattr(part, "key", getattr(part, "idx", getattr(part, "name", part))))
+    return {prefix + ".".join(name(p) for p in path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 def is_structural(e: BaseException) -> bool:
@@ -45,16 +58,65 @@ class Checkpoints:
             state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state),
             meta=ocp.args.JsonSave(meta)), force=True)
 
-    def restore_latest(self, like: dict) -> tuple[int, dict, dict] | None:
+    def stored_tree(self, step: int) -> dict[str, tuple] | None:
+        """``{name: (shape, dtype)}`` of step's stored state, from its metadata alone (None if that is unreadable)."""
+        absl = logging.getLogger("absl")
+        level = absl.level
+        absl.setLevel(logging.ERROR)  # orbax warns that a PyTree item has no step-level metadata file of its own
+        try:
+            tree = ocp.PyTreeCheckpointer().metadata(self.directory / str(step) / "state").item_metadata.tree
+        except Exception:  # noqa: BLE001 -- a damaged checkpoint: restore_latest's own handling decides
+            return None
+        finally:
+            absl.setLevel(level)
+        return {k: (tuple(m.shape), str(m.dtype)) for k, m in flat_leaves(tree).items()}
+
+    def meta(self, step: int) -> dict:
+        return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def check_compatible(self, step: int, like: dict, config: dict | None = None) -> None:
+        """``IncompatibleCheckpoint`` if step's stored state differs from ``like`` in names, shapes or dtypes -- a
+        run resumed with another model or optimizer -- naming the tensors and, given the current ``config``, the
+        settings that differ from the checkpoint's own. Reads metadata only and changes nothing."""
+        stored = self.stored_tree(step)
+        if stored is None:
+            return
+        want = {k: (tuple(a.shape), str(a.dtype)) for k, a in flat_leaves(like).items()}
+        problems = [f"{k} {stored.get(k, 'absent')} stored, {want.get(k, 'absent')} now"
+                    for k in sorted(set(stored) | set(want), key=lambda k: (not k.startswith("params"), k))
+                    if stored.get(k) != want.get(k)]
+        if not problems:
+            return
+        settings = ""
+        if config is not None:
+            try:
+                old = flat_leaves(self.meta(step).get("config", {}))
+            except Exception:  # noqa: BLE001 -- the tensors alone still say what is wrong
+                old = {}
+            now = flat_leaves(config)
+            changed = sorted((k for k in set(old) | set(now) if old.get(k) != now.get(k)),
+                             key=lambda k: (not k.startswith("model."), k))
+            settings = "; settings changed: " + ", ".join(
+                f"{k} {old.get(k)!r} -> {now.get(k)!r}" for k in changed[:6]) + (" ..." if len(changed) > 6 else "")
+        raise IncompatibleCheckpoint(
+            f"checkpoint {self.directory / str(step)} holds another model or optimizer state ({len(problems)} tensors "
+            f"differ, e.g. {'; '.join(problems[:2])}{settings}); nothing was changed: resume with the run's own "
+            f"config ({self.directory.parent / 'config.yaml'}) or start a new run in another train.run_dir")
+
+    def restore_latest(self, like: dict, config: dict | None = None) -> tuple[int, dict, dict] | None:
         """(step, state, data state) of the newest readable checkpoint, ``like`` giving structure and shardings;
         None when there is none. A structurally unreadable checkpoint (missing or corrupt files, a changed tree,
         shape or dtype) is moved aside to ``unreadable-<step>`` in the same directory, which orbax does not take
         for a step (so the run can write that step again), and the previous one is tried. Any other error (I/O,
         timeout) is retried ``RESTORE_ATTEMPTS`` times and then raised, nothing moved. If checkpoints exist but
-        none restores, that is an error, not a fresh start."""
+        none restores, that is an error, not a fresh start. A newest checkpoint whose stored tree differs from
+        ``like`` is an ``IncompatibleCheckpoint`` (``check_compatible``), raised before anything is read or moved."""
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         broken = {}
-        for step in sorted(self.manager.all_steps(), reverse=True):
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        if steps:
+            self.check_compatible(steps[0], target, config)
+        for step in steps:
             for attempt in range(RESTORE_ATTEMPTS):
                 try:
                     restored = self.manager.restore(step, args=ocp.args.Composite(

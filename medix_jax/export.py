@@ -1,16 +1,17 @@
 """Export a training checkpoint to Hugging Face format:
 ``python -m medix_jax.export --checkpoint RUN_DIR[/STEP] --out DIR [--base HF_DIR] [--dtype D] [--verify]``.
 
-Reads the run's resolved ``config.yaml``, restores only the policy parameters of the newest (or the given) orbax
-checkpoint -- the optimizer state is skipped, not loaded -- and writes sharded safetensors, the index, a hub-style
-``config.json`` and the tokenizer / processor / chat-template files of ``--base`` (default: the directory the run
-took its tokenizer from). ``--verify`` loads the result in transformers and compares its logits with ours on a
-probe input (text and an image), in float32, printing max|Δ|.
+Restores only the policy parameters of the newest (or the given) orbax checkpoint -- the optimizer state is skipped,
+not loaded -- with the model config that checkpoint was written with (each checkpoint carries its resolved config,
+so a later ``config.yaml`` cannot mislead it), and writes what ``AutoProcessor``, ``AutoModelForImageTextToText``
+and vLLM load: sharded safetensors and their index, a hub-style ``config.json``, ``generation_config.json``,
+``preprocessor_config.json`` (the run's image settings) and the tokenizer and chat template of ``--base`` (default:
+the run's own, ``RUN_DIR/tokenizer``, so a moved or copied run exports alike). ``--verify`` loads the result in
+transformers and compares its logits with ours on a probe input (text and an image), in float32, printing max|Δ|.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 from pathlib import Path
@@ -31,24 +32,50 @@ def resolve(checkpoint: str | Path) -> tuple[Path, int]:
     return path, steps[-1]
 
 
+def run_config(run_dir: Path, meta: dict):
+    """The resolved config a checkpoint was written with (``meta["config"]``; ``config.yaml`` for checkpoints that
+    predate it)."""
+    from medix_jax.config import Config, build, load_config
+
+    if "config" in meta:
+        return build(Config, meta["config"])
+    return load_config(run_dir / "config.yaml")
+
+
+def tokenizer_dir(run_dir: Path, meta: dict) -> Path:
+    """The run's tokenizer directory: ``RUN_DIR/tokenizer`` (found relative to the run, wherever it now lies); runs
+    that predate it name an absolute ``aux_dir``. A ``FileNotFoundError`` saying what to do when there is none."""
+    from medix_jax.models.qwen2_5_vl.hf_io import has_tokenizer
+
+    candidates = [Path(run_dir) / meta.get("tokenizer", "tokenizer")]
+    if "aux_dir" in meta:
+        candidates.append(Path(meta["aux_dir"]))
+    for path in candidates:
+        if has_tokenizer(path):
+            return path
+    raise FileNotFoundError(f"no tokenizer for the run {run_dir} (looked in {', '.join(map(str, candidates))}): "
+                            "copy the tokenizer files of the model it was trained from into "
+                            f"{candidates[0]}, or pass --base HF_DIR")
+
+
 def restore_model(run_dir: Path, step: int, dtype: str | None = None):
-    """The policy at ``step`` as a model (parameters only; optimizer state left on disk)."""
+    """(the policy at ``step`` as a model, the checkpoint's meta): parameters only, optimizer state left on disk;
+    the model is built from the config stored in that checkpoint."""
     import orbax.checkpoint as ocp
     from flax import nnx
 
-    from medix_jax.config import load_config
     from medix_jax.models.qwen2_5_vl.model import abstract_model
 
-    cfg = load_config(run_dir / "config.yaml")
-    model_cfg = cfg.model if dtype is None else dataclasses.replace(cfg.model, dtype=dtype, param_dtype=dtype)
-    graphdef, params = nnx.split(abstract_model(cfg.model), nnx.Param)
-    target = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, params)}
     directory = run_dir.absolute() / "checkpoints"
     manager = ocp.CheckpointManager(directory)
     try:
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     finally:
         manager.close()
+    cfg = run_config(run_dir, meta)
+    model_cfg = cfg.model if dtype is None else dataclasses.replace(cfg.model, dtype=dtype, param_dtype=dtype)
+    graphdef, params = nnx.split(abstract_model(cfg.model), nnx.Param)
+    target = {"params": jax.tree.map(ocp.utils.to_shape_dtype_struct, params)}
     state = ocp.PyTreeCheckpointer().restore(directory / str(step) / "state", args=ocp.args.PyTreeRestore(
         target, restore_args=ocp.checkpoint_utils.construct_restore_args(target), partial_restore=True))
     params = state["params"]
@@ -95,13 +122,16 @@ def verify(model, out_dir: Path) -> float:
 
 def export(checkpoint: str | Path, out: str | Path, base: str | Path | None = None, dtype: str | None = None,
            check: bool = False) -> tuple[Path, float | None]:
+    from medix_jax.data.image import processor_config
     from medix_jax.models.qwen2_5_vl.hf_io import save_hf
 
     run_dir, step = resolve(checkpoint)
     model, meta = restore_model(run_dir, step)
-    base = base or meta.get("aux_dir")
-    out = save_hf(model, out, base_dir=base, dtype=dtype)
-    print(f"exported step {step} of {run_dir} to {out}" + (f" (tokenizer files from {base})" if base else ""))
+    base = Path(base) if base else tokenizer_dir(run_dir, meta)
+    data = run_config(run_dir, meta).data
+    out = save_hf(model, out, base_dir=base, dtype=dtype,
+                  image_processor=processor_config(data.min_pixels, data.max_pixels))
+    print(f"exported step {step} of {run_dir} to {out} (tokenizer files from {base})")
     delta = None
     if check:
         fp32, _ = restore_model(run_dir, step, dtype="float32")
@@ -111,21 +141,23 @@ def export(checkpoint: str | Path, out: str | Path, base: str | Path | None = No
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from medix_jax import cli
+
+    parser = cli.parser("medix_jax.export", __doc__)
     parser.add_argument("--checkpoint", required=True, help="RUN_DIR (newest checkpoint) or RUN_DIR/STEP")
     parser.add_argument("--out", required=True, help="output directory for the HF checkpoint")
-    parser.add_argument("--base", help="HF directory whose tokenizer/processor files are copied (default: the run's)")
+    parser.add_argument("--base", help="HF directory whose tokenizer/processor files are copied (default: the run's "
+                                       "own, RUN_DIR/tokenizer)")
     parser.add_argument("--dtype", help="cast the weights, e.g. bfloat16 (default: as trained)")
     parser.add_argument("--verify", action="store_true", help="reload in transformers and compare logits")
     args = parser.parse_args(argv)
     try:
+        cli.check_writable(Path(args.out).absolute().parent, "--out")
         export(args.checkpoint, args.out, args.base, args.dtype, args.verify)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"medix_jax.export: {e}", file=sys.stderr)
-        return 2
+    except (OSError, ValueError) as e:
+        return cli.fail("export", e)
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
-

@@ -31,7 +31,6 @@ set before it initialises.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import functools
@@ -587,13 +586,14 @@ def _devices(topology: str, count: int | None):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m medix_jax.plan", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from medix_jax import cli
+
+    parser = cli.parser("medix_jax.plan", __doc__)
     parser.add_argument("--config", action="append", required=True,
                         help="YAML config; repeat to layer files, e.g. a run config then a mesh preset")
     parser.add_argument("--topology", required=True,
                         help=f"{', '.join(TOPOLOGIES)}, a libtpu name such as v5p:4x4x2, or cpu:N")
-    parser.add_argument("--images", type=int, default=1, help="images per prompt (default 1; 0: text only)")
+    parser.add_argument("--images", type=int, default=1, help="images per prompt (0: text only)")
     parser.add_argument("--image-rows", type=int, default=None,
                         help="vision layout rows per image (default: the largest buckets.rows_per_image)")
     parser.add_argument("--only", help=f"compile only these programs, comma-separated ({', '.join(PROGRAMS)})")

@@ -11,7 +11,6 @@ Writes ``RUN_DIR/curves.png`` unless ``--out`` says otherwise; exits with status
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 from pathlib import Path
@@ -47,7 +46,8 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 def plot_run(run_dir: str | Path, out: str | Path | None = None, keys: list[str] | None = None) -> Path:
     """Render the curves of ``keys`` (default: ``DEFAULT_KEYS``) to ``out`` (default ``run_dir/curves.png``).
 
-    Raises FileNotFoundError without a metrics.jsonl and ValueError when none of the keys has a finite value.
+    Raises FileNotFoundError without a metrics.jsonl, and ValueError naming the keys the run never logged (given
+    ``keys``) or when none of the keys has a finite value.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -58,6 +58,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, keys: list[str]
     # Last record wins for a step logged twice (a resume without truncate_after), then step order.
     by_step = {record["step"]: record for record in read_metrics(run_dir) if isinstance(record.get("step"), int)}
     records = [by_step[step] for step in sorted(by_step)]
+    logged = {key for record in records for key in record} - {"step"}
+    if keys and (unknown := [key for key in keys if key not in logged]):
+        raise ValueError(f"{run_dir / METRICS_FILE} has no key {', '.join(unknown)}; it logged: "
+                         f"{', '.join(sorted(logged))}")
     series = {key: _series(records, key) for key in (keys or DEFAULT_KEYS)}
     series = {key: xy for key, xy in series.items() if any(math.isfinite(v) for v in xy[1])}
     if not series:
@@ -93,8 +97,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, keys: list[str]
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m medix_jax.plot", description=__doc__.split("\n\n")[0])
-    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR")
+    from medix_jax import cli
+
+    parser = cli.parser("medix_jax.plot", __doc__)
+    parser.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a training run (its metrics.jsonl)")
     parser.add_argument("--out", type=Path, help="image file (default: RUN_DIR/curves.png)")
     parser.add_argument("--keys", help=f"comma-separated metric keys (default: {','.join(DEFAULT_KEYS)})")
     args = parser.parse_args(argv)

@@ -24,9 +24,9 @@ of them stop after the same step when any one is signalled.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
+import shutil
 import signal
 import sys
 from pathlib import Path
@@ -35,15 +35,20 @@ import jax
 import yaml
 from tqdm import tqdm
 
-from medix_jax import parallel
-from medix_jax.checkpoint import Checkpoints
+from medix_jax import cli, parallel
+from medix_jax.checkpoint import Checkpoints, IncompatibleCheckpoint
 from medix_jax.config import Config, ConfigError, load_config, to_dict
+from medix_jax.data.image import processor_config
+from medix_jax.data.pipeline import NotPrepared, check_prepared
 from medix_jax.metrics import MetricsWriter
+from medix_jax.models.qwen2_5_vl.hf_io import AUX_FILES, has_tokenizer
 from medix_jax.plot import plot_run
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "tiny.yaml"
+ROOT = Path(__file__).resolve().parent.parent  # the project: configs/ beside the package
+DEFAULT_CONFIG = ROOT / "configs" / "tiny.yaml"
 SYNTHETIC_SIZES = {"train": 512, "test": 128}
 SYNTHETIC_IMAGE_SIZE = (56, 56)  # pixels per side: 2 x 2 merged image tokens for the tiny model
+TOKENIZER = "tokenizer"  # run_dir/tokenizer: the run's tokenizer, chat template and processor files
 
 
 class RewardsUnavailable(RuntimeError):
@@ -75,8 +80,15 @@ def tokenizer_and_model_config(cfg: Config, run_dir: Path):
     from medix_jax.rewards.rules import parse_solution
 
     checkpoint = _checkpoint_dir(cfg)
-    if checkpoint:
-        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    tokenizer_dir = run_dir / TOKENIZER
+    if checkpoint:  # copied into the run, so that the run directory stands alone (moved, copied, exported)
+        if jax.process_index() == 0 and not has_tokenizer(tokenizer_dir):
+            tokenizer_dir.mkdir(parents=True, exist_ok=True)
+            for name in AUX_FILES:
+                if (checkpoint / name).is_file():
+                    shutil.copy2(checkpoint / name, tokenizer_dir / name)
+        parallel.barrier("tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     else:
         records = list(synthetic_records(256))
         texts = [cfg.data.prompt] * 8 + [r["problem"] + " " + r["solution"] for r in records]
@@ -84,22 +96,32 @@ def tokenizer_and_model_config(cfg: Config, run_dir: Path):
                   for tag, answer in (parse_solution(r["solution"]) for r in records)]
         texts += [r["completion"] for r in records]  # the reasoning traces
         if jax.process_index() == 0:
-            train_tokenizer(texts, run_dir / "tokenizer", cfg.model.text.vocab_size)
+            train_tokenizer(texts, tokenizer_dir, cfg.model.text.vocab_size)
         parallel.barrier("tokenizer")
-        tokenizer = AutoTokenizer.from_pretrained(run_dir / "tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     if len(tokenizer) > cfg.model.text.vocab_size:
         raise ConfigError(f"model.text.vocab_size {cfg.model.text.vocab_size} is smaller than the tokenizer "
                           f"({len(tokenizer)} tokens)")
     tokens = token_ids(tokenizer, checkpoint)
-    return tokenizer, dataclasses.replace(cfg.model, tokens=tokens), checkpoint or run_dir / "tokenizer"
+    return tokenizer, dataclasses.replace(cfg.model, tokens=tokens), tokenizer_dir
 
 
 def _checkpoint_dir(cfg: Config) -> Path | None:
+    """``checkpoint`` as a directory of HF safetensors (None without one); anything else is a ``ConfigError``."""
     if not cfg.checkpoint:
         return None
     path = Path(cfg.checkpoint)
+    if not path.is_dir():
+        raise ConfigError(f"checkpoint {path} does not exist: set checkpoint=DIR to a local HF checkpoint directory "
+                          "(weights and tokenizer), or drop it to start from model.preset")
     if not any(path.glob("*.safetensors")):
-        raise ConfigError(f"checkpoint: no *.safetensors in {path}")
+        runs = " (it is a training run: export it with python -m medix_jax.export --checkpoint " \
+               f"{path} --out DIR, then checkpoint=DIR)" if (path / "checkpoints").is_dir() else ""
+        raise ConfigError(f"checkpoint {path} holds no *.safetensors{runs}: set checkpoint=DIR to a local HF "
+                          "checkpoint directory (weights and tokenizer)")
+    if not has_tokenizer(path):
+        raise ConfigError(f"checkpoint {path} holds no tokenizer (tokenizer_config.json and tokenizer.json or "
+                          "vocab.json): copy the base model's tokenizer files into it")
     return path
 
 
@@ -129,18 +151,22 @@ def run(cfg: Config, rewards=None) -> Path:
     from medix_jax.rl.trainer import Trainer
 
     run_dir = Path(cfg.train.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     lead = jax.process_index() == 0
     total = cfg.sft.steps + cfg.train.steps
     if total == 0:
         raise ConfigError("sft.steps and train.steps are both 0: nothing to run")
+    if lead:
+        cli.check_writable(run_dir, "train.run_dir")
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    _checkpoint_dir(cfg)  # before any data work
+    if cfg.data.data_dir:
+        check_prepared(cfg.data.data_dir, cfg.data.name)
     mesh = parallel.make_mesh(dataclasses.asdict(cfg.mesh))
     if not cfg.data.data_dir:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=prepare_embedded_data(run_dir)))
-    tokenizer, model_cfg, aux_dir = tokenizer_and_model_config(cfg, run_dir)
+    tokenizer, model_cfg, _ = tokenizer_and_model_config(cfg, run_dir)
     cfg = dataclasses.replace(cfg, model=model_cfg)  # the resolved config records the tokenizer's token ids
-    if lead:
-        (run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     model = build_model(cfg, model_cfg, mesh)
     source = data_source(cfg.data)
     data = PromptBatches(source, cfg.data, model_cfg, tokenizer, cfg.buckets, cfg.seed,
@@ -158,7 +184,8 @@ def run(cfg: Config, rewards=None) -> Path:
     def opt_state():  # a checkpoint at the end of the supervised stage holds its optimizer state
         return sft.opt_state if sft is not None and trainer.step_count <= cfg.sft.steps else trainer.opt_state
 
-    restored = checkpoints.restore_latest({"params": trainer.params, "opt_state": trainer.opt_state})
+    like = {"params": trainer.params, "opt_state": trainer.opt_state}  # the SFT optimizer state has its tree
+    restored = checkpoints.restore_latest(like, to_dict(cfg))
     if restored:
         step, state, data_state = restored
         trainer.params, trainer.step_count = state["params"], step
@@ -196,6 +223,10 @@ def run(cfg: Config, rewards=None) -> Path:
             data_states = {"processes": parallel.host_gather(data.get_state())}  # every process's position
             checkpoints.save(trainer.step_count, {"params": trainer.params, "opt_state": opt_state()},
                              data_states, {**meta, "step": trainer.step_count})
+            if len(saved) == 1:  # config.yaml says what the newest checkpoint holds: written once one is saved
+                checkpoints.wait()
+                if lead:
+                    (run_dir / "config.yaml").write_text(yaml.safe_dump(meta["config"], sort_keys=False))
             saved.append(trainer.step_count)
 
     def on_signal(signum, _frame):
@@ -207,7 +238,7 @@ def run(cfg: Config, rewards=None) -> Path:
         return bool(parallel.host_max(bool(stop)))
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    meta = {"config": to_dict(cfg), "aux_dir": str(Path(aux_dir).absolute())}
+    meta = {"config": to_dict(cfg), "tokenizer": TOKENIZER}  # the tokenizer's directory, relative to the run
     halt = False
     try:
         with MetricsWriter(run_dir, enabled=lead) as writer:
@@ -229,12 +260,7 @@ def run(cfg: Config, rewards=None) -> Path:
                 writer.write(trainer.step_count, metrics)
                 bar.update(1)
                 bar.set_description("sft" if current is sft else "grpo")
-                postfix = {"reward": f"{metrics.get('reward_composite_mean', float('nan')):.3f}"}
-                if current is sft:
-                    postfix["nll"] = f"{metrics['sft_loss']:.4f}"
-                else:
-                    postfix["loss"] = f"{metrics['loss']:.4f}" if "loss" in metrics else "no update (no signal)"
-                bar.set_postfix(postfix)
+                bar.set_postfix(progress(metrics, supervised=current is sft))
                 if current is trainer:
                     problem = trainer.rewards_down(metrics)  # the same on every process (combined metrics)
                     if problem:
@@ -258,7 +284,8 @@ def run(cfg: Config, rewards=None) -> Path:
                   f"step {trainer.step_count}; run again to resume")
         return run_dir
     if cfg.train.export_hf:  # every process takes part (the parameters are gathered); process 0 writes
-        save_hf(trainer.model, run_dir / "hf", base_dir=aux_dir)
+        save_hf(trainer.model, run_dir / "hf", base_dir=run_dir / TOKENIZER,
+                image_processor=processor_config(cfg.data.min_pixels, cfg.data.max_pixels))
     if lead:
         if (run_dir / "metrics.jsonl").exists():
             plot_run(run_dir)
@@ -269,6 +296,17 @@ def run(cfg: Config, rewards=None) -> Path:
               f"{run_dir / 'curves.png'}" + (f", results {run_dir / RESULTS}.md" if table else "")
               + (f", HF checkpoint {run_dir / 'hf'}" if cfg.train.export_hf else ""))
     return run_dir
+
+
+def progress(metrics: dict, supervised: bool) -> dict[str, str]:
+    """The progress bar's figures for a step: the mean composite reward and the NLL (supervised) or the loss, in
+    significant digits, so that a small loss shows as 3.2e-05, never as 0.0000."""
+    shown = {"reward": f"{metrics.get('reward_composite_mean', float('nan')):.3f}"}
+    if supervised:
+        shown["nll"] = f"{metrics['sft_loss']:.4g}"
+    else:
+        shown["loss"] = f"{metrics['loss']:.3g}" if "loss" in metrics else "no update (no signal)"
+    return shown
 
 
 RESULTS = "results"  # run_dir/results.{md,json}: the held-out evaluation after each stage, side by side
@@ -365,26 +403,34 @@ def _this_process(states: list[dict], step: int, directory: Path) -> dict:
 
 
 def main(argv=None, rewards=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.parser("medix_jax.train", __doc__)
     parser.add_argument("--config", action="append", help="YAML config; repeat to layer files, e.g. a run config "
-                        "then a mesh preset (default: the embedded tiny run, configs/tiny.yaml)")
+                        f"then a mesh preset (default: the embedded tiny run, {DEFAULT_CONFIG.relative_to(ROOT)})")
+    parser.add_argument("--no-judge-check", dest="judge_check", action="store_false",
+                        help="start without sending the judge (rewards.judge.url) one probe request first")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.steps=10 data.batch_size=2")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(args.config or [DEFAULT_CONFIG], args.overrides)
     except (ConfigError, FileNotFoundError) as e:
-        print(f"medix_jax.train: {e}", file=sys.stderr)
-        return 2
+        return cli.fail("train", e)
     try:
         parallel.initialize_distributed(cfg.distributed)
     except (ValueError, RuntimeError) as e:
-        print(f"medix_jax.train: {e}", file=sys.stderr)
-        return 2
+        return cli.fail("train", e)
+    if args.judge_check and rewards is None and cfg.rewards.judge.url:
+        from medix_jax.rewards.judge import JudgeUnreachable, check_judge
+
+        try:
+            check_judge(cfg.rewards.judge)
+        except JudgeUnreachable as e:
+            return cli.fail("train", e)
     try:
         run(cfg, rewards)
     except RewardsUnavailable as e:
-        print(f"medix_jax.train: {e}", file=sys.stderr)
-        return 3
+        return cli.fail("train", e, 3)
+    except (ConfigError, IncompatibleCheckpoint, NotPrepared, cli.Unwritable) as e:
+        return cli.fail("train", e)
     return 0
 
 

@@ -48,6 +48,12 @@ class MedixRL(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             disable_shuffling=True,  # records keep the source order; grain shuffles at read time
         )
 
+    def _log_download_bytes(self) -> None:  # in place of tfds' "Downloading and preparing dataset..." banner
+        print(f"prepare: writing {self.name} {self.version} to {self.data_dir}", flush=True)
+
+    def _log_download_done(self) -> None:  # the caller reports what was written
+        pass
+
     def _split_generators(self, dl_manager):
         return {split: self._generate_examples(records) for split, records in self._splits.items()}
 

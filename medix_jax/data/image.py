@@ -53,6 +53,21 @@ def patchify(image: np.ndarray, patch_size: int = 14, merge_size: int = 2, tempo
     return x.reshape(gh * gw, c * temporal_patch_size * patch_size * patch_size)
 
 
+def processor_config(min_pixels: int, max_pixels: int, patch_size: int = 14, merge_size: int = 2,
+                     temporal_patch_size: int = 2) -> dict:
+    """``preprocessor_config.json`` for these settings: transformers' ``Qwen2VLImageProcessor`` (and vLLM through it)
+    then prepares images as ``preprocess_image`` does."""
+    return {
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+        "do_convert_rgb": True, "do_resize": True, "resample": 3,  # PIL bicubic
+        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+        "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
+        "min_pixels": min_pixels, "max_pixels": max_pixels,
+        "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
+        "patch_size": patch_size, "temporal_patch_size": temporal_patch_size, "merge_size": merge_size,
+    }
+
+
 class BadImage(ValueError):
     """An image that cannot be used; ``reason`` is the short name counted in data-preparation reports."""
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import io
 from collections import Counter
+from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
@@ -224,10 +225,31 @@ def _absl_flags_parsed() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+class NotPrepared(FileNotFoundError):
+    """A data directory that holds no prepared dataset."""
+
+
+def check_prepared(data_dir: str | Path | None, name: str = "medix_rl", key: str = "data.data_dir") -> None:
+    """``NotPrepared`` (one line: the path and the command that fixes it) unless ``data_dir`` holds a dataset
+    written by ``python -m medix_jax.data.prepare`` (``NAME/VERSION/dataset_info.json``)."""
+    prepare = "python -m medix_jax.data.prepare --src SOURCE_DIR --data-dir"
+    if not data_dir:
+        raise NotPrepared(f"{key} is not set: prepare a dataset with {prepare} DIR, then set {key}=DIR")
+    path = Path(data_dir)
+    if any(path.glob(f"{name}/*/dataset_info.json")):
+        return
+    if any(path.glob("**/*.parquet")) or any(path.glob("**/*.jsonl")):
+        raise NotPrepared(f"{key} {path} holds source files, not a prepared dataset {name!r}: prepare them with "
+                          f"python -m medix_jax.data.prepare --src {path} --data-dir DIR, then set {key}=DIR")
+    found = sorted(p.parent.name for p in path.glob("*/*/dataset_info.json"))
+    raise NotPrepared(f"{key} {path} is not a prepared dataset {name!r} (no {name}/VERSION/dataset_info.json"
+                            + (f"; it holds {', '.join(found)}: set data.name" if found else "")
+                            + f"): prepare one with {prepare} {path}")
+
+
 def data_source(cfg: DataConfig):
     """The prepared split as a random-access source (``tfds.data_source``; no TensorFlow)."""
     import tensorflow_datasets as tfds
 
-    if not cfg.data_dir:
-        raise ValueError("data.data_dir is not set (prepare a dataset with python -m medix_jax.data.prepare)")
+    check_prepared(cfg.data_dir, cfg.name)
     return tfds.data_source(cfg.name, data_dir=cfg.data_dir, split=cfg.split)

@@ -18,7 +18,6 @@ valid record is an error, and nothing is written.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -28,6 +27,7 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import tensorflow_datasets as tfds
 from tqdm import tqdm
 
 from medix_jax.data.builder import VERSION, builder
@@ -219,6 +219,25 @@ class Report:
         return "\n".join(lines)
 
 
+class EmptySplit(ValueError):
+    """A split that got no valid record; the message says where the valid records went and what fixes it."""
+
+    def __init__(self, split: str, files: list[Path], report: Report, diverted: int, test_fraction: float):
+        skipped = dict(report.skipped.get(split, {}))
+        went = {s: n for s, n in report.kept.items() if n and s != split}
+        if diverted:  # the held-out split of the same files, whether or not it was written yet
+            went = {"test" if split == "train" else "train": diverted}
+        text = (f"split {split!r} got no valid record from {', '.join(str(f) for f in files)}"
+                + (f" (skipped: {skipped})" if skipped else "")
+                + (f"; the valid records went to {', '.join(f'{s} ({n})' for s, n in went.items())}" if went else ""))
+        if test_fraction:
+            text += (f"; with no test file, --test-fraction {test_fraction} of train is held out by a hash of the id: "
+                     "add records, raise --test-fraction, or add a test file")
+        else:
+            text += "; add valid records to that split's files (the counts above say why records were skipped)"
+        super().__init__(text)
+
+
 def _held_out(record_id: str, fraction: float) -> bool:
     return int(hashlib.sha256(record_id.encode()).hexdigest()[:8], 16) < fraction * 16**8
 
@@ -235,6 +254,7 @@ def prepare(src: str | Path, data_dir: str | Path, name: str = "medix_rl", opts:
     hold_out = "test" not in files and opts.test_fraction > 0
     report = Report()
     seen: set[str] = set()
+    diverted: Counter = Counter()  # split -> valid records its files gave to the other split (held out by hash)
 
     def records(split_files: list[Path], out_split: str, keep=lambda _: True):
         def generate():
@@ -246,7 +266,8 @@ def prepare(src: str | Path, data_dir: str | Path, name: str = "medix_rl", opts:
                             raise raw
                         record = validate(raw, path.parent, opts)
                         record["id"] = record["id"] or origin
-                        if not keep(record["id"]):
+                        if not keep(record["id"]):  # held out for the other split
+                            diverted[out_split] += 1
                             continue
                         if record["id"] in seen:
                             raise Skip("duplicate_id")
@@ -258,41 +279,47 @@ def prepare(src: str | Path, data_dir: str | Path, name: str = "medix_rl", opts:
                     report.completions[out_split] += bool(record["completion"])
                     yield record
             if not report.kept[out_split]:
-                raise ValueError(f"split {out_split!r} has no valid record; skipped: "
-                                 f"{dict(report.skipped.get(out_split, {}))}")
+                raise EmptySplit(out_split, split_files, report, diverted[out_split], hold_out and opts.test_fraction)
         return generate
 
     splits = {split: records(paths, split) for split, paths in files.items() if split != "train" or not hold_out}
     if hold_out:
         splits["train"] = records(files["train"], "train", lambda i: not _held_out(i, opts.test_fraction))
         splits["test"] = records(files["train"], "test", lambda i: _held_out(i, opts.test_fraction))
+    tfds.disable_progress_bar()  # our own bar per source file; the builder says where it writes
     builder(name, str(data_dir), splits).download_and_prepare()
     (target / "prepare_report.json").write_text(json.dumps(report.to_dict(), indent=2))
     return report
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from medix_jax import cli
+
+    parser = cli.parser("medix_jax.data.prepare", __doc__)
     parser.add_argument("--src", required=True, help="directory with the parquet shards or JSONL files")
     parser.add_argument("--data-dir", required=True, help="tfds data directory to write into")
-    parser.add_argument("--name", default="medix_rl", help="dataset name (default medix_rl)")
-    parser.add_argument("--min-images", type=int, default=PrepareOptions.min_images)
-    parser.add_argument("--max-images", type=int, default=PrepareOptions.max_images)
-    parser.add_argument("--max-text-chars", type=int, default=PrepareOptions.max_text_chars)
-    parser.add_argument("--test-fraction", type=float, default=PrepareOptions.test_fraction)
+    parser.add_argument("--name", default="medix_rl", help="dataset name")
+    parser.add_argument("--min-images", type=int, default=PrepareOptions.min_images,
+                        help="fewest images a record may carry")
+    parser.add_argument("--max-images", type=int, default=PrepareOptions.max_images,
+                        help="most images a record may carry")
+    parser.add_argument("--max-text-chars", type=int, default=PrepareOptions.max_text_chars,
+                        help="longest text field kept, in characters")
+    parser.add_argument("--test-fraction", type=float, default=PrepareOptions.test_fraction,
+                        help="share of train held out as test (by a hash of the id) when the source has no test split")
     parser.add_argument("--completion-field", default=PrepareOptions.completion_field, metavar="NAME",
                         help="source column holding a target completion for supervised fine-tuning, e.g. a "
-                             "reasoning trace (optional: absent or null stores \"\"; default %(default)s)")
+                             "reasoning trace (optional: absent or null stores \"\")")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing prepared copy")
     args = parser.parse_args(argv)
     try:
         opts = PrepareOptions(min_images=args.min_images, max_images=args.max_images,
                               max_text_chars=args.max_text_chars, test_fraction=args.test_fraction,
                               completion_field=args.completion_field)
+        cli.check_writable(args.data_dir, "--data-dir")
         report = prepare(args.src, args.data_dir, args.name, opts, args.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
-        print(f"prepare: {e}", file=sys.stderr)
-        return 2
+    except (OSError, ValueError) as e:
+        return cli.fail("data.prepare", e)
     print(f"prepared {args.name} {VERSION} in {Path(args.data_dir) / args.name / VERSION}\n{report.summary()}")
     return 0
 

@@ -6,7 +6,6 @@ runs a synthetic image+text prompt through it, and prints parameter count, logit
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
@@ -21,7 +20,9 @@ from medix_jax.models.qwen2_5_vl.hf_io import load_hf
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from medix_jax import cli
+
+    parser = cli.parser("medix_jax.models.qwen2_5_vl", __doc__)
     parser.add_argument("--config", help="YAML config (default: the embedded tiny config)")
     parser.add_argument("--hf", help="Hugging Face checkpoint directory to load instead of random weights")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.text.num_layers=2")

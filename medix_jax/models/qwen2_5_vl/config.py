@@ -274,10 +274,17 @@ def model_config_from_hf(path: str | Path, **overrides: Any) -> ModelConfig:
     return ModelConfig(**{"vision": vision, "text": text, "tokens": tokens, **overrides})
 
 
+# MediX-R1's sampling for generation outside training (its validation rollouts, REFERENCE §1): temperature 0.6,
+# top-p 0.95, no top-k and no repetition penalty (0 and 1.0 switch them off in transformers and vLLM alike).
+SAMPLING_DEFAULTS = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 0, "repetition_penalty": 1.0}
+
+
 def generation_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
-    """``generation_config.json``: the end tokens generation stops at (read back by ``model_config_from_hf``)."""
+    """``generation_config.json``: every end token generation stops at (read back by ``model_config_from_hf``), the
+    pad and bos tokens, and the reference sampling defaults (``SAMPLING_DEFAULTS``)."""
     ids = cfg.tokens
-    return {"eos_token_id": list(ids.end_token_ids), "bos_token_id": ids.bos_token_id, "pad_token_id": ids.pad_token_id}
+    return {"eos_token_id": list(ids.end_token_ids), "bos_token_id": ids.bos_token_id,
+            "pad_token_id": ids.pad_token_id, **SAMPLING_DEFAULTS}
 
 
 def model_config_to_hf(cfg: ModelConfig, torch_dtype: str | None = None) -> dict[str, Any]:

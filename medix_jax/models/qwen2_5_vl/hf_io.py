@@ -31,6 +31,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from medix_jax.data.image import processor_config
 from medix_jax.models.qwen2_5_vl.config import (
     ModelConfig,
     generation_config_to_hf,
@@ -42,12 +43,19 @@ from medix_jax.models.qwen2_5_vl.model import Qwen2_5_VL, abstract_model
 log = logging.getLogger(__name__)
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-# Files copied from the base checkpoint by save_hf (tokenizer, processor, chat template, generation defaults).
-AUX_FILES = (
+# Files copied from the base checkpoint by save_hf: the tokenizer, its chat template and the processor's settings
+# (``generation_config.json`` is always written anew, ``preprocessor_config.json`` when the run's settings are given).
+TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-    "added_tokens.json", "chat_template.json", "chat_template.jinja", "preprocessor_config.json",
-    "processor_config.json", "video_preprocessor_config.json", "generation_config.json",
+    "added_tokens.json", "chat_template.json", "chat_template.jinja",
 )
+AUX_FILES = (*TOKENIZER_FILES, "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
+
+
+def has_tokenizer(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a tokenizer transformers can load (its config and its vocabulary)."""
+    d = Path(directory)
+    return (d / "tokenizer_config.json").is_file() and any((d / f).is_file() for f in ("tokenizer.json", "vocab.json"))
 
 
 class CheckpointMismatch(ValueError):
@@ -256,12 +264,18 @@ def save_hf(
     base_dir: str | Path | None = None,
     dtype: str | None = None,
     max_shard_bytes: int = 5 * 2**30,
+    image_processor: dict | None = None,
 ) -> Path:
-    """Write ``model`` as a Hugging Face checkpoint directory.
+    """Write ``model`` as a Hugging Face checkpoint directory that ``AutoProcessor``, ``AutoModelForImageTextToText``
+    and vLLM load.
 
     Safetensors shards of at most ``max_shard_bytes`` (a single ``model.safetensors`` when one suffices, otherwise
-    ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``), a hub-style ``config.json``, and
-    the tokenizer / processor / chat-template files of ``base_dir`` when given. ``dtype`` casts the weights
+    ``model-0000i-of-0000n.safetensors`` with ``model.safetensors.index.json``), a hub-style ``config.json``,
+    ``generation_config.json`` (every end token, pad and bos, the reference sampling defaults),
+    ``preprocessor_config.json`` (``image_processor``, the image settings the run used, e.g.
+    ``data.image.processor_config(min_pixels, max_pixels)``; default: ``base_dir``'s, else transformers' defaults),
+    and the tokenizer, chat template and processor files of ``base_dir`` when given -- a ``base_dir`` without a
+    tokenizer is a ``FileNotFoundError``. Files are readable by everyone (0644). ``dtype`` casts the weights
     (default: as stored). In a job of several processes every process calls it (the parameters are gathered one at
     a time) and process 0 writes.
 
@@ -270,6 +284,9 @@ def save_hf(
     files of a previous export (not its weights) are carried over; one holding subdirectories is not replaced.
     """
     out = Path(out_dir)
+    if base_dir is not None and not has_tokenizer(base_dir):
+        raise FileNotFoundError(f"no tokenizer in {base_dir} (tokenizer_config.json and tokenizer.json or vocab.json): "
+                                "name an HF directory that has one (python -m medix_jax.export --base HF_DIR)")
     if jax.process_index() != 0:
         for _ in hub_tensors(model, dtype):
             pass
@@ -329,9 +346,18 @@ def save_hf(
         for p in carried:
             if not (work / p.name).exists():
                 shutil.copy2(p, work / p.name)
-        if not (work / "generation_config.json").exists():  # where generation stops (vLLM, transformers, load_hf)
-            text = json.dumps(generation_config_to_hf(model.config), indent=2)
-            (work / "generation_config.json").write_text(text + "\n")
+        # where generation stops and how it samples (vLLM, transformers, load_hf)
+        text = json.dumps(generation_config_to_hf(model.config), indent=2)
+        (work / "generation_config.json").write_text(text + "\n")
+        if image_processor is not None or not (work / "preprocessor_config.json").exists():
+            v = model.config.vision
+            settings = image_processor or processor_config(56 * 56, 14 * 14 * 4 * 1280)
+            settings = {**settings, "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size,
+                        "merge_size": v.spatial_merge_size}
+            (work / "preprocessor_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+        work.chmod(0o755)
+        for p in work.iterdir():
+            p.chmod(0o644)  # safetensors writes 0600: an export is for others to serve
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
