@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 
 from medix_jax.metrics import METRICS_FILE, read_metrics
@@ -46,8 +47,8 @@ def _series(records: list[dict], key: str) -> tuple[list[int], list[float]]:
 def plot_run(run_dir: str | Path, out: str | Path | None = None, keys: list[str] | None = None) -> Path:
     """Render the curves of ``keys`` (default: ``DEFAULT_KEYS``) to ``out`` (default ``run_dir/curves.png``).
 
-    Raises FileNotFoundError without a metrics.jsonl, and ValueError naming the keys the run never logged (given
-    ``keys``) or when none of the keys has a finite value.
+    Keys the run never logged are named on stderr (a ValueError when none of ``keys`` was logged); raises
+    FileNotFoundError without a metrics.jsonl and ValueError when none of the keys has a finite value.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -60,8 +61,10 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, keys: list[str]
     records = [by_step[step] for step in sorted(by_step)]
     logged = {key for record in records for key in record} - {"step"}
     if keys and (unknown := [key for key in keys if key not in logged]):
-        raise ValueError(f"{run_dir / METRICS_FILE} has no key {', '.join(unknown)}; it logged: "
-                         f"{', '.join(sorted(logged))}")
+        message = f"{run_dir / METRICS_FILE} has no key {', '.join(unknown)}; it logged: {', '.join(sorted(logged))}"
+        if len(unknown) == len(keys):
+            raise ValueError(message)
+        print(f"plot: {message}", file=sys.stderr)  # the known keys are still drawn
     series = {key: _series(records, key) for key in (keys or DEFAULT_KEYS)}
     series = {key: xy for key, xy in series.items() if any(math.isfinite(v) for v in xy[1])}
     if not series:

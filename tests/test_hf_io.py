@@ -58,6 +58,7 @@ def test_round_trip_through_transformers(tmp_path, rng, tied):
     base.mkdir()
     (base / "chat_template.jinja").write_text("{{ messages }}")
     (base / "tokenizer_config.json").write_text("{}")
+    (base / "tokenizer.json").write_text("{}")  # a base without a tokenizer is refused (test_first_hour.py)
     out = save_hf(ours, tmp_path / "hf", base_dir=base)
 
     with (out / "model.safetensors").open("rb"):
