@@ -48,7 +48,8 @@ class MeshConfig:
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
     """The held-out evaluation the training job runs at the end of its supervised stage and of GRPO (``train.py``,
-    through ``evaluate.py``): greedy generations on ``split`` of ``data.data_dir``, scored by the run's rewards."""
+    through ``medix_jax.evaluate``): greedy generations on ``split`` of ``data.data_dir``, scored by the run's
+    rewards."""
 
     split: str | None = "test"  # None: no evaluation
     max_samples: int | None = None  # the first N records of the split (None: all)

@@ -97,7 +97,11 @@ def test_end_to_end_through_an_openai_endpoint_with_resume_and_outage(registry, 
         generator = OpenAIGenerator(model_server.url, "echo", max_tokens=64)
         down = Judge(JudgeConfig(url=judge_server.url, model="judge", max_retries=1, backoff_s=0.01))
         first = evaluate(tasks, generator, down, tmp_path)  # the judge is down: generations kept, nothing scored
-        assert first["counts"] == {"generations_new": total, "judgements_missing": total}
+        assert first["counts"] == {"generations_new": total, "judgements_missing": total,
+                                   "judgements_missing_connection": total}
+        lines = [json.loads(x) for x in (tmp_path / "cache" / "mcq.jsonl").read_text().splitlines()]
+        reasons = [r["judgement"]["error"] for r in lines if "judgement" in r]
+        assert reasons and all(r.startswith("round 1: connection: InternalServerError") for r in reasons)
         assert all(r["missing"] == r["samples"] and r["score"] == 0.0 for r in first["tasks"].values())
         assert any(m["content"][0]["type"] == "image_url" for m in
                    (r["messages"][0] for r in model_server.requests) if isinstance(m["content"], list))
@@ -124,8 +128,11 @@ def test_malformed_judge_json_is_retried_then_reported_per_sample(registry, tmp_
         generator = OpenAIGenerator(model_server.url, "echo", 64)
         first = evaluate(tasks, generator, judge, tmp_path)  # round 1: invalid twice -> the sample is missing
         assert first["tasks"]["report"]["missing"] == 1 and judge.stats["eval_invalid_replies"] == 2
+        assert first["counts"]["judgements_missing_malformed"] == 1 and "judgements_missing_connection" not in \
+            first["counts"]
         lines = [json.loads(x) for x in (tmp_path / "cache" / "report.jsonl").read_text().splitlines()]
-        assert lines[-1]["judgement"] == {"score": None, "rounds": [], "error": "round 1: no valid judgement"}
+        assert lines[-1]["judgement"] == {"score": None, "rounds": [], "error": 'round 1: malformed: no single '
+                                          '{"score": 0..5} object in the reply, twice: \'Score: 1\''}
         second = evaluate(tasks, generator, judge, tmp_path)  # one more invalid reply, retried, then judged
         assert second["tasks"]["report"] == {"kind": "report", "samples": 1, "judged": 1, "missing": 0, "score": 0.0}
         assert judge.stats["eval_invalid_replies"] == 3
@@ -411,3 +418,166 @@ def test_the_sampler_generates_under_a_mesh_as_without_one(registry, tiny_hf):
     texts = generator.generate(items)
     assert texts == make_generator(str(tiny_hf), None, max_tokens=4).generate(items)
     assert all(isinstance(t, str) for t in texts)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line: greedy baselines, the registry from anywhere, checks before work, several models (issue 16)
+
+
+def test_an_openai_model_is_sent_every_greedy_sampling_parameter(registry):
+    """vLLM fills what a request leaves out from the model's generation_config.json (repetition penalty, top-k), so
+    every sampling parameter goes out explicitly; the real server receives them in the request body."""
+    items = load_items(load_tasks(registry, only=["open"])[0])[:1]
+    with JudgeServer(default="echo") as server:
+        assert OpenAIGenerator(server.url, "m", 8).generate(items) == [items[0].question]
+        [full] = server.requests
+        assert {k: full.get(k) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+                                         "presence_penalty", "frequency_penalty", "max_tokens")} == {
+            "temperature": 0, "top_p": 1, "top_k": -1, "min_p": 0, "repetition_penalty": 1, "presence_penalty": 0,
+            "frequency_penalty": 0, "max_tokens": 8}
+        assert OpenAIGenerator(server.url, "m", 8, vllm_params=False).generate(items) == [items[0].question]
+        plain = server.requests[1]
+    assert (plain["temperature"], plain["top_p"], plain["presence_penalty"], plain["frequency_penalty"]) == (0, 1, 0, 0)
+    assert not {"top_k", "min_p", "repetition_penalty"} & set(plain)
+
+
+REFERENCE_TASKS = {  # REFERENCE §1: the 17 tasks
+    "mmlu_clinical_knowledge", "mmlu_college_biology", "mmlu_college_medicine", "mmlu_medical_genetics",
+    "mmlu_professional_medicine", "mmlu_anatomy", "medmcqa", "medqa_4options", "usmle_self_assessment", "pubmedqa",
+    "mimic_cxr_summarization", "slake", "vqa_rad", "pathvqa", "pmc_vqa", "pmc_vqa_hard", "mimic_cxr_report_generation"}
+
+
+def test_the_task_registry_is_found_from_any_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # no configs/ here: the registry the package ships with is used
+    tasks = load_tasks("configs/eval/tasks.yaml")
+    assert {t.name for t in tasks} == REFERENCE_TASKS and len(tasks) == 17
+    assert all(t.path.startswith("eval_data/") for t in tasks)  # data stays relative to where the user runs
+    assert main(["--model", "openai:http://127.0.0.1:9/v1", "--model-name", "m", "--tasks", "configs/nope.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "configs/nope.yaml" in err and "--tasks" in err and "Traceback" not in err
+
+
+def test_a_missing_model_says_what_to_do_and_does_not_tie_out_to_it(registry, tiny_hf, tmp_path, capsys):
+    out = tmp_path / "out"
+    base = ["--tasks", str(registry), "--only", "mcq", "--out", str(out), "--max-tokens", "4"]
+    for wrong in (tmp_path / "no_such_run", tmp_path):  # absent; present but neither a run nor an HF directory
+        assert main(["--model", str(wrong), *base]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and str(wrong) in err and "python -m medix_jax.export" in err
+        assert "Traceback" not in err and not (out / "run.json").exists()
+    assert main(["--model", str(tiny_hf), *base]) == 0  # the right model in the same --out
+    assert json.loads((out / "run.json").read_text())["model"] == str(tiny_hf)
+
+
+def test_an_unwritable_out_is_one_line_before_any_work(registry, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with JudgeServer(default="echo") as model_server:
+        args = ["--model", f"openai:{model_server.url}", "--model-name", "echo", "--tasks", str(registry),
+                "--only", "open", "--out", str(blocker / "out")]
+        assert main(args) == 2
+        assert not model_server.requests  # nothing generated
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--out" in err and str(blocker / "out") in err
+
+
+def test_the_judge_is_probed_at_start_up(registry, tmp_path, capsys):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    with JudgeServer(default="echo") as model_server, JudgeServer(default="score") as judge_server:
+        model = ["--model", f"openai:{model_server.url}", "--model-name", "echo", "--tasks", str(registry),
+                 "--only", "open"]
+        assert main([*model, "--judge", dead, "--out", str(tmp_path / "a")]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and dead in err and "connection" in err and "--no-judge-check" in err
+        assert not model_server.requests and not (tmp_path / "a" / "run.json").exists()  # stopped before work
+
+        assert main([*model, "--judge", judge_server.url, "--out", str(tmp_path / "b")]) == 0
+        probe, *rest = judge_server.requests
+        assert "Which organ filters the blood?" in probe["messages"][0]["content"] and len(rest) == 3 * 3
+        judge_server.requests.clear()
+        assert main([*model, "--judge", judge_server.url, "--out", str(tmp_path / "c"), "--no-judge-check"]) == 0
+        assert len(judge_server.requests) == 3 * 3  # no probe
+
+
+def test_several_models_are_evaluated_side_by_side(registry, tmp_path, capsys):
+    def knows(body):  # a "model" that knows the kidney: answers B to the MCQs, else echoes
+        return "B" if "filters blood" in body["messages"][-1]["content"][0]["text"] else "no idea"
+
+    with JudgeServer(default="echo") as echo, JudgeServer(default=knows) as expert:
+        assert main(["--model", f"openai:{echo.url}", "--model-name", "/models/Echo-1B", "--model",
+                     f"openai:{expert.url}", "--model-name", "expert", "--tasks", str(registry), "--only", "mcq,open",
+                     "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    for label in ("Echo-1B", "expert"):
+        summary = json.loads((tmp_path / label / "results.json").read_text())
+        assert set(summary["tasks"]) == {"mcq", "open"}
+        assert json.loads((tmp_path / label / "run.json").read_text())["model_name"] in ("/models/Echo-1B", "expert")
+    table = json.loads((tmp_path / "comparison.json").read_text())
+    assert table["tasks"]["mcq"] == {"Echo-1B": 0.0, "expert": 0.75}  # exact match; m3's answer is not B
+    assert table["overall"] == {"Echo-1B": 0.0, "expert": 0.375}
+    assert table["models"]["expert"]["dir"] == str(tmp_path / "expert")
+    md = (tmp_path / "comparison.md").read_text()
+    assert md.startswith("| task | Echo-1B | expert |") and "| mcq | 0.0 | 75.0 |" in md
+    assert "| **overall (unweighted mean)** | **0.0** | **37.5** |" in md and md in printed
+    assert main(["--model", f"openai:{echo.url}", "--model", "openai:http://x", "--model-name", "a", "--model-name",
+                 "b", "--model-name", "c", "--tasks", str(registry), "--out", str(tmp_path / "n")]) == 2
+
+
+def test_a_medix_generation_is_judged_by_its_answer():
+    from medix_jax.evaluate import judged_text
+
+    text = "<X_RAY>< thinking >The kidney filters.</thinking>\n< answer > Kidney </answer>"
+    assert judged_text(text) == "Kidney" and exact_match(judged_text(text), "Kidney") == 1.0
+    assert judged_text("<think>hm</think> The kidney.") == "The kidney."
+    assert judged_text("<answer>a</answer> then <think>x</think> b") == "b"
+
+
+def test_medix_rewards_and_their_missing_reasons_are_cached_per_sample(medix_data, tmp_path):
+    task = medix_task("heldout", str(medix_data), limit=3)
+    with JudgeServer(default="500") as judge_server:
+        judge = Judge(JudgeConfig(url=judge_server.url, model="judge", max_retries=0))
+        # Answers that differ from the truth, so the judge is asked (and fails) for each.
+        summary = evaluate([task], Scripted(lambda it: f"{parse_solution(it.reference)[0]}<thinking>t</thinking>"
+                                                       "<answer>banana</answer>"), judge, tmp_path)
+    assert summary["tasks"]["heldout"]["missing"] == 3
+    rewards = [json.loads(x)["reward"] for x in (tmp_path / "cache" / "heldout.jsonl").read_text().splitlines()
+               if "reward" in json.loads(x)]
+    assert len(rewards) == 3 and all(r["llm"] is None and r["format"] == 1.0 for r in rewards)
+    assert all(r["errors"]["llm"].startswith("connection: InternalServerError") for r in rewards)
+
+
+def test_every_flag_has_help_and_the_usage_names_the_module(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    help_text = capsys.readouterr().out
+    assert help_text.startswith("usage: python -m medix_jax.evaluate ") and "``" not in help_text
+    assert "(default: configs/eval/tasks.yaml)" in help_text and "--no-judge-check" in help_text
+    from medix_jax.evaluate import build_parser
+
+    parser = build_parser()
+    assert all(a.help for a in parser._actions), [a.dest for a in parser._actions if not a.help]
+
+
+def test_a_training_run_is_asked_with_its_own_prompt_and_config_wherever_it_lies(trained_run, medix_data, tmp_path):
+    """The checkpoint's own config (model, data.prompt, pixel bounds) and the run's tokenizer, found relative to the
+    run: a copied run whose config.yaml was later changed still evaluates as it was trained."""
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(trained_run, moved)
+    (moved / "config.yaml").write_text("model: {preset: qwen2_5_vl_3b}\n")  # e.g. a failed resume with another model
+    generator = make_generator(str(moved), None, max_tokens=4)
+    assert generator.model.config.text.hidden_size < 512 and generator.model.config.tokens.image_token_id < 512
+    assert generator.prompt == "<image>{question}" and (generator.min_pixels, generator.max_pixels) == (3136, 12544)
+    medix_item = load_items(medix_task("h", str(medix_data), limit=1))[0]  # asked with MEDIX_PROMPT elsewhere
+    assert len(generator._prepare(medix_item)[0]) == len(generator._prepare(
+        dataclasses.replace(medix_item, prompt="<image>{question}"))[0])
+    assert make_generator(str(moved), None, 4, prompt=MEDIX_PROMPT).prompt == MEDIX_PROMPT  # --prompt still wins
+    step = make_generator(str(moved / "1"), None, max_tokens=4)  # one step of the run
+    from medix_jax.evaluate import model_label
+
+    assert step.prompt == "<image>{question}" and model_label(str(moved / "1")) == "moved-step1"

@@ -1,22 +1,30 @@
 """Reference-based evaluation (REFERENCE §1):
-``python -m medix_jax.evaluate --model (RUN_DIR|HF_DIR|openai:URL) --tasks configs/eval/tasks.yaml [--judge URL]``.
+``python -m medix_jax.evaluate --model (RUN_DIR|HF_DIR|openai:URL) [--model ...] [--tasks REGISTRY] [--judge URL]``.
 
+0. **Data**: ``python -m medix_jax.evaluate.fetch --src DIR`` converts the public datasets, as their hubs distribute
+   them, into the layout the registry expects and validates every record (``medix_jax/evaluate/fetch.py``).
 1. **Tasks** come from a YAML registry (``configs/eval/tasks.yaml``: the 17 reference tasks): a local parquet or
    JSONL file (images inline bytes, ``{"bytes", "path"}`` structs or paths relative to the file) or a prepared tfds
    split (``path`` a data dir written by ``python -m medix_jax.data.prepare``, with ``split`` and/or ``dataset``,
    default ``test`` / ``medix_rl``; text fields come back as UTF-8 bytes and are decoded), a field mapping, an
-   optional ``limit`` (the first N records) and a kind:
+   optional ``limit`` (the first N records) and a kind. ``--tasks`` is the registry file; a relative path that does
+   not exist is looked up in the project the package ships with (so the default works from any directory):
 
    * ``mcq``: options appended to the question as "A. ...", the ground truth is the option *text*;
    * ``open``, ``report`` (a 0-5 rubric, judge only);
    * ``medix``: MediX-R1 data, ground truth ``"<TAG> answer"`` (fields default to question=problem,
      answer=solution, image=images, id=id), asked with ``MEDIX_PROMPT``; the answer is
      ``<TAG><thinking>...</thinking><answer>...</answer>``.
-2. **Generation** at temperature 0 with our sampler from a training run (its newest checkpoint) or an HF directory,
-   or through any OpenAI-compatible endpoint (``openai:URL``, ``--model-name``), so baselines go through the same
-   harness. Each item carries its task kind's user-turn template (``MEDIX_PROMPT`` for medix, else
-   ``<image>{question}``); ``--prompt`` overrides it for every task. The judged text is what follows the last
-   ``</think>`` or ``</thinking>``.
+2. **Generation** is greedy: our sampler from a training run (its newest checkpoint, built from the config stored
+   in it, with the run's own tokenizer) or an HF directory, or any OpenAI-compatible endpoint (``openai:URL``,
+   ``--model-name``), so baselines go through the same harness. An endpoint is sent every sampling parameter
+   explicitly (temperature 0, top_p 1, top_k -1, min_p 0, no repetition / presence / frequency penalty), so that a
+   model's ``generation_config.json`` defaults, which vLLM applies to requests that leave them out, cannot make it
+   sample. A training run is asked with the prompt it was trained with (its ``data.prompt``, the MediX format
+   prompt unless the run changed it) and its image pixel bounds; otherwise each item carries its task kind's
+   user-turn template (``MEDIX_PROMPT`` for medix, else ``<image>{question}``). ``--prompt`` overrides both for
+   every task. The judged text is what follows the last ``</think>`` or ``</thinking>``; when that holds an
+   ``<answer>...</answer>``, its content.
 3. **Scoring.** The scorer of the run (``"scorer"`` in the results) is ``judge`` with ``--judge`` and ``exact``
    without one:
 
@@ -39,7 +47,16 @@
    generation failed) counts as wrong, as the reference scores it -- and, beside it, how many are missing; overall:
    the unweighted mean over tasks. Written as ``results.json`` and ``results.md`` in ``--out``. Every generation and
    judgement is appended to ``--out/cache/TASK.jsonl`` as soon as it exists, so an interrupted run resumes without
-   redoing finished samples, and missing judgements are judged again on the next run.
+   redoing finished samples, and missing judgements are judged again on the next run. A judgement that failed says
+   why (``"round K: KIND: detail"``, KIND ``connection``, ``malformed`` or ``rejected``, counted apart as
+   ``judgements_missing_KIND``); a medix sample's rewards and the pool's reasons for a missing one are cached too.
+5. **Several models** (``--model`` repeated): each is evaluated into its own subdirectory of ``--out`` (named after
+   the run, the HF directory or the served model), and one side-by-side table (rows: tasks and the overall mean;
+   columns: models) is printed and written to ``--out/comparison.{md,json}``.
+6. **Checks before work**: ``--out`` must be writable, every model is found (and loaded) before its ``run.json``
+   is written (a wrong path does not tie ``--out`` to it), and a configured judge gets one probe request
+   (``rewards.judge.check_judge``; ``--no-judge-check`` skips it): unreachable, the command stops with its URL and the
+   error, exit status 2.
 
 Python API (the training job evaluates its held-out split through the same code)::
 
@@ -67,9 +84,18 @@ import numpy as np
 import yaml
 from tqdm import tqdm
 
+from medix_jax import cli
 from medix_jax.data.prompts import MEDIX_PROMPT
-from medix_jax.rewards.judge import THINKING_TOKENS, JudgeConfig, after_thinking, chat, make_client
-from medix_jax.rewards.rules import MEDIX_MODALITY_TAGS, BadSolution, extract_answer, parse_solution
+from medix_jax.rewards.judge import (
+    THINKING_TOKENS,
+    JudgeConfig,
+    JudgeUnreachable,
+    after_thinking,
+    chat,
+    check_judge,
+    make_client,
+)
+from medix_jax.rewards.rules import MEDIX_MODALITY_TAGS, BadSolution, extract_answer, normalise_tags, parse_solution
 
 JUDGE_PROMPT = (
     "You are grading an answer to a medical question against the reference answer.\n\n"
@@ -91,6 +117,8 @@ ROUNDS = 3
 
 
 DEFAULT_PROMPT = "<image>{question}"
+PROJECT_ROOT = Path(__file__).resolve().parent.parent.parent  # the checkout the package ships with
+DEFAULT_TASKS = "configs/eval/tasks.yaml"
 KINDS = ("mcq", "open", "report", "medix")
 MEDIX_FIELDS = {"question": "problem", "answer": "solution", "image": "images", "id": "id"}
 
@@ -142,10 +170,27 @@ def _checked(task: Task) -> Task:
     return task
 
 
+def registry_path(path: str | Path = DEFAULT_TASKS) -> Path:
+    """The task registry ``path``; a relative path that does not exist here is taken relative to the project the
+    package ships with (``PROJECT_ROOT``), so ``configs/eval/tasks.yaml`` works from any directory. A
+    ``FileNotFoundError`` naming both places when neither has it."""
+    path = Path(path)
+    if path.is_file() or path.is_absolute():
+        if not path.is_file():
+            raise FileNotFoundError(f"task registry {path} not found (give --tasks an existing YAML file)")
+        return path
+    shipped = PROJECT_ROOT / path
+    if shipped.is_file():
+        return shipped
+    raise FileNotFoundError(f"task registry {path} not found here ({Path.cwd()}) nor in {PROJECT_ROOT} (give --tasks "
+                            f"an existing YAML file, e.g. {PROJECT_ROOT / DEFAULT_TASKS})")
+
+
 def load_tasks(path: str | Path, data_root: str | Path | None = None, only: list[str] | None = None) -> list[Task]:
     """The registry's tasks (``only``: these names); paths relative to ``data_root`` (default: the registry's). An
-    entry with ``split`` or ``dataset``, or whose path is a directory, is a prepared tfds split."""
-    registry = yaml.safe_load(Path(path).read_text())
+    entry with ``split`` or ``dataset``, or whose path is a directory, is a prepared tfds split. ``path`` is found
+    as ``registry_path`` finds it."""
+    registry = yaml.safe_load(registry_path(path).read_text())
     root = Path(data_root or registry.get("data_root", "."))
     tasks = []
     for spec in registry["tasks"]:
@@ -217,6 +262,11 @@ def load_items(task: Task) -> list[Item]:
     path, f = Path(task.path), task.fields
     items = []
     for i, row in enumerate(_rows(task)):
+        missing = [f[k] if k in f else k for k in ("question", "answer") + ("options",) * (task.kind == "mcq")
+                   if f.get(k, k) not in row]
+        if missing:  # a field mapping that does not fit the file
+            raise ValueError(f"task {task.name}, row {i}: no column {', '.join(map(repr, missing))} (it has "
+                             f"{', '.join(sorted(map(str, row)))}); fix the task's fields in the registry")
         question, answer, letter = str(row[f["question"]]), row[f["answer"]], None
         if task.kind == "mcq":
             options = row[f.get("options", "options")]
@@ -260,9 +310,14 @@ def exact_match(answer: str | None, reference: str, letter: str | None = None) -
 
 
 def judged_text(generation: str) -> str:
-    """What follows the last ``</think>`` or ``</thinking>`` (the whole text when there is none)."""
-    ends = [generation.rfind(tag) + len(tag) for tag in ("</think>", "</thinking>") if tag in generation]
-    return generation[max(ends):].strip() if ends else generation.strip()
+    """What follows the last ``</think>`` or ``</thinking>`` (the whole text when there is none); when that holds an
+    ``<answer>...</answer>`` (a model trained on the MediX format), the answer's text. Whitespace inside the tags is
+    ignored, as the training rewards ignore it."""
+    text = normalise_tags(generation)
+    ends = [text.rfind(tag) + len(tag) for tag in ("</think>", "</thinking>") if tag in text]
+    tail = text[max(ends):].strip() if ends else text.strip()
+    answer = extract_answer(tail)
+    return tail if answer is None else answer
 
 
 def parse_score(reply: str | None, top: int) -> int | None:
@@ -292,19 +347,29 @@ def response_format(top: int) -> dict:
 # Generators
 
 
-class OpenAIGenerator:
-    """Any OpenAI-compatible chat endpoint (vLLM, TGI, a hosted baseline); images as base64 data URLs."""
+# Greedy, stated in full: a server fills what a request leaves out from the model's generation_config.json (vLLM
+# does, repetition_penalty and top_k included, even at temperature 0). temperature 0 itself is sent by ``chat``.
+GREEDY = {"top_p": 1.0, "presence_penalty": 0.0, "frequency_penalty": 0.0}  # standard OpenAI parameters
+GREEDY_VLLM = {"top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0}  # vLLM's extensions, at their "off" values
 
-    def __init__(self, url: str, model: str, max_tokens: int, concurrency: int = 16, prompt: str | None = None):
+
+class OpenAIGenerator:
+    """Any OpenAI-compatible chat endpoint (vLLM, TGI, a hosted baseline); images as base64 data URLs. Every request
+    carries temperature 0 and ``GREEDY`` (with ``vllm_params``, also ``GREEDY_VLLM``: off for a server that rejects
+    parameters it does not know)."""
+
+    def __init__(self, url: str, model: str, max_tokens: int, concurrency: int = 16, prompt: str | None = None,
+                 vllm_params: bool = True):
         self.cfg = JudgeConfig(url=url, model=model, max_concurrency=concurrency, timeout_s=600.0)
         self.max_tokens, self.stats, self.prompt = max_tokens, Counter(), prompt
+        self.sampling = {**GREEDY, **(GREEDY_VLLM if vllm_params else {})}
 
     def generate(self, items: list[Item]) -> list[str | None]:
         async def run():
             client, semaphore = make_client(self.cfg), asyncio.Semaphore(self.cfg.max_concurrency)
             try:
                 return await asyncio.gather(*(chat(client, semaphore, self.cfg, [self._message(it)], self.max_tokens,
-                                                   {}, self.stats, []) for it in items))
+                                                   dict(self.sampling), self.stats, []) for it in items))
             finally:
                 await client.close()
         return asyncio.run(run())
@@ -402,30 +467,103 @@ class SamplerGenerator:
         return max(1, math.prod(dict(self.mesh.shape).get(a, 1) for a in axes) // jax.process_count())
 
 
-def make_generator(spec: str, model_name: str | None, max_tokens: int, prompt: str | None = None):
-    """``openai:URL`` (with ``model_name``), a training run (newest checkpoint) or an HF directory; ``prompt``
-    overrides each task kind's template."""
+MODEL_FIX = ("give --model a training run (the train.run_dir of python -m medix_jax.train), an HF directory "
+             "(python -m medix_jax.export --checkpoint RUN_DIR --out HF_DIR) or openai:URL with --model-name")
+
+
+def model_kind(spec: str, model_name: str | None = None) -> str:
+    """``"openai"``, ``"run"`` (a training run, or one step of it: ``RUN_DIR/STEP``) or ``"hf"``; checked without
+    loading anything. A ``FileNotFoundError`` (one line: the path, what is wrong, the command that fixes it) when
+    it is none of them, a ValueError for ``openai:`` without a model name."""
     if spec.startswith("openai:"):
         if not model_name:
-            raise ValueError("--model openai:URL needs --model-name")
-        return OpenAIGenerator(spec[len("openai:"):], model_name, max_tokens, prompt=prompt)
+            raise ValueError(f"--model {spec} needs --model-name (the name the server serves the model under)")
+        return "openai"
+    path = Path(spec)
+    if path.name.isdigit() and not (path / "checkpoints").is_dir():  # RUN_DIR/STEP or RUN_DIR/checkpoints/STEP
+        run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        if (run / "checkpoints").is_dir():
+            steps = sorted(int(p.name) for p in (run / "checkpoints").glob("*") if p.name.isdigit())
+            if int(path.name) not in steps:
+                raise FileNotFoundError(f"model {spec}: the run {run} has no checkpoint {int(path.name)} (it has "
+                                        f"{', '.join(map(str, steps)) or 'none'}): give --model {run} (its newest) "
+                                        "or RUN_DIR/STEP of a step it has")
+            return "run"
+    if not path.exists():
+        raise FileNotFoundError(f"model {spec} not found (no such file or directory): {MODEL_FIX}")
+    if (path / "checkpoints").is_dir():
+        from medix_jax.export import resolve
+
+        try:
+            resolve(path)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"model {spec}: a training run without a checkpoint yet ({path / 'checkpoints'} "
+                                    f"is empty): train it first (python -m medix_jax.train train.run_dir={spec}) or "
+                                    f"{MODEL_FIX}") from None
+        return "run"
+    if path.is_dir() and any(path.glob("*.safetensors")):
+        return "hf"
+    raise FileNotFoundError(f"model {spec} is neither a training run (no checkpoints/) nor an HF directory (no "
+                            f"*.safetensors): {MODEL_FIX}")
+
+
+def model_label(spec: str, model_name: str | None = None) -> str:
+    """A short, file-name-safe name for a model: the served model's (its last path part), else the run's or HF
+    directory's name (``RUN-stepN`` for one step of a run)."""
+    if spec.startswith("openai:"):
+        name = Path(str(model_name).rstrip("/")).name or "openai"
+    else:
+        path = Path(spec).absolute()
+        if path.name.isdigit():
+            run = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+            name = f"{run.name}-step{path.name}"
+        else:
+            name = path.name
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._") or "model"
+
+
+def _pixel_bounds(hf_dir: Path) -> tuple[int, int]:
+    """An HF directory's image pixel bounds (``preprocessor_config.json``, as an export writes it), else the
+    reference's (REFERENCE §1)."""
+    bounds = [262144, 4194304]
+    try:
+        config = json.loads((hf_dir / "preprocessor_config.json").read_text())
+    except (OSError, ValueError):
+        return tuple(bounds)
+    size = config.get("size") if isinstance(config.get("size"), dict) else {}
+    for k, (key, alt) in enumerate((("min_pixels", "shortest_edge"), ("max_pixels", "longest_edge"))):
+        value = config.get(key, size.get(alt))
+        if isinstance(value, int) and value > 0:
+            bounds[k] = value
+    return tuple(bounds)
+
+
+def make_generator(spec: str, model_name: str | None, max_tokens: int, prompt: str | None = None,
+                   vllm_params: bool = True):
+    """``openai:URL`` (with ``model_name``), a training run (its newest checkpoint, or ``RUN_DIR/STEP``) or an HF
+    directory. A training run is rebuilt from the config stored in its checkpoint, with the run's tokenizer, and asked
+    with the prompt and pixel bounds it was trained with; ``prompt`` overrides that and each task kind's template.
+    ``vllm_params``: an endpoint is also sent vLLM's greedy ``top_k`` / ``min_p`` / ``repetition_penalty``."""
+    kind = model_kind(spec, model_name)
+    if kind == "openai":
+        return OpenAIGenerator(spec[len("openai:"):], model_name, max_tokens, prompt=prompt, vllm_params=vllm_params)
     from transformers import AutoTokenizer
 
     path = Path(spec)
-    if (path / "checkpoints").is_dir():  # a training run: its newest checkpoint, its tokenizer
-        from medix_jax.export import resolve, restore_model
+    if kind == "run":  # the checkpoint's own config (model, data.prompt, pixels) and the run's tokenizer
+        from medix_jax.export import resolve, restore_model, run_config, tokenizer_dir
 
-        model, meta = restore_model(*resolve(path))
-        tokenizer = AutoTokenizer.from_pretrained(meta["aux_dir"])
-    elif any(path.glob("*.safetensors")):
-        from medix_jax.data.prompts import token_ids
-        from medix_jax.models.qwen2_5_vl.hf_io import load_hf
+        run_dir, step = resolve(path)
+        model, meta = restore_model(run_dir, step)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir(run_dir, meta))
+        data = run_config(run_dir, meta).data
+        return SamplerGenerator(model, tokenizer, max_tokens, prompt or data.prompt, data.min_pixels, data.max_pixels)
+    from medix_jax.data.prompts import token_ids
+    from medix_jax.models.qwen2_5_vl.hf_io import load_hf
 
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = load_hf(path, tokens=token_ids(tokenizer))
-    else:
-        raise FileNotFoundError(f"{spec}: not a training run, an HF directory or openai:URL")
-    return SamplerGenerator(model, tokenizer, max_tokens, prompt)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = load_hf(path, tokens=token_ids(tokenizer, path))
+    return SamplerGenerator(model, tokenizer, max_tokens, prompt, *_pixel_bounds(path))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -443,16 +581,17 @@ class Judge:
         self.cfg, self.stats, self.latencies = cfg, Counter(), []
         self.structured = cfg.structured_outputs
 
-    async def _chat(self, client, semaphore, messages, top: int) -> str | None:
+    async def _chat(self, client, semaphore, messages, top: int, failures: list[str]) -> str | None:
         """One judge reply; with structured outputs while the server takes them. ``chat`` keeps the error to itself,
         so a request that fails with a 4xx is sent again without them, and if that one succeeds the server rejects
-        them: they are off from then on (one request in the run pays for finding out, see ``judge``)."""
-        extra = {"chat_template_kwargs": {"enable_thinking": self.cfg.enable_thinking}}
-        budget = THINKING_TOKENS if self.cfg.enable_thinking else 64  # room for a fence when unconstrained
+        them: they are off from then on (one request in the run pays for finding out, see ``judge``). A failed
+        request's reason (``"KIND: detail"``) is appended to ``failures``."""
+        extra = self.extra()
+        budget = self.budget()
 
         async def call(extra):
             return after_thinking(await chat(client, semaphore, self.cfg, messages, budget, extra, self.stats,
-                                             self.latencies))
+                                             self.latencies, failures))
 
         if not self.structured:
             return await call(extra)
@@ -467,17 +606,35 @@ class Judge:
                       file=sys.stderr)
         return reply
 
-    async def _round(self, client, semaphore, messages, top: int) -> int | None:
+    def extra(self) -> dict:
+        """The request's extra body without structured outputs."""
+        return {"chat_template_kwargs": {"enable_thinking": self.cfg.enable_thinking}}
+
+    def budget(self) -> int:
+        return THINKING_TOKENS if self.cfg.enable_thinking else 64  # room for a fence when unconstrained
+
+    def check(self, timeout: float = 30.0) -> None:
+        """One probe request, as judgements are asked (a fixed pair, the reply must hold a score object);
+        ``JudgeUnreachable`` (one line: URL, model, error, fix) when none comes back."""
+        prompt = JUDGE_PROMPT.replace("{question}", "Which organ filters the blood?").replace(
+            "{reference}", "The kidney").replace("{response}", "the kidneys")
+        check_judge(self.cfg, timeout, messages=[{"role": "user", "content": prompt}],
+                    accept=lambda reply: parse_score(reply, 1) is not None, max_tokens=self.budget(),
+                    extra=self.extra())
+
+    async def _round(self, client, semaphore, messages, top: int) -> tuple[int | None, str | None]:
+        """(score, None), or (None, why: ``"KIND: detail"``)."""
         for _ in range(2):  # one retry for a reply without the JSON object
-            reply = await self._chat(client, semaphore, messages, top)
+            failures: list[str] = []
+            reply = await self._chat(client, semaphore, messages, top, failures)
             if reply is None:
-                return None
+                return None, failures[-1] if failures else "connection: no reply"
             score = parse_score(reply, top)
             if score is not None:
                 messages.append({"role": "assistant", "content": reply})
-                return score
+                return score, None
             self.stats["eval_invalid_replies"] += 1
-        return None
+        return None, f"malformed: no single {{\"score\": 0..{top}}} object in the reply, twice: {reply!r:.80}"
 
     async def _judge(self, client, semaphore, task: Task, item: Item, generation: str) -> dict:
         top = 5 if task.kind == "report" else 1
@@ -490,9 +647,9 @@ class Judge:
         for k in range(ROUNDS):
             if k:
                 messages.append({"role": "user", "content": REEVALUATE})
-            score = await self._round(client, semaphore, messages, top)
+            score, error = await self._round(client, semaphore, messages, top)
             if score is None:
-                return {"score": None, "rounds": rounds, "error": f"round {k + 1}: no valid judgement"}
+                return {"score": None, "rounds": rounds, "error": f"round {k + 1}: {error}"}
             rounds.append(score)
         final = (1.0 if sum(rounds) >= 2 else 0.0) if top == 1 else sum(rounds) / (5 * len(rounds))
         return {"score": final, "rounds": rounds}
@@ -516,10 +673,11 @@ class Judge:
 
 
 class Cache:
-    """Append-only JSONL per task: ``{"id", "generation"}`` and ``{"id", "judgement"}`` lines; the last one wins."""
+    """Append-only JSONL per task: ``{"id", "generation"}``, ``{"id", "judgement"}`` and (medix tasks: the rewards of
+    the latest run, with the pool's reason for each missing one) ``{"id", "reward"}`` lines; the last one wins."""
 
     def __init__(self, path: Path):
-        self.path, self.generations, self.judgements = path, {}, {}
+        self.path, self.generations, self.judgements, self.rewards = path, {}, {}, {}
         if path.exists():
             for line in path.read_text(encoding="utf-8").splitlines():
                 try:
@@ -530,6 +688,8 @@ class Cache:
                     self.generations[record["id"]] = record["generation"]
                 if "judgement" in record:
                     self.judgements[record["id"]] = record["judgement"]
+                if "reward" in record:
+                    self.rewards[record["id"]] = record["reward"]
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = path.open("a", encoding="utf-8")
 
@@ -576,11 +736,13 @@ def evaluate(tasks: list[Task], generator, judge: Judge | None, out: Path, batch
                 _generate(task, items, generator, cache, batch_size, counts)
                 if judge is not None and task.kind != "medix":
                     _judge(task, items, judge, cache, counts)
+                if task.kind == "medix":
+                    results[task.name] = _medix_result(task, items, cache.generations, pool, cache)
             finally:
                 cache.close()
             if task.kind == "medix":
-                results[task.name] = _medix_result(task, items, cache.generations, pool)
-            elif judge is not None:
+                continue  # scored above, while the cache was open (its rewards are written to it)
+            if judge is not None:
                 scores = [cache.judgements.get(it.id, {}).get("score") for it in items]
                 results[task.name] = _result(task, scores)
             else:
@@ -622,6 +784,8 @@ def _judge(task: Task, items: list[Item], judge: Judge, cache: Cache, counts: Co
     def done(item, judgement):
         cache.add(item.id, judgement=judgement)
         counts["judgements_new" if judgement["score"] is not None else "judgements_missing"] += 1
+        if judgement["score"] is None:  # "round K: KIND: detail"
+            counts[f"judgements_missing_{judgement['error'].split(': ', 2)[1]}"] += 1
         bar.update(1)
 
     judge.judge(task, work, done)
@@ -635,11 +799,12 @@ def _result(task: Task, scores: list[float | None]) -> dict:
             "score": sum(judged) / len(scores) if scores else None}
 
 
-def _medix_result(task: Task, items: list[Item], generations: dict, pool) -> dict:
+def _medix_result(task: Task, items: list[Item], generations: dict, pool, cache: Cache | None = None) -> dict:
     """A medix task's result: the pool's reward components for every generation in one ``score`` call, their
     composite and ``exact``, each a mean over all samples (a sample without a generation, or a missing (NaN)
     component, counts as 0 and as ``missing``); ``score`` = ``accuracy`` = ``llm`` when the pool has a judge, else
-    ``exact``."""
+    ``exact``. With ``cache``, each generation's rewards (None where missing) and the pool's reasons for the missing
+    ones (``RewardBatch.errors``) are written to it."""
     done = [it for it in items if generations.get(it.id) is not None]
     completions = [generations[it.id] for it in done]
     tags = getattr(getattr(pool, "cfg", None), "modality_tags", MEDIX_MODALITY_TAGS)
@@ -653,6 +818,13 @@ def _medix_result(task: Task, items: list[Item], generations: dict, pool) -> dic
         composite = np.zeros(0, np.float32)
     else:
         components, composite = batch.components, batch.composite
+    if cache is not None and batch is not None:
+        errors = getattr(batch, "errors", None) or {}
+        for k, it in enumerate(done):
+            reward = {name: None if np.isnan(v[k]) else float(v[k]) for name, v in components.items()}
+            reward["composite"] = float(composite[k])
+            why = {name: e[k] for name, e in errors.items() if e[k] is not None}
+            cache.add(it.id, reward={**reward, **({"errors": why} if why else {})})
     invalid = np.zeros(len(done), bool)
     for values in components.values():
         invalid |= np.isnan(values)
@@ -696,49 +868,144 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="RUN_DIR, HF_DIR or openai:URL")
-    parser.add_argument("--model-name", help="served model name for openai:URL")
-    parser.add_argument("--tasks", default="configs/eval/tasks.yaml")
-    parser.add_argument("--only", help="comma-separated task names")
-    parser.add_argument("--data-root", help="directory the task paths are relative to (default: the registry's)")
+def comparison(summaries: dict[str, dict], models: dict[str, dict] | None = None) -> dict:
+    """Several models' summaries side by side: ``{"models", "tasks": {task: {label: score}}, "missing": {task:
+    {label: n}}, "overall": {label: mean}}`` (tasks in the order they were evaluated)."""
+    tasks = list(dict.fromkeys(name for summary in summaries.values() for name in summary["tasks"]))
+    return {"models": models or {label: {} for label in summaries},
+            "tasks": {t: {label: s["tasks"].get(t, {}).get("score") for label, s in summaries.items()} for t in tasks},
+            "missing": {t: {label: s["tasks"].get(t, {}).get("missing") for label, s in summaries.items()}
+                        for t in tasks},
+            "overall": {label: s["overall"] for label, s in summaries.items()}}
+
+
+def comparison_markdown(table: dict) -> str:
+    """``comparison.md``: rows are tasks and the overall mean, columns are models (scores in %, missing samples in
+    brackets)."""
+    labels = list(table["overall"])
+    pct = lambda v: "–" if v is None else f"{100 * v:.1f}"  # noqa: E731
+
+    def cell(task, label):
+        missing = table["missing"][task][label]
+        return pct(table["tasks"][task][label]) + (f" ({missing} missing)" if missing else "")
+
+    lines = ["| task | " + " | ".join(labels) + " |", "|---|" + "---:|" * len(labels)]
+    lines += [f"| {task} | " + " | ".join(cell(task, label) for label in labels) + " |" for task in table["tasks"]]
+    lines.append("| **overall (unweighted mean)** | " + " | ".join(f"**{pct(table['overall'][label])}**"
+                                                                   for label in labels) + " |")
+    lines.append("\nscore: over all samples, a missing judgement or generation counting as wrong; each model's own "
+                 "results are in its subdirectory.")
+    return "\n".join(lines) + "\n"
+
+
+def _models(specs: list[str], names: list[str] | None) -> list[tuple[str, str | None]]:
+    """(spec, served name) per ``--model``: the ``--model-name`` values go, in order, to the ``openai:`` models."""
+    names = list(names or [])
+    endpoints = [s for s in specs if s.startswith("openai:")]
+    if endpoints and names and len(names) != len(endpoints):
+        raise ValueError(f"{len(endpoints)} openai: model(s) but {len(names)} --model-name value(s): give one "
+                         "--model-name per openai: --model, in the same order")
+    served = iter(names)
+    return [(s, next(served, None) if s.startswith("openai:") else None) for s in specs]
+
+
+def _labels(models: list[tuple[str, str | None]]) -> list[str]:
+    """``model_label`` of each, made unique with ``-2``, ``-3``, ... suffixes."""
+    labels, seen = [], Counter()
+    for spec, name in models:
+        label = model_label(spec, name)
+        seen[label] += 1
+        labels.append(label if seen[label] == 1 else f"{label}-{seen[label]}")
+    return labels
+
+
+def _check_out(out: Path, spec: dict, explicit_prompt: str | None) -> None:
+    """A ValueError when ``out`` holds the results of another model or setting (its ``run.json``)."""
+    previous = out / "run.json"
+    before = json.loads(previous.read_text()) if previous.exists() else None
+    if before and before.get("prompt") == DEFAULT_PROMPT and explicit_prompt is None:
+        before["prompt"] = None  # written before per-kind templates: the same prompts for mcq/open/report
+    if before is not None and before != spec:
+        raise ValueError(f"{out} holds results of another model or setting ({previous}: model "
+                         f"{before.get('model')!r}); use another --out")
+
+
+def build_parser():
+    """The command line of ``python -m medix_jax.evaluate``."""
+    parser = cli.parser("medix_jax.evaluate", __doc__)
+    parser.add_argument("--model", action="append", required=True, metavar="RUN_DIR|HF_DIR|openai:URL",
+                        help="the model to evaluate: a training run (its newest checkpoint; RUN_DIR/STEP for "
+                             "another), an HF directory, or an OpenAI-compatible endpoint; repeat it to evaluate "
+                             "several models side by side")
+    parser.add_argument("--model-name", action="append", metavar="NAME",
+                        help="the name the endpoint serves an openai:URL model under; one per openai: --model, in "
+                             "the same order")
+    parser.add_argument("--tasks", default=DEFAULT_TASKS,
+                        help="task registry (YAML); a relative path that does not exist here is taken from the "
+                             "project the package ships with")
+    parser.add_argument("--only", help="comma-separated task names to run (default: every task of the registry)")
+    parser.add_argument("--data-root", help="directory the task paths are relative to (default: the registry's "
+                                            "data_root, relative to the current directory)")
     parser.add_argument("--judge", help="judge base URL, e.g. http://127.0.0.1:8001/v1 (without one: exact match; "
                                         "report tasks need it)")
-    parser.add_argument("--judge-model", default="Qwen/Qwen3-14B")
-    parser.add_argument("--out", default="eval_results")
-    parser.add_argument("--max-tokens", type=int, default=2048)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--prompt", help="user-turn template ({question}, <image>) for every task (default: "
-                                         "MEDIX_PROMPT for medix tasks, <image>{question} for the others)")
+    parser.add_argument("--judge-model", default="Qwen/Qwen3-14B", help="the model name the judge server serves")
+    parser.add_argument("--judge-check", action=argparse.BooleanOptionalAction, default=True,
+                        help="send the judge one probe request at start-up and stop if it does not answer")
+    parser.add_argument("--out", default="eval_results",
+                        help="results directory (with several models: one subdirectory per model and the "
+                             "comparison table)")
+    parser.add_argument("--max-tokens", type=int, default=2048, help="generation budget per sample (tokens)")
+    parser.add_argument("--batch-size", type=int, default=8, help="samples generated together")
+    parser.add_argument("--prompt", help="user-turn template ({question}, <image>) for every task (default: a "
+                                         "training run's own data.prompt; else MEDIX_PROMPT for medix tasks and "
+                                         "<image>{question} for the others)")
+    parser.add_argument("--vllm-params", action=argparse.BooleanOptionalAction, default=True,
+                        help="send an openai: model vLLM's greedy top_k=-1, min_p=0, repetition_penalty=1 as well as "
+                             "temperature 0, top_p 1 and zero penalties (--no-vllm-params: a server that rejects "
+                             "unknown parameters)")
     parser.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=False,
                         help="let a thinking judge think (chat_template_kwargs.enable_thinking)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         tasks = load_tasks(args.tasks, args.data_root, args.only.split(",") if args.only else None)
-        spec = {"model": args.model, "model_name": args.model_name, "prompt": args.prompt,
-                "max_tokens": args.max_tokens, "judge_model": args.judge_model, "thinking": args.thinking}
+        models = _models(args.model, args.model_name)
+        for spec, name in models:  # every model found before any work
+            model_kind(spec, name)
         judge = None if not args.judge else Judge(JudgeConfig(url=args.judge, model=args.judge_model,
                                                               enable_thinking=args.thinking))
         check_scorable(tasks, judge)  # before the model is loaded
         out = Path(args.out)
-        previous = out / "run.json"
-        before = json.loads(previous.read_text()) if previous.exists() else None
-        if before and before.get("prompt") == DEFAULT_PROMPT and args.prompt is None:
-            before["prompt"] = None  # written before per-kind templates: the same prompts for mcq/open/report
-        if before is not None and before != spec:
-            raise ValueError(f"{out} holds results of another model or setting ({previous}); use another --out")
-        out.mkdir(parents=True, exist_ok=True)
-        previous.write_text(json.dumps(spec, indent=2))
-        generator = make_generator(args.model, args.model_name, args.max_tokens, args.prompt)
-        summary = evaluate(tasks, generator, judge, out, args.batch_size)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"medix_jax.evaluate: {e}", file=sys.stderr)
-        return 2
-    print(markdown(summary) + f"\n{summary['counts']}\nresults: {Path(args.out) / 'results.json'}")
+        cli.check_writable(out, "--out")
+        labels = _labels(models)
+        dirs = [out] if len(models) == 1 else [out / label for label in labels]
+        specs = [{"model": spec, "model_name": name, "prompt": args.prompt, "max_tokens": args.max_tokens,
+                  "judge_model": args.judge_model, "thinking": args.thinking} for spec, name in models]
+        for directory, spec in zip(dirs, specs, strict=True):
+            _check_out(directory, spec, args.prompt)
+        if judge is not None and args.judge_check:
+            judge.check()
+        summaries = {}
+        for (spec, name), label, directory, run in zip(models, labels, dirs, specs, strict=True):
+            generator = make_generator(spec, name, args.max_tokens, args.prompt, args.vllm_params)
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / "run.json").write_text(json.dumps(run, indent=2))  # only once the model is loaded
+            summary = summaries[label] = evaluate(tasks, generator, judge, directory, args.batch_size)
+            print(("" if len(models) == 1 else f"{label} ({spec}):\n") + markdown(summary)
+                  + f"\n{summary['counts']}\nresults: {directory / 'results.json'}", flush=True)
+        if len(models) > 1:
+            table = comparison(summaries, {label: {"model": spec, "model_name": name, "dir": str(d)}
+                                           for label, (spec, name), d in zip(labels, models, dirs, strict=True)})
+            (out / "comparison.json").write_text(json.dumps(table, indent=2))
+            (out / "comparison.md").write_text(comparison_markdown(table))
+            print("\n" + comparison_markdown(table) + f"side by side: {out / 'comparison.md'}")
+    except (FileNotFoundError, ValueError, cli.Unwritable, JudgeUnreachable) as e:
+        return cli.fail("evaluate", e)
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
-
