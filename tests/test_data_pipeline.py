@@ -15,7 +15,7 @@ from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
 from medix_jax.data.builder import TEXT_FIELDS, MedixRL
-from medix_jax.data.pipeline import DataConfig, Preprocess, PromptBatches, data_source
+from medix_jax.data.pipeline import DataConfig, NotPrepared, Preprocess, PromptBatches, data_source
 from medix_jax.data.prepare import PrepareOptions, prepare, validate
 from medix_jax.data.prepare import main as prepare_main
 from medix_jax.data.prompts import MEDIX_PROMPT, token_ids, user_content
@@ -176,7 +176,7 @@ def test_bad_settings_are_errors(setup):
         PromptBatches(data_source(cfg), dataclasses.replace(cfg, batch_size=64), model_cfg, tokenizer, BUCKETS, 0)
     with pytest.raises(ValueError, match="question"):
         DataConfig(prompt="no field here <image>")
-    with pytest.raises(ValueError, match="data_dir"):
+    with pytest.raises(NotPrepared, match="data.data_dir is not set"):
         data_source(DataConfig())
 
 
