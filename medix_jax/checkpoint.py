@@ -1,4 +1,4 @@
-"""Training checkpoints with orbax ``CheckpointManager``: asynchronous, the newest ``keep`` kept.
+"""Training checkpoints with orbax ``CheckpointManager``: asynchronous, the newest ``keep`` kept (and chosen steps).
 
 A checkpoint at step s holds everything needed to continue exactly: ``state`` (parameters and optimizer state,
 restored straight into their shardings), ``data`` (the grain iterator state, JSON) and ``meta`` (step and the
@@ -16,6 +16,7 @@ from pathlib import Path
 
 import jax
 import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as pp
 
 RESTORE_ATTEMPTS = 3  # tries per checkpoint when reading fails transiently
 RETRY_BACKOFF_S = 2.0  # seconds before the second try, doubling after
@@ -45,11 +46,15 @@ def is_structural(e: BaseException) -> bool:
 
 
 class Checkpoints:
-    def __init__(self, directory: str | Path, keep: int):
+    def __init__(self, directory: str | Path, keep: int, preserve: tuple[int, ...] = ()):
+        """The newest ``keep`` checkpoints are kept, and those of the steps in ``preserve`` always (the end of a
+        supervised stage: the KL reference of the GRPO stage after it)."""
         self.directory = Path(directory).absolute()
+        policy = pp.AnyPreservationPolicy([pp.LatestN(keep), *([pp.CustomSteps(list(preserve))] if preserve else [])])
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True),
+            options=ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=True,
+                                                 create=True),
         )
 
     def save(self, step: int, state: dict, data_state: dict, meta: dict) -> None:
@@ -70,6 +75,11 @@ class Checkpoints:
         finally:
             absl.setLevel(level)
         return {k: (tuple(m.shape), str(m.dtype)) for k, m in flat_leaves(tree).items()}
+
+    def restore(self, step: int, like: dict) -> dict:
+        """Step's state, ``like`` giving structure and shardings (errors as orbax raises them)."""
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
 
     def meta(self, step: int) -> dict:
         return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

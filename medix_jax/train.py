@@ -176,7 +176,8 @@ def run(cfg: Config, rewards=None) -> Path:
     labels = label_sets(source) if "random" in (cfg.sft.answers, cfg.sft.tags) else None
     sft = SupervisedStage(trainer, cfg.sft, labels) if cfg.sft.steps else None
     held_out = HeldOut(cfg, run_dir, tokenizer, pool, mesh, labels)
-    checkpoints = Checkpoints(run_dir / "checkpoints", cfg.train.keep_checkpoints)
+    # The end of the supervised stage is kept: the KL reference of the GRPO stage that follows it.
+    checkpoints = Checkpoints(run_dir / "checkpoints", cfg.train.keep_checkpoints, (cfg.sft.steps,) * bool(sft))
 
     def stage():  # the stage that the next step (or the newest checkpoint) belongs to
         return sft if sft is not None and trainer.step_count < cfg.sft.steps else trainer
@@ -195,6 +196,8 @@ def run(cfg: Config, rewards=None) -> Path:
             trainer.opt_state = state["opt_state"]
         states = data_state.get("processes", [data_state])  # one state: written before per-process states
         data.set_state(_this_process(states, step, checkpoints.directory))
+        if sft is not None and step > cfg.sft.steps and cfg.train.loss.kl_coef > 0:
+            trainer.set_reference(_reference(checkpoints, cfg.sft.steps, like))
     if restored and trainer.step_count >= total and held_out.complete() and \
             (run_dir / "hf").exists() == cfg.train.export_hf:
         if lead:
@@ -250,6 +253,8 @@ def run(cfg: Config, rewards=None) -> Path:
                 if trainer.step_count >= total:
                     break
                 current = stage()
+                if current is trainer and sft is not None and trainer.step_count == cfg.sft.steps:
+                    trainer.set_reference()  # the policy GRPO starts from
                 try:
                     metrics = current.step()
                 except StopIteration:  # a finite data.epochs ran out
@@ -298,6 +303,16 @@ def run(cfg: Config, rewards=None) -> Path:
     return run_dir
 
 
+def _reference(checkpoints: Checkpoints, step: int, like: dict):
+    """The parameters of the checkpoint at the end of the supervised stage (``step``): the KL reference of a run
+    resumed in its GRPO stage."""
+    if step not in checkpoints.manager.all_steps():
+        raise ConfigError(f"{checkpoints.directory / str(step)} is missing: it holds the policy at the end of the "
+                          "supervised stage, the GRPO stage's KL reference; without it this run cannot resume "
+                          "(start a new train.run_dir)")
+    return checkpoints.restore(step, like)["params"]
+
+
 def progress(metrics: dict, supervised: bool) -> dict[str, str]:
     """The progress bar's figures for a step: the mean composite reward and the NLL (supervised) or the loss, in
     significant digits, so that a small loss shows as 3.2e-05, never as 0.0000."""
@@ -314,7 +329,7 @@ RESULTS = "results"  # run_dir/results.{md,json}: the held-out evaluation after 
 
 class HeldOut:
     """The held-out evaluation at the end of each stage: greedy generations on ``eval.split`` of the run's data,
-    through ``evaluate.py`` (the code path of ``python -m medix_jax.evaluate``) and scored by the run's own reward
+    through ``medix_jax.evaluate`` (the code path of ``python -m medix_jax.evaluate``), scored by the run's own reward
     pool. Each evaluation is written to ``run_dir/eval/step_N/`` (``results.json``, ``results.md``, cached
     generations); ``report`` writes the stages side by side to ``run_dir/results.{md,json}``. In a job of several
     processes the run is evaluated afterwards (``python -m medix_jax.evaluate``)."""

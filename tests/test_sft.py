@@ -149,7 +149,7 @@ def held_out(run_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # four jobs of about 1.5, 3, 0.5 and 3 minutes
+@pytest.mark.timeout(1800)  # four jobs of about 2.5, 3, 0.5 and 3 minutes
 def test_the_default_run_learns_the_task_and_not_without_the_reward(tmp_path):
     """The embedded default (configs/tiny.yaml, fixed seeds) in two parts -- its supervised stage, then the rest of
     the run resumed from it, which is the same run -- and, from a copy of the supervised stage, GRPO with every
@@ -179,3 +179,42 @@ def test_the_default_run_learns_the_task_and_not_without_the_reward(tmp_path):
     job("tests.zero_advantages", control, cache=cache)
     unrewarded = held_out(control)["after GRPO"]
     assert unrewarded["accuracy"] < chance + 0.2, (after_sft, unrewarded)
+
+
+class InterruptAfter(LetterReward):
+    """LetterReward that sends this process SIGINT while scoring its ``calls``-th batch: the run stops after that
+    step, saved, as after a Ctrl-C."""
+
+    def __init__(self, calls: int):
+        self.calls = calls
+
+    def score(self, completions, solutions):
+        self.calls -= 1
+        if self.calls == 0:
+            os.kill(os.getpid(), signal.SIGINT)
+        return super().score(completions, solutions)
+
+
+@pytest.mark.slow
+def test_the_kl_reference_is_the_policy_grpo_starts_from_also_after_a_resume(tmp_path):
+    """After a supervised stage the KL term anchors GRPO to the policy at that stage's end (configs/tiny.yaml: "k3
+    to the policy the GRPO stage starts from"), not to the initial weights: the first GRPO step's KL is 0. A run
+    interrupted inside its GRPO stage restores that reference from the stage's last checkpoint, which is kept
+    beyond train.keep_checkpoints, and ends as the uninterrupted run."""
+    from medix_jax.train import main as train_main
+
+    common = ["rollout.max_new_tokens=8", "rollout.num_samples=2", "mesh.fsdp=4", "mesh.tensor=2",
+              "data.batch_size=4", "eval.split=null",
+              "sft.steps=2", "sft.sample_every=0", "train.steps=3", "train.save_every=1", "train.keep_checkpoints=1",
+              "train.loss.kl_coef=0.01", "train.export_hf=false", "rewards.embedding_on=false"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert train_main([*common, f"train.run_dir={straight}"], rewards=LetterReward()) == 0
+    kl = {m["step"]: m["kl"] for m in metric_lines(straight) if "kl" in m}
+    assert sorted(kl) == [3, 4, 5] and kl[3] == 0.0 and kl[5] > 0, kl
+
+    assert train_main([*common, f"train.run_dir={resumed}"], rewards=InterruptAfter(2)) == 0  # stops after step 4
+    assert sorted(int(p.name) for p in (resumed / "checkpoints").iterdir()) == [2, 4]  # 2: the reference
+    assert train_main([*common, f"train.run_dir={resumed}"], rewards=LetterReward()) == 0
+    assert metric_lines(resumed) == metric_lines(straight)
+    a, b = final_state(straight, 5), final_state(resumed, 5)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)

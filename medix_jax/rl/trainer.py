@@ -28,9 +28,10 @@ One step (``Trainer.step``):
    alone would clip GSPO's 3e-4 band -- or the sampler ran a copy of the weights in another dtype, and the
    sampler's otherwise (``recompute_old_logprobs`` overrides). ``logprob_mismatch_{mean,max}`` logs the
    sampler-vs-trainer |delta log p| over completion tokens every step. The reference policy exists only when
-   ``loss.kl_coef > 0``; its log-probabilities are computed once per step, outside the gradient, like the old
-   ones. A mini-batch with nothing to learn from (only masked filler, or all advantages 0 without a KL term) makes
-   no optimizer update: AdamW would only decay the weights.
+   ``loss.kl_coef > 0``: the initial weights, or after a supervised stage the policy at its end (``set_reference``,
+   restored on resume from the checkpoint of that step, which is always kept); its log-probabilities are computed
+   once per step, outside the gradient, like the old ones. A mini-batch with nothing to learn from (only masked
+   filler, or all advantages 0 without a KL term) makes no optimizer update: AdamW would only decay the weights.
    Gradients and their accumulator keep the parameters' shardings.
 
 Randomness is ``fold_in(seed, step)``, so a run resumed from a checkpoint (parameters, optimizer, step, data
@@ -315,7 +316,8 @@ class Trainer:
         param_shardings = jax.tree.map(lambda a: a.sharding, self.params)
         self.tx = make_optimizer(train.optim, train.steps * train.ppo_epochs * train.mini_batches)
         self.opt_state, self._apply = self.optimizer(self.tx)
-        self.ref_params = jax.tree.map(jnp.copy, self.params) if train.loss.kl_coef > 0 else None
+        self.ref_params = None
+        self.set_reference()
         self.sampler = Sampler(rollout, mesh)
         # rollout.weights_dtype: the sampler's copy of the parameters in that dtype (None: the parameters
         # themselves, also when they are already stored in it), made on first use after each update.
@@ -336,6 +338,12 @@ class Trainer:
         self._logprobs = jax.jit(_logprobs, static_argnums=(0, 4, 5, 6))
         self._extra_compiles = []  # other stages' jitted functions (rl/sft.py), counted in compile_count
 
+    def set_reference(self, params=None) -> None:
+        """The KL reference policy (``loss.kl_coef > 0``): a copy of ``params``, by default the current policy. The
+        trainer starts from its initial weights (the run's ``checkpoint`` or the preset's initialisation); a run
+        with a supervised stage sets the policy at that stage's end, the weights its GRPO stage starts from."""
+        if self.train.loss.kl_coef > 0:
+            self.ref_params = jax.tree.map(jnp.copy, self.params if params is None else params)
     def optimizer(self, tx: optax.GradientTransformation):
         """(initial state, jitted ``apply_updates(params, state, grads) -> (params, state, grad norm)``) of ``tx``
         over the parameters, with explicit shardings for the whole training state: Adam's moments like their
