@@ -344,6 +344,7 @@ class Trainer:
         with a supervised stage sets the policy at that stage's end, the weights its GRPO stage starts from."""
         if self.train.loss.kl_coef > 0:
             self.ref_params = jax.tree.map(jnp.copy, self.params if params is None else params)
+
     def optimizer(self, tx: optax.GradientTransformation):
         """(initial state, jitted ``apply_updates(params, state, grads) -> (params, state, grad norm)``) of ``tx``
         over the parameters, with explicit shardings for the whole training state: Adam's moments like their
