@@ -89,11 +89,14 @@ def probe_inputs(model_cfg, seed: int = 0):
     """A small text + image input: (input_ids, attention_mask, pixel_values, image_grid_thw) as numpy."""
     from PIL import Image
 
-    from medix_jax.data.image import preprocess_image
+    from medix_jax.data.image import image_settings, preprocess_image
 
     rng = np.random.default_rng(seed)
     image = Image.fromarray(rng.integers(0, 256, (56, 84, 3), np.uint8))
-    pixels, grid = preprocess_image(image, min_pixels=56 * 56, max_pixels=112 * 112)
+    v = model_cfg.vision
+    pixels, grid = preprocess_image(image, min_pixels=56 * 56, max_pixels=128 * 128, patch_size=v.patch_size,
+                                    merge_size=v.spatial_merge_size, temporal_patch_size=v.temporal_patch_size,
+                                    **image_settings(model_cfg.family))
     t = model_cfg.tokens
     n = int(grid.prod()) // model_cfg.vision.merge_unit
     low = min(t.image_token_id, t.video_token_id, t.vision_start_token_id, t.vision_end_token_id)
@@ -105,13 +108,13 @@ def probe_inputs(model_cfg, seed: int = 0):
 def verify(model, out_dir: Path) -> float:
     """max|Δ| of logits between our model and transformers' load of ``out_dir`` (both float32)."""
     import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
+    from transformers import AutoModelForImageTextToText
 
     from medix_jax.models.qwen2_5_vl.model import forward
 
     ids, mask, pixels, grids = probe_inputs(model.config)
     ours = np.asarray(forward(model, ids, mask, pixels, grids))
-    hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(out_dir, dtype=torch.float32).eval()
+    hf = AutoModelForImageTextToText.from_pretrained(out_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         theirs = hf(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
                     pixel_values=torch.tensor(pixels), image_grid_thw=torch.tensor(grids),
@@ -130,7 +133,8 @@ def export(checkpoint: str | Path, out: str | Path, base: str | Path | None = No
     base = Path(base) if base else tokenizer_dir(run_dir, meta)
     data = run_config(run_dir, meta).data
     out = save_hf(model, out, base_dir=base, dtype=dtype,
-                  image_processor=processor_config(data.min_pixels, data.max_pixels))
+                  image_processor=processor_config(data.min_pixels, data.max_pixels, model.config.vision.patch_size,
+                                                   family=model.config.family))
     print(f"exported step {step} of {run_dir} to {out} (tokenizer files from {base})")
     delta = None
     if check:

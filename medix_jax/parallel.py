@@ -37,6 +37,7 @@ DEFAULT_RULES: dict[str, str | tuple[str, ...] | None] = {
     "heads": "tensor",
     "kv_heads": "tensor",
     "mlp": "tensor",
+    "expert": "fsdp",  # mixture of experts: the stacked experts split over fsdp (expert parallelism)
     # vision tower
     "vision_patch": None,
     "vision_embed": "fsdp",
@@ -356,7 +357,7 @@ def shard_prompts(prompts, mesh: Mesh | None):
     if mesh is None:
         return prompts
     rows = functools.partial(batch_array, mesh=mesh)
-    vision = None if prompts.vision is None else type(prompts.vision)(*map(rows, prompts.vision))
+    vision = None if prompts.vision is None else jax.tree.map(rows, prompts.vision)  # absent fields stay None
     return prompts._replace(input_ids=rows(prompts.input_ids), attention_mask=rows(prompts.attention_mask),
                             positions=rows(prompts.positions, axis=1), rope_delta=rows(prompts.rope_delta),
                             vision=vision)

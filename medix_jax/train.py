@@ -290,7 +290,8 @@ def run(cfg: Config, rewards=None) -> Path:
         return run_dir
     if cfg.train.export_hf:  # every process takes part (the parameters are gathered); process 0 writes
         save_hf(trainer.model, run_dir / "hf", base_dir=run_dir / TOKENIZER,
-                image_processor=processor_config(cfg.data.min_pixels, cfg.data.max_pixels))
+                image_processor=processor_config(cfg.data.min_pixels, cfg.data.max_pixels,
+                                                 cfg.model.vision.patch_size, family=cfg.model.family))
     if lead:
         if (run_dir / "metrics.jsonl").exists():
             plot_run(run_dir)

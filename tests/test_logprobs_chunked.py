@@ -61,7 +61,7 @@ def reference_logprobs(model, hidden, tokens, temperature):
 def reference_loss(params, graphdef, prompts, batch, totals, samples, temperature):
     """The trainer's loss before chunking (same terms, same metrics)."""
     model = nnx.merge(graphdef, params)
-    hidden = completion_hidden(model, prompts, batch.tokens, batch.mask, samples)
+    hidden, _ = completion_hidden(model, prompts, batch.tokens, batch.mask, samples)
     logp, scaled = reference_logprobs(model, hidden, batch.tokens, temperature)
     loss, metrics = grpo.policy_loss(logp, batch.old_logprobs, batch.advantages, batch.mask, LOSS, totals,
                                      batch.ref_logprobs)
@@ -92,13 +92,13 @@ def test_chunked_logprobs_entropy_and_gradients_equal_full_logits(tied):
 
     def chunked(params):
         model = nnx.merge(graphdef, params)
-        hidden = completion_hidden(model, prompts, batch.tokens, batch.mask, 2)
+        hidden, _ = completion_hidden(model, prompts, batch.tokens, batch.mask, 2)
         logp, h = completion_logprobs(model, hidden, batch.tokens, TEMPERATURE, chunk=3)
         return (logp * weights).mean(), (logp, h)
 
     def full(params):
         model = nnx.merge(graphdef, params)
-        hidden = completion_hidden(model, prompts, batch.tokens, batch.mask, 2)
+        hidden, _ = completion_hidden(model, prompts, batch.tokens, batch.mask, 2)
         logp, scaled = reference_logprobs(model, hidden, batch.tokens, TEMPERATURE)
         return (logp * weights).mean(), (logp, grpo.token_entropy(scaled))
 
@@ -114,7 +114,7 @@ def test_chunked_logprobs_entropy_and_gradients_equal_full_logits(tied):
     @jax.jit
     def without_entropy(params):
         model = nnx.merge(graphdef, params)
-        hidden = completion_hidden(model, prompts, batch.tokens, batch.mask, 2)
+        hidden, _ = completion_hidden(model, prompts, batch.tokens, batch.mask, 2)
         return completion_logprobs(model, hidden, batch.tokens, TEMPERATURE, with_entropy=False, chunk=3)
 
     alone, none = without_entropy(params)

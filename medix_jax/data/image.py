@@ -7,6 +7,10 @@
 3. ``/255``, then ``(x - mean) / std`` per channel (OpenAI CLIP statistics);
 4. patchify to rows of ``C * T * P * P`` (1176): patches listed in 2x2 merge-block order, each row laid out as
    (channel, time, py, px), the still image repeated ``T`` times; ``grid_thw = [1, h / P, w / P]``.
+
+Qwen3-VL (``family`` "qwen3_vl" / "qwen3_vl_moe") prepares images with the same transformers class and steps, only
+with ``P = 16`` (factor 32, rows of 1536) and mean = std = 0.5 per channel: ``image_settings(family)`` gives the
+statistics to pass, ``processor_config(..., family=...)`` the matching ``preprocessor_config.json``.
 """
 
 from __future__ import annotations
@@ -20,6 +24,32 @@ from PIL import Image
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_ASPECT_RATIO = 200
+# Qwen3-VL hub checkpoints (e.g. Qwen/Qwen3-VL-8B-Instruct preprocessor_config.json): mean = std = 0.5 (transformers'
+# IMAGENET_STANDARD_MEAN / _STD), patch 16, and pixel bounds size.shortest_edge / longest_edge = 256**2 / 4096**2.
+QWEN3_VL_MEAN = (0.5, 0.5, 0.5)
+QWEN3_VL_STD = (0.5, 0.5, 0.5)
+QWEN3_VL_PATCH_SIZE = 16
+QWEN3_VL_MIN_PIXELS = 65536
+QWEN3_VL_MAX_PIXELS = 16777216
+# family (models.qwen2_5_vl.config.FAMILIES) -> (mean, std, default patch size, transformers processor class)
+_FAMILIES = {
+    "qwen2_5_vl": (CLIP_MEAN, CLIP_STD, 14, "Qwen2_5_VLProcessor"),
+    "qwen3_vl": (QWEN3_VL_MEAN, QWEN3_VL_STD, QWEN3_VL_PATCH_SIZE, "Qwen3VLProcessor"),
+    "qwen3_vl_moe": (QWEN3_VL_MEAN, QWEN3_VL_STD, QWEN3_VL_PATCH_SIZE, "Qwen3VLProcessor"),
+}
+
+
+def _family(family: str) -> tuple:
+    if family not in _FAMILIES:
+        raise ValueError(f"family {family!r} is not one of {tuple(_FAMILIES)}")
+    return _FAMILIES[family]
+
+
+def image_settings(family: str = "qwen2_5_vl") -> dict:
+    """The normalisation of ``family``'s checkpoints, as keyword arguments of ``preprocess_image(s)``:
+    ``{"image_mean": ..., "image_std": ...}`` (the patch and merge sizes come from the model's vision config)."""
+    mean, std, _, _ = _family(family)
+    return {"image_mean": mean, "image_std": std}
 
 
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
@@ -53,15 +83,19 @@ def patchify(image: np.ndarray, patch_size: int = 14, merge_size: int = 2, tempo
     return x.reshape(gh * gw, c * temporal_patch_size * patch_size * patch_size)
 
 
-def processor_config(min_pixels: int, max_pixels: int, patch_size: int = 14, merge_size: int = 2,
-                     temporal_patch_size: int = 2) -> dict:
+def processor_config(min_pixels: int, max_pixels: int, patch_size: int | None = None, merge_size: int = 2,
+                     temporal_patch_size: int = 2, family: str = "qwen2_5_vl") -> dict:
     """``preprocessor_config.json`` for these settings: transformers' ``Qwen2VLImageProcessor`` (and vLLM through it)
-    then prepares images as ``preprocess_image`` does."""
+    then prepares images as ``preprocess_image`` with ``**image_settings(family)`` does. ``family`` picks the
+    processor class (``Qwen2_5_VLProcessor`` / ``Qwen3VLProcessor``), mean/std and the default ``patch_size``
+    (14 / 16)."""
+    mean, std, default_patch, processor_class = _family(family)
+    patch_size = default_patch if patch_size is None else patch_size
     return {
-        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": processor_class,
         "do_convert_rgb": True, "do_resize": True, "resample": 3,  # PIL bicubic
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
+        "image_mean": list(mean), "image_std": list(std),
         "min_pixels": min_pixels, "max_pixels": max_pixels,
         "size": {"shortest_edge": min_pixels, "longest_edge": max_pixels},
         "patch_size": patch_size, "temporal_patch_size": temporal_patch_size, "merge_size": merge_size,
@@ -117,12 +151,15 @@ def preprocess_image(
     patch_size: int = 14,
     merge_size: int = 2,
     temporal_patch_size: int = 2,
+    image_mean: tuple[float, ...] = CLIP_MEAN,
+    image_std: tuple[float, ...] = CLIP_STD,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One PIL image -> (pixel rows ``[N, 1176]`` float32, ``grid_thw`` ``[1, h/P, w/P]`` int64)."""
+    """One PIL image -> (pixel rows ``[N, C*T*P*P]`` float32, ``grid_thw`` ``[1, h/P, w/P]`` int64); ``image_mean``
+    / ``image_std``: per-channel statistics (``image_settings(family)``; default Qwen2.5-VL's, OpenAI CLIP)."""
     image = to_rgb(image)
     height, width = smart_resize(image.height, image.width, patch_size * merge_size, min_pixels, max_pixels)
     resized = np.asarray(image.resize((width, height), resample=Image.Resampling.BICUBIC), np.float32)
-    normed = (resized / 255.0 - np.asarray(CLIP_MEAN, np.float32)) / np.asarray(CLIP_STD, np.float32)
+    normed = (resized / 255.0 - np.asarray(image_mean, np.float32)) / np.asarray(image_std, np.float32)
     rows = patchify(normed.transpose(2, 0, 1), patch_size, merge_size, temporal_patch_size)
     return rows.astype(np.float32), np.array([1, height // patch_size, width // patch_size], np.int64)
 

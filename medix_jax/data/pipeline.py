@@ -27,7 +27,7 @@ import numpy as np
 from PIL import Image
 
 from medix_jax import parallel
-from medix_jax.data.image import BadImage, decode_image, preprocess_images, smart_resize, to_rgb
+from medix_jax.data.image import BadImage, decode_image, image_settings, preprocess_images, smart_resize, to_rgb
 from medix_jax.data.prompts import MEDIX_PROMPT, check_template, prompt_ids
 from medix_jax.models.qwen2_5_vl.model import ModelInputs
 from medix_jax.models.qwen2_5_vl.vision import rows_per_frame
@@ -111,7 +111,8 @@ class Preprocess:
                 return {"dropped": "bad_image"}
             example["pixel_values"], example["image_grid_thw"] = preprocess_images(
                 images, min_pixels=self.cfg.min_pixels, max_pixels=self.cfg.max_pixels, patch_size=vision.patch_size,
-                merge_size=vision.spatial_merge_size, temporal_patch_size=vision.temporal_patch_size)
+                merge_size=vision.spatial_merge_size, temporal_patch_size=vision.temporal_patch_size,
+                **image_settings(self.model_cfg.family))
         return example
 
 

@@ -400,7 +400,7 @@ class SamplerGenerator:
         self.sampler = Sampler(SamplingConfig(max_new_tokens=max_tokens, temperature=0.0), mesh)
 
     def _prepare(self, item: Item) -> tuple[np.ndarray, np.ndarray | None, np.ndarray]:
-        from medix_jax.data.image import decode_image, preprocess_images, to_rgb
+        from medix_jax.data.image import decode_image, image_settings, preprocess_images, to_rgb
         from medix_jax.data.prompts import prompt_ids
 
         v = self.model.config.vision
@@ -409,7 +409,7 @@ class SamplerGenerator:
             pixels, grids = preprocess_images(
                 [to_rgb(decode_image(b)) for b in item.images], min_pixels=self.min_pixels,
                 max_pixels=self.max_pixels, patch_size=v.patch_size, merge_size=v.spatial_merge_size,
-                temporal_patch_size=v.temporal_patch_size)
+                temporal_patch_size=v.temporal_patch_size, **image_settings(self.model.config.family))
         tokens = [int(np.prod(g)) // v.merge_unit for g in grids]
         ids = prompt_ids(self.tokenizer, self.prompt or item.prompt, item.question, tokens,
                          self.model.config.tokens.image_token_id)

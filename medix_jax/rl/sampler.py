@@ -173,7 +173,8 @@ def _prefill(graphdef, state, inputs: ModelInputs, max_new_tokens: int, num_samp
         cache = KVCache.zeros(model.config.text, b, s + max_new_tokens, jnp.dtype(model.config.dtype))
         cache = _constrain(cache, mesh, _cache_axes)
         segments = inputs.attention_mask.astype(jnp.int32)
-        hidden, cache = model.decode(model.embed(inputs), inputs.positions, Segments(segments, segments), cache, 0)
+        embeds, deepstack = model.embed(inputs)
+        hidden, cache, _ = model.decode(embeds, inputs.positions, Segments(segments, segments), cache, 0, deepstack)
         logits = model.logits(hidden[:, -1])
     next_position = inputs.attention_mask.sum(1).astype(jnp.int32) + inputs.rope_delta
     key_valid = jnp.pad(inputs.attention_mask, ((0, 0), (0, max_new_tokens)), constant_values=True)
@@ -209,7 +210,7 @@ def _decode(graphdef, state, cache: KVCache, logits, next_position, key_valid, s
         # Feed the token back: cache slot prompt_len + step, position num_prompt_tokens + rope_delta + step.
         index = prompt_len + step
         positions = jnp.broadcast_to((next_position + step)[None, :, None], (3, rows, 1))
-        hidden, cache = model.decode(model.model.embed_tokens(token[:, None]), positions,
+        hidden, cache, _ = model.decode(model.model.embed_tokens(token[:, None]), positions,
                                      Segments(q_segments, kv_segments), cache, index)
         return step + 1, tokens, logprobs, alive, done, cache, model.logits(hidden[:, 0]), key
 

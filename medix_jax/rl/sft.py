@@ -37,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from medix_jax import parallel
+from medix_jax.models.moe import router_terms
 from medix_jax.rewards.rules import MEDIX_MODALITY_TAGS, parse_solution
 from medix_jax.rl import grpo
 from medix_jax.rl.trainer import (
@@ -90,10 +91,11 @@ def sft_gradients(graphdef, params, prompts, tokens, mask, totals: grpo.Totals, 
     ``param_shardings``; activations are pinned to ``mesh`` (as the GRPO gradient's)."""
     def loss_fn(params):
         model = nnx.merge(graphdef, params)
-        hidden = completion_hidden(model, prompts, tokens, mask, 1)
+        hidden, router = completion_hidden(model, prompts, tokens, mask, 1)
         logp, entropy = completion_logprobs(model, hidden, tokens, 1.0)
         loss = grpo.sft_loss(logp, mask, totals)
-        return loss, {"sft_loss": loss, "entropy": grpo.entropy(entropy, mask, totals)}
+        balance, routing = router_terms(router, model.config.text.router_aux_loss_coef, mask.sum() / totals.tokens)
+        return loss + balance, {"sft_loss": loss, "entropy": grpo.entropy(entropy, mask, totals), **routing}
 
     with _activations(mesh):
         grads, metrics = jax.grad(loss_fn, has_aux=True)(params)

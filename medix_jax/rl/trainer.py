@@ -67,6 +67,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from medix_jax import parallel
 from medix_jax.data.pipeline import PromptBatch, collate, sizes
+from medix_jax.models.moe import RouterStats, router_terms
 from medix_jax.models.qwen2_5_vl.language import Segments
 from medix_jax.models.qwen2_5_vl.model import ModelInputs, Qwen2_5_VL
 from medix_jax.rewards.pool import judge_warning
@@ -149,22 +150,24 @@ LOGPROB_CHUNK = 512  # completion tokens per step of the log-probability scan (`
 
 
 def completion_hidden(model: Qwen2_5_VL, prompts: ModelInputs, tokens: jax.Array, mask: jax.Array,
-                      num_samples: int) -> jax.Array:
-    """Final-norm hidden states ``[B*G, T, hidden]`` that predict completion tokens ``[B*G, T]`` of left-padded
-    prompts ``[B, P]``: state t predicts token t.
+                      num_samples: int) -> tuple[jax.Array, RouterStats | None]:
+    """(final-norm hidden states ``[B*G, T, hidden]`` that predict completion tokens ``[B*G, T]`` of left-padded
+    prompts ``[B, P]`` -- state t predicts token t --, the mixture of experts' routing statistics or None).
 
     Positions continue each prompt's M-RoPE positions exactly as the sampler does (``num_prompt_tokens +
     rope_delta + t`` on all three axes); the prompt (with its images) is embedded once and repeated G times.
     """
     p, t = prompts.input_ids.shape[1], tokens.shape[1]
     repeat = functools.partial(jnp.repeat, repeats=num_samples, axis=0)
-    embeds = jnp.concatenate([repeat(model.embed(prompts)), model.model.embed_tokens(tokens)], axis=1)
+    prompt_embeds, deepstack = model.embed(prompts)
+    embeds = jnp.concatenate([repeat(prompt_embeds), model.model.embed_tokens(tokens)], axis=1)
     start = repeat(prompts.attention_mask.sum(1).astype(jnp.int32) + prompts.rope_delta)
     completion_positions = jnp.broadcast_to((start[:, None] + jnp.arange(t))[None], (3, start.shape[0], t))
     positions = jnp.concatenate([jnp.repeat(prompts.positions, num_samples, axis=1), completion_positions], axis=2)
     segments = jnp.concatenate([repeat(prompts.attention_mask), mask], axis=1).astype(jnp.int32)
-    hidden, _ = model.decode(embeds, positions, Segments(segments, segments))  # causal; padding hidden
-    return hidden[:, p - 1: p + t - 1]
+    deepstack = None if deepstack is None else jnp.repeat(deepstack, num_samples, axis=1)
+    hidden, _, router = model.decode(embeds, positions, Segments(segments, segments), deepstack=deepstack)
+    return hidden[:, p - 1: p + t - 1], router
 
 
 def token_logprobs(logits: jax.Array, tokens: jax.Array, temperature: float) -> jax.Array:
@@ -213,12 +216,14 @@ def _activations(mesh):
 def _loss(params, graphdef, prompts, batch: Completions, totals: grpo.Totals, own_old, loss_cfg: grpo.LossConfig,
           num_samples: int, temperature: float):
     model = nnx.merge(graphdef, params)
-    hidden = completion_hidden(model, prompts, batch.tokens, batch.mask, num_samples)
+    hidden, router = completion_hidden(model, prompts, batch.tokens, batch.mask, num_samples)
     logp, token_entropy = completion_logprobs(model, hidden, batch.tokens, temperature)
     old = jnp.where(own_old, jax.lax.stop_gradient(logp), batch.old_logprobs)
     loss, metrics = grpo.policy_loss(logp, old, batch.advantages, batch.mask, loss_cfg, totals, batch.ref_logprobs)
     metrics["entropy"] = grpo.entropy(token_entropy, batch.mask, totals)
-    metrics["loss"] = loss
+    balance, routing = router_terms(router, model.config.text.router_aux_loss_coef, batch.mask.sum() / totals.tokens)
+    loss = loss + balance
+    metrics.update(routing, loss=loss)
     return loss, (metrics, jax.lax.stop_gradient(logp))
 
 
@@ -248,7 +253,7 @@ def _logprobs(graphdef, params, prompts, batch: Completions, num_samples, temper
     split over the batch axes like the completions."""
     with _activations(mesh):
         model = nnx.merge(graphdef, params)
-        hidden = completion_hidden(model, prompts, batch.tokens, batch.mask, num_samples)
+        hidden, _ = completion_hidden(model, prompts, batch.tokens, batch.mask, num_samples)
         logp, _ = completion_logprobs(model, hidden, batch.tokens, temperature, with_entropy=False)
     return _split_batch(logp, mesh)
 

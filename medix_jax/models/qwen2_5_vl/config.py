@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,10 @@ class VisionConfig:
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
     tokens_per_second: int = 2
+    # Qwen3-VL only: a learned position-embedding table of side sqrt(num_position_embeddings), interpolated to each
+    # image's grid, and the blocks whose outputs feed the decoder's first layers (DeepStack)
+    num_position_embeddings: int = 0
+    deepstack_visual_indexes: tuple[int, ...] = ()
 
     @property
     def head_dim(self) -> int:
@@ -49,11 +54,13 @@ class VisionConfig:
             raise ValueError(f"vision.hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 4:
             raise ValueError(f"vision head_dim {self.head_dim} must be a multiple of 4 for the 2-D rotary")
-        bad = [i for i in self.fullatt_block_indexes if not 0 <= i < self.depth]
-        if bad:
-            raise ValueError(f"vision.fullatt_block_indexes {bad} outside 0..{self.depth - 1}")
-        if self.window_size % (self.patch_size * self.spatial_merge_size):
-            raise ValueError("vision.window_size must be a multiple of patch_size * spatial_merge_size")
+        for name in ("fullatt_block_indexes", "deepstack_visual_indexes"):
+            bad = [i for i in getattr(self, name) if not 0 <= i < self.depth]
+            if bad:
+                raise ValueError(f"vision.{name} {bad} outside 0..{self.depth - 1}")
+        side = math.isqrt(self.num_position_embeddings)
+        if side * side != self.num_position_embeddings:
+            raise ValueError(f"vision.num_position_embeddings {self.num_position_embeddings} is not a square")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,14 +76,28 @@ class TextConfig:
     mrope_section: tuple[int, int, int] = (16, 24, 24)
     tie_word_embeddings: bool = False
     max_position_embeddings: int = 128000
+    head_size: int | None = None  # HF ``head_dim`` where it is not hidden_size / num_heads (Qwen3-VL-30B-A3B: 128)
+    qkv_bias: bool = True  # Qwen2: q/k/v projections have biases; Qwen3: none
+    qk_norm: bool = False  # Qwen3: RMSNorm over each head's q and k before the rotary
+    mrope_interleaved: bool = False  # Qwen3-VL: t/h/w frequencies interleaved (t h w t h w ...), not in blocks
+    # Mixture of experts (Qwen3-VL-MoE; 0 = a dense SwiGLU in every layer): every layer routes each token to
+    # experts_per_token of num_experts SwiGLU experts of width moe_intermediate_size
+    num_experts: int = 0
+    experts_per_token: int = 0
+    moe_intermediate_size: int = 0
+    router_aux_loss_coef: float = 0.0  # weight of the load-balancing loss in training (Switch Transformer eq. 4)
 
     @property
     def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
+        return self.head_size or self.hidden_size // self.num_heads
 
     def __post_init__(self):
-        if self.hidden_size % self.num_heads:
+        if self.head_size is None and self.hidden_size % self.num_heads:
             raise ValueError(f"text.hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.num_experts and not 0 < self.experts_per_token <= self.num_experts:
+            raise ValueError(f"text.experts_per_token {self.experts_per_token} must be in 1..{self.num_experts}")
+        if self.num_experts and self.moe_intermediate_size < 1:
+            raise ValueError("text.moe_intermediate_size must be set for a mixture of experts")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"text.num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
         if sum(self.mrope_section) != self.head_dim // 2:
@@ -104,10 +125,14 @@ class TokenIds:
 
 
 ATTENTION = ("auto", "splash", "cudnn", "xla", "blockwise")
+# The architecture, named by its Hugging Face model_type: Qwen2.5-VL (window-attention tower, Qwen2 decoder),
+# Qwen3-VL (learned interpolated position embeddings, DeepStack, Qwen3 decoder) and its mixture-of-experts variant
+FAMILIES = ("qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
+    family: str = "qwen2_5_vl"
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
     text: TextConfig = dataclasses.field(default_factory=TextConfig)
     tokens: TokenIds = dataclasses.field(default_factory=TokenIds)
@@ -119,6 +144,23 @@ class ModelConfig:
     attention: str = "auto"
 
     def __post_init__(self):
+        if self.family not in FAMILIES:
+            raise ValueError(f"family {self.family!r} is not one of {FAMILIES}")
+        v, t = self.vision, self.text
+        if self.family == "qwen2_5_vl":
+            if v.window_size % (v.patch_size * v.spatial_merge_size):
+                raise ValueError("vision.window_size must be a multiple of patch_size * spatial_merge_size")
+            if v.num_position_embeddings or v.deepstack_visual_indexes or t.num_experts or t.qk_norm:
+                raise ValueError("qwen2_5_vl has no vision position table, DeepStack, experts or q/k norm: "
+                                 "set family to qwen3_vl or qwen3_vl_moe")
+        else:
+            if not v.num_position_embeddings:
+                raise ValueError(f"{self.family}: vision.num_position_embeddings must be set")
+            if len(v.deepstack_visual_indexes) > t.num_layers:
+                raise ValueError(f"{len(v.deepstack_visual_indexes)} DeepStack features for {t.num_layers} layers")
+            if (self.family == "qwen3_vl_moe") != (t.num_experts > 0):
+                raise ValueError(f"{self.family} with text.num_experts {t.num_experts}: qwen3_vl_moe is the family "
+                                 "with experts")
         if self.attention not in ATTENTION:
             raise ValueError(f"attention {self.attention!r} is not one of {ATTENTION}")
         for name in ("param_dtype", "dtype"):
@@ -186,9 +228,13 @@ PRESETS: dict[str, ModelConfig] = {
 
 
 def preset(name: str) -> ModelConfig:
-    if name not in PRESETS:
-        raise KeyError(f"unknown model preset {name!r} (known: {', '.join(sorted(PRESETS))})")
-    return PRESETS[name]
+    """A named architecture: Qwen2.5-VL's (``PRESETS``) or Qwen3-VL's (``qwen3_vl.config.PRESETS``)."""
+    from medix_jax.models.qwen3_vl.config import PRESETS as QWEN3_VL
+
+    known = {**PRESETS, **QWEN3_VL}
+    if name not in known:
+        raise KeyError(f"unknown model preset {name!r} (known: {', '.join(sorted(known))})")
+    return known[name]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -220,10 +266,17 @@ def model_config_from_hf(path: str | Path, **overrides: Any) -> ModelConfig:
         path = path / "config.json"
     with path.open() as f:
         d = json.load(f)
-    if d.get("model_type") not in ("qwen2_5_vl", None):
-        raise ValueError(f"{path}: model_type {d.get('model_type')!r} is not qwen2_5_vl")
+    family = d.get("model_type") or "qwen2_5_vl"
+    if family not in FAMILIES:
+        raise ValueError(f"{path}: model_type {family!r} is not one of {FAMILIES}")
     t = _hf_text_fields(d)
     v = d.get("vision_config") or {}
+    if family != "qwen2_5_vl":
+        from medix_jax.models.qwen3_vl.config import text_and_vision_from_hf
+
+        text, vision = text_and_vision_from_hf(d, t, v)
+        return ModelConfig(**{"family": family, "vision": vision, "text": text, "tokens": _token_ids(path, d, t),
+                              **overrides})
     rope = t.get("rope_parameters") or t.get("rope_scaling") or {}
     rope_theta = rope.get("rope_theta", t.get("rope_theta", 1_000_000.0))
     text = TextConfig(
@@ -255,6 +308,11 @@ def model_config_from_hf(path: str | Path, **overrides: Any) -> ModelConfig:
         rope_theta=float(vision_rope),
         tokens_per_second=v.get("tokens_per_second", 2),
     )
+    return ModelConfig(**{"vision": vision, "text": text, "tokens": _token_ids(path, d, t), **overrides})
+
+
+def _token_ids(path: Path, d: dict[str, Any], t: dict[str, Any]) -> TokenIds:
+    """The special tokens of a ``config.json`` (top level or text keys) and ``generation_config.json``."""
     def token(name: str):
         value = d.get(name, t.get(name))
         if isinstance(value, list):
@@ -269,9 +327,8 @@ def model_config_from_hf(path: str | Path, **overrides: Any) -> ModelConfig:
     ids["eos_token_id"] = ends[0] if ends else TokenIds.eos_token_id
     for name in ("pad_token_id", "bos_token_id"):  # often null: fall back to end-of-sequence
         ids[name] = ids[name] if ids[name] is not None else ids["eos_token_id"]
-    tokens = TokenIds(**{k: int(v) if v is not None else getattr(TokenIds, k) for k, v in ids.items()},
-                      stop_token_ids=tuple(dict.fromkeys(int(e) for e in ends[1:] if e != ends[0])))
-    return ModelConfig(**{"vision": vision, "text": text, "tokens": tokens, **overrides})
+    return TokenIds(**{k: int(v) if v is not None else getattr(TokenIds, k) for k, v in ids.items()},
+                    stop_token_ids=tuple(dict.fromkeys(int(e) for e in ends[1:] if e != ends[0])))
 
 
 # MediX-R1's sampling for generation outside training (its validation rollouts, REFERENCE §1): temperature 0.6,
@@ -288,7 +345,12 @@ def generation_config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 
 def model_config_to_hf(cfg: ModelConfig, torch_dtype: str | None = None) -> dict[str, Any]:
-    """Hub-style ``config.json`` (flat text keys + ``rope_scaling``/``rope_theta``): loads in transformers 4.57 and 5.x."""
+    """Hub-style ``config.json`` (flat text keys + ``rope_scaling``/``rope_theta``): loads in transformers 4.57 and 5.x.
+    Qwen3-VL: ``qwen3_vl.config.model_config_to_hf``."""
+    if cfg.family != "qwen2_5_vl":
+        from medix_jax.models.qwen3_vl import config as qwen3_vl
+
+        return qwen3_vl.model_config_to_hf(cfg, torch_dtype or cfg.param_dtype)
     t, v, ids = cfg.text, cfg.vision, cfg.tokens
     return {
         "architectures": ["Qwen2_5_VLForConditionalGeneration"],

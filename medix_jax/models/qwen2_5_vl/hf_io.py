@@ -1,10 +1,14 @@
-"""Hugging Face safetensors I/O for Qwen2.5-VL.
+"""Hugging Face safetensors I/O for Qwen2.5-VL and Qwen3-VL (dense and MoE).
 
 Name mapping (our parameter path -> hub key) is mechanical because the module tree mirrors the checkpoint:
 ``visual.blocks.3.attn.qkv.kernel`` -> ``visual.blocks.3.attn.qkv.weight``; ``model.embed_tokens.embedding`` ->
 ``model.embed_tokens.weight``; the merger's ``fc1``/``fc2`` are the hub's ``mlp.0``/``mlp.2``. Newer transformers
 keep ``model.visual.*`` / ``model.language_model.*`` in memory; both spellings are accepted on load, and hub (on-disk)
 names are written.
+
+Qwen3-VL checkpoints are written with ``model.visual.*`` / ``model.language_model.*`` keys (``on_disk``), the
+released files' spelling; its MoE experts keep the hub layout ``gate_up_proj [E, hidden, 2I]``,
+``down_proj [E, I, hidden]`` (transformers 5 transposes them on load).
 
 Layouts: ``nn.Linear.weight`` is ``(out, in)`` and our kernels are ``(in, out)``; the fused vision ``qkv`` kernel is
 ``(in, 3, out)`` so that the head axis can be sharded; the patch embedding ``Conv3d`` weight
@@ -58,6 +62,10 @@ def has_tokenizer(directory: str | Path) -> bool:
     return (d / "tokenizer_config.json").is_file() and any((d / f).is_file() for f in ("tokenizer.json", "vocab.json"))
 
 
+# The stacked expert weights: hub layout [E, in, out] (the released files, vLLM); transformers 5 writes [E, out, in]
+EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
+
+
 class CheckpointMismatch(ValueError):
     """The checkpoint's tensors do not match the model: the message names every offending tensor."""
 
@@ -89,6 +97,14 @@ def hub_name(path: tuple) -> str:
     return name.replace("merger.fc1.", "merger.mlp.0.").replace("merger.fc2.", "merger.mlp.2.")
 
 
+def on_disk(key: str, family: str) -> str:
+    """The key as a checkpoint of ``family`` stores it: Qwen3-VL hub files spell the in-memory layout of newer
+    transformers (``model.visual.*``, ``model.language_model.*``); Qwen2.5-VL ones ``visual.*``, ``model.*``."""
+    if family == "qwen2_5_vl" or key.startswith("lm_head."):
+        return key
+    return "model." + key if key.startswith("visual.") else "model.language_model." + key[len("model."):]
+
+
 def normalise_hub_key(key: str) -> str:
     """Accept the in-memory names of newer transformers (``model.visual.``, ``model.language_model.``)."""
     if key.startswith("model.visual."):
@@ -106,7 +122,7 @@ def _layout(key: str) -> str:
     if key.endswith("attn.qkv.bias"):
         return "qkv_bias"
     if key.endswith(".weight") and not key.endswith(("norm.weight", "norm1.weight", "norm2.weight", "ln_q.weight",
-                                                     "layernorm.weight", "embed_tokens.weight")):
+                                                     "layernorm.weight", "embed_tokens.weight", "pos_embed.weight")):
         return "linear"
     return "same"
 
@@ -215,18 +231,23 @@ def load_hf(
         log.info("tied embeddings: ignoring lm_head.weight in %s", path)
     missing, unexpected = sorted(set(wanted) - present), sorted(present - set(wanted) - ignored)
     problems = [f"missing tensor {k}" for k in missing] + [f"unexpected tensor {k}" for k in unexpected]
+    swapped = set()  # experts saved by transformers 5 (its in-memory layout [E, out, in])
     for key, p in wanted.items():
         if key in present:
             shape = abstract[p].shape[1:] if stacked_at(p) is not None else abstract[p].shape
             want = _hub_shape(key, shape, cfg)
-            if source.shape(key) != want:
-                problems.append(f"tensor {key} has shape {source.shape(key)}, expected {want}")
+            stored = source.shape(key)
+            if stored != want and key.endswith(EXPERTS) and stored == (want[0], want[2], want[1]):
+                swapped.add(key)
+            elif stored != want:
+                problems.append(f"tensor {key} has shape {stored}, expected {want}")
     if problems:
         raise CheckpointMismatch(f"{path} does not match the model:\n  " + "\n  ".join(problems))
 
     pdtype = jnp.dtype(cfg.param_dtype)
     for p, keys in keys_of.items():
-        arrays = [hub_to_ours(key, source.get(key)).astype(pdtype) for key in keys]
+        arrays = [hub_to_ours(key, source.get(key).swapaxes(1, 2) if key in swapped else source.get(key))
+                  .astype(pdtype) for key in keys]
         array = np.stack(arrays) if stacked_at(p) is not None else arrays[0]
         abstract[p].set_value(_place(np.ascontiguousarray(array), shardings[p] if shardings else None))
     return nnx.merge(graphdef, nnx.from_flat_state(abstract))
@@ -255,7 +276,7 @@ def hub_tensors(model: Qwen2_5_VL, dtype: str | None = None) -> Iterator[tuple[s
         keys = hub_names(p, array.shape[0])
         layers = array if stacked_at(p) is not None else [array]
         for key, layer in zip(keys, layers, strict=True):
-            yield key, np.ascontiguousarray(ours_to_hub(key, layer, model.config))
+            yield on_disk(key, model.config.family), np.ascontiguousarray(ours_to_hub(key, layer, model.config))
 
 
 def save_hf(
@@ -351,7 +372,7 @@ def save_hf(
         (work / "generation_config.json").write_text(text + "\n")
         if image_processor is not None or not (work / "preprocessor_config.json").exists():
             v = model.config.vision
-            settings = image_processor or processor_config(56 * 56, 14 * 14 * 4 * 1280)
+            settings = image_processor or processor_config(56 * 56, 14 * 14 * 4 * 1280, family=model.config.family)
             settings = {**settings, "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size,
                         "merge_size": v.spatial_merge_size}
             (work / "preprocessor_config.json").write_text(json.dumps(settings, indent=2) + "\n")

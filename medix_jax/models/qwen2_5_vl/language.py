@@ -1,7 +1,11 @@
-"""Qwen2 decoder with grouped-query attention and M-RoPE (transformers ``Qwen2_5_VLTextModel``).
+"""Qwen2 / Qwen3 decoder with grouped-query attention and M-RoPE (transformers ``Qwen2_5_VLTextModel``,
+``Qwen3VLTextModel``, ``Qwen3VLMoeTextModel``).
 
 Layer: ``h = x + o_proj(attn(rope(q_proj(n1(x))), rope(k_proj(n1(x))), v_proj(n1(x))))``,
-``y = h + down(silu(gate(n2(h))) * up(n2(h)))``; q/k/v projections have biases, o_proj and the MLP do not.
+``y = h + down(silu(gate(n2(h))) * up(n2(h)))``. Qwen2: q/k/v projections have biases, o_proj and the MLP do not.
+Qwen3: no biases, and q and k are RMS-normalised per head before the rotary (``qk_norm``); the MoE variant replaces
+the MLP by a mixture of experts (``models.moe``). Qwen3-VL's DeepStack adds vision features of intermediate tower
+blocks to the outputs of the first layers at the image positions.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from medix_jax.models import attention
+from medix_jax.models.moe import MoE, RouterStats
 from medix_jax.models.qwen2_5_vl.config import TextConfig
 from medix_jax.models.qwen2_5_vl.layers import Dense, Embed, RMSNorm, SwiGLU, apply_rotary, run_layers, stack_layers
 from medix_jax.parallel import constrain
@@ -63,10 +68,12 @@ class Attention(nnx.Module):
         hd = cfg.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, hd
         self.implementation = implementation
-        self.q_proj = Dense(cfg.hidden_size, cfg.num_heads * hd, ("embed", "heads"), bias=True, **kw)
-        self.k_proj = Dense(cfg.hidden_size, cfg.num_kv_heads * hd, ("embed", "kv_heads"), bias=True, **kw)
-        self.v_proj = Dense(cfg.hidden_size, cfg.num_kv_heads * hd, ("embed", "kv_heads"), bias=True, **kw)
+        self.q_proj = Dense(cfg.hidden_size, cfg.num_heads * hd, ("embed", "heads"), bias=cfg.qkv_bias, **kw)
+        self.k_proj = Dense(cfg.hidden_size, cfg.num_kv_heads * hd, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
+        self.v_proj = Dense(cfg.hidden_size, cfg.num_kv_heads * hd, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
         self.o_proj = Dense(cfg.num_heads * hd, cfg.hidden_size, ("heads", "embed"), bias=False, **kw)
+        norm = (lambda: RMSNorm(hd, cfg.rms_norm_eps, **kw)) if cfg.qk_norm else (lambda: None)
+        self.q_norm, self.k_norm = nnx.data(norm()), nnx.data(norm())
 
     def __call__(self, x, cos, sin, segments: Segments, cache: KVCache | None, layer, index):
         """Causal attention of the step's tokens ``x`` ``[B, S, hidden]``. With a ``cache``, their keys/values are
@@ -76,6 +83,8 @@ class Attention(nnx.Module):
         q = constrain(self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim), HEADS)
         k = constrain(self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim), KV_HEADS)
         v = constrain(self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim), KV_HEADS)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         offset = 0
         if cache is not None:
@@ -94,15 +103,32 @@ class DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.self_attn = Attention(cfg, implementation=implementation, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
-        self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), ("batch", "length", "act_mlp"),
-                          bias=False, **kw)
+        self.moe = cfg.num_experts > 0
+        self.mlp = (MoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.experts_per_token, **kw)
+                    if self.moe else
+                    SwiGLU(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), ("batch", "length", "act_mlp"),
+                           bias=False, **kw))
 
-    def __call__(self, carry, layer, cos, sin, segments, index):
-        x, cache = carry
+    def __call__(self, carry, layer, cos, sin, segments, index, deepstack):
+        """``carry`` = (hidden, KV cache or None, summed ``RouterStats`` or None); ``deepstack`` (or None): vision
+        features ``[n, B, P, hidden]`` (zero off the image positions) added to the outputs of layers 0..n-1 over the
+        first P positions."""
+        x, cache, router = carry
         x = constrain(x, HIDDEN)  # every layer starts from the batch split over data x fsdp
         attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, segments, cache, layer, index)
         x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), cache
+        h = self.post_attention_layernorm(x)
+        if self.moe:
+            h, stats = self.mlp(h, segments.q > 0)
+            router = router + stats
+        else:
+            h = self.mlp(h)
+        x = x + h
+        if deepstack is not None:
+            n, p = deepstack.shape[0], deepstack.shape[2]
+            feature = jnp.where(layer < n, deepstack[jnp.minimum(layer, n - 1)], 0).astype(x.dtype)
+            x = x.at[:, :p].add(feature)
+        return x, cache, router
 
 
 class TextModel(nnx.Module):
@@ -111,17 +137,19 @@ class TextModel(nnx.Module):
     def __init__(self, cfg: TextConfig, *, dtype, param_dtype, remat: bool, scan: bool, attention: str,
                  rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype)
-        self.remat, self.scan, self.num_layers = remat, scan, cfg.num_layers
+        self.remat, self.scan, self.num_layers, self.num_experts = remat, scan, cfg.num_layers, cfg.num_experts
         self.embed_tokens = Embed(cfg.vocab_size, cfg.hidden_size, **kw, rngs=rngs)
         make = lambda r: DecoderLayer(cfg, **kw, implementation=attention, rngs=r)  # noqa: E731
         self.layers = (stack_layers(make, cfg.num_layers, rngs) if scan
                        else nnx.List([make(rngs) for _ in range(cfg.num_layers)]))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw, rngs=rngs)
 
-    def __call__(self, x, cos, sin, segments: Segments, cache: KVCache | None = None,
-                 index=0) -> tuple[jax.Array, KVCache | None]:
-        """Final-norm hidden states (and the updated cache) for input embeddings ``x`` ``[B, S, hidden]``."""
+    def __call__(self, x, cos, sin, segments: Segments, cache: KVCache | None = None, index=0,
+                 deepstack: jax.Array | None = None) -> tuple[jax.Array, KVCache | None, RouterStats | None]:
+        """Final-norm hidden states, the updated cache and the router statistics summed over the layers (None for
+        a dense decoder) for input embeddings ``x`` ``[B, S, hidden]``."""
         layer_ids = jnp.arange(self.num_layers)
-        x, cache = run_layers(self.layers, (x, cache), (layer_ids,), (cos, sin, segments, index),
-                              scan=self.scan, remat=self.remat)
-        return constrain(self.norm(x), HIDDEN), cache
+        router = RouterStats.zeros(self.num_experts) if self.num_experts else None
+        x, cache, router = run_layers(self.layers, (x, cache, router), (layer_ids,),
+                                      (cos, sin, segments, index, deepstack), scan=self.scan, remat=self.remat)
+        return constrain(self.norm(x), HIDDEN), cache, router

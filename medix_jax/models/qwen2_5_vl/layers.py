@@ -64,6 +64,23 @@ class RMSNorm(nnx.Module):
         return self.weight[...].astype(self.dtype) * normed.astype(self.dtype)
 
 
+class LayerNorm(nnx.Module):
+    """``(x - mean) / sqrt(var + eps) * weight + bias`` with the statistics in float32 (``nn.LayerNorm``; the
+    Qwen3-VL vision tower)."""
+
+    def __init__(self, dim: int, eps: float, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.eps, self.dtype = eps, dtype
+        self.weight = param(rngs, nnx.initializers.ones, (dim,), param_dtype, ("norm",))
+        self.bias = param(rngs, nnx.initializers.zeros, (dim,), param_dtype, ("norm",))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        normed = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (normed * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(self.dtype)
+
+
 class SwiGLU(nnx.Module):
     """``down(silu(gate(x)) * up(x))``; the vision tower uses biases, the decoder does not. The wide activation
     is pinned to ``act_axes`` (its logical axes; ``parallel.constrain``)."""

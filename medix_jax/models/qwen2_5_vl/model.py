@@ -22,11 +22,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from medix_jax.models.moe import RouterStats
 from medix_jax.models.qwen2_5_vl.config import ModelConfig
 from medix_jax.models.qwen2_5_vl.language import HIDDEN, KVCache, Segments, TextModel
 from medix_jax.models.qwen2_5_vl.layers import Dense
 from medix_jax.models.qwen2_5_vl.rope import mrope_cos_sin, mrope_positions
 from medix_jax.models.qwen2_5_vl.vision import VisionInputs, VisionTower, vision_inputs
+from medix_jax.models.qwen3_vl import vision as qwen3_vision
+from medix_jax.models.qwen3_vl.vision import vision_inputs as qwen3_vision_inputs
 from medix_jax.parallel import constrain
 
 
@@ -77,7 +80,8 @@ def prepare_inputs(
             )
         placeholders = ((input_ids == cfg.tokens.image_token_id) & mask).sum(1)
         per_prompt = images_per_prompt(placeholders, grids, cfg.vision.merge_unit)
-        vision = vision_inputs(cfg.vision, pixel_values, grids, per_prompt, num_images, rows_per_image)
+        layout = vision_inputs if cfg.family == "qwen2_5_vl" else qwen3_vision_inputs
+        vision = layout(cfg.vision, pixel_values, grids, per_prompt, num_images, rows_per_image)
     elif np.any((input_ids == cfg.tokens.image_token_id) & mask):
         raise ValueError("input_ids contain image placeholder tokens but no image_grid_thw was given")
     return ModelInputs(input_ids, mask, positions, rope_delta, vision)
@@ -108,41 +112,60 @@ def scatter_image_features(embeds: jax.Array, is_image: jax.Array, features: jax
     return jnp.where(is_image[..., None], picked.astype(embeds.dtype), embeds)
 
 
+class Decoded(NamedTuple):
+    hidden: jax.Array  # [B, S, hidden] after the final norm
+    cache: KVCache | None
+    router: RouterStats | None  # mixture of experts: routing statistics summed over the layers
+
+
 class Qwen2_5_VL(nnx.Module):
-    """Parameter tree mirrors the hub checkpoint: ``visual.*``, ``model.*`` (decoder), ``lm_head`` (if untied)."""
+    """Qwen2.5-VL, and Qwen3-VL (dense and MoE) by ``config.family``: the families differ in the vision tower
+    (``qwen3_vl.vision``: DeepStack features for the decoder's first layers) and in decoder options of
+    ``TextConfig`` (q/k norm, interleaved M-RoPE, experts).
+
+    Parameter tree mirrors the hub checkpoint: ``visual.*``, ``model.*`` (decoder), ``lm_head`` (if untied)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
         kw = dict(dtype=dtype, param_dtype=param_dtype, remat=cfg.remat, scan=cfg.scan_layers,
                   attention=cfg.attention, rngs=rngs)
-        self.visual = VisionTower(cfg.vision, **kw)
+        tower = VisionTower if cfg.family == "qwen2_5_vl" else qwen3_vision.VisionTower
+        self.visual = tower(cfg.vision, **kw)
         self.model = TextModel(cfg.text, **kw)
         untied = not cfg.text.tie_word_embeddings
         self.lm_head = nnx.data(Dense(cfg.text.hidden_size, cfg.text.vocab_size, ("embed", "vocab"), bias=False,
                                       dtype=dtype, param_dtype=param_dtype, rngs=rngs) if untied else None)
 
-    def embed(self, inputs: ModelInputs) -> jax.Array:
-        """Token embeddings with image features scattered at the placeholders ``[B, S, hidden]``."""
+    def embed(self, inputs: ModelInputs) -> tuple[jax.Array, jax.Array | None]:
+        """(token embeddings with image features scattered at the placeholders ``[B, S, hidden]``, DeepStack
+        features ``[n, B, S, hidden]`` scattered the same way onto zeros, or None: Qwen2.5-VL, no images)."""
         embeds = constrain(self.model.embed_tokens(inputs.input_ids), HIDDEN)
         if inputs.vision is None:
-            return embeds
+            return embeds, None
         is_image = (inputs.input_ids == self.config.tokens.image_token_id) & inputs.attention_mask
-        return constrain(scatter_image_features(embeds, is_image, self.visual(inputs.vision)), HIDDEN)
+        if self.config.family == "qwen2_5_vl":
+            return constrain(scatter_image_features(embeds, is_image, self.visual(inputs.vision)), HIDDEN), None
+        features, deep = self.visual(inputs.vision)
+        zeros = jnp.zeros_like(embeds)
+        deepstack = jnp.stack([scatter_image_features(zeros, is_image, d) for d in deep]) if len(deep) else None
+        return constrain(scatter_image_features(embeds, is_image, features), HIDDEN), deepstack
 
     def hidden_states(self, inputs: ModelInputs) -> jax.Array:
         """Final-norm hidden states ``[B, S, hidden]``, causal, padding hidden from real tokens."""
         segments = inputs.attention_mask.astype(jnp.int32)
-        hidden, _ = self.decode(self.embed(inputs), inputs.positions, Segments(segments, segments))
-        return hidden
+        embeds, deepstack = self.embed(inputs)
+        return self.decode(embeds, inputs.positions, Segments(segments, segments), deepstack=deepstack).hidden
 
-    def decode(self, embeds, positions, segments: Segments, cache: KVCache | None = None, index=0):
+    def decode(self, embeds, positions, segments: Segments, cache: KVCache | None = None, index=0,
+               deepstack: jax.Array | None = None) -> Decoded:
         """The decoder on embeddings ``[B, S, hidden]`` at 3-D ``positions`` ``[3, B, S]``; with a KV ``cache``
         the step's keys/values are stored at ``index``, and ``segments.kv`` covering the whole cache makes the
-        queries attend over it (decode) instead of over the step's own tokens (prefill)."""
+        queries attend over it (decode) instead of over the step's own tokens (prefill). ``deepstack`` (``embed``)
+        is added over the first positions, those of the prompt it was computed for."""
         t = self.config.text
-        cos, sin = mrope_cos_sin(positions, t.head_dim, t.rope_theta, t.mrope_section)
-        return self.model(embeds, cos, sin, segments, cache, index)
+        cos, sin = mrope_cos_sin(positions, t.head_dim, t.rope_theta, t.mrope_section, t.mrope_interleaved)
+        return Decoded(*self.model(embeds, cos, sin, segments, cache, index, deepstack))
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """float32 logits ``[..., vocab]``: the matmul takes compute-dtype inputs and accumulates in float32, since

@@ -1,7 +1,8 @@
 """Rotary position embeddings of Qwen2.5-VL.
 
 * Decoder: M-RoPE. Each token has a (t, h, w) position; the ``head_dim/2`` rotary frequencies are split into
-  ``mrope_section`` = (t, h, w) groups and each group rotates by its own axis (Qwen2-VL paper, §2.1).
+  ``mrope_section`` = (t, h, w) groups and each group rotates by its own axis (Qwen2-VL paper, §2.1); Qwen3-VL
+  interleaves the groups over the frequencies instead of laying them out in blocks (``mrope_axes``).
 * Vision tower: 2-D rotary. A patch at (row, col) rotates the first half of the frequencies by row and the second
   half by col; positions are listed in spatial-merge-block order.
 * ``mrope_positions`` builds the decoder's 3-D positions on the host (data preparation, numpy), as
@@ -23,11 +24,24 @@ def inverse_frequencies(dim: int, theta: float) -> jax.Array:
     return 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
 
 
-def mrope_cos_sin(positions: jax.Array, head_dim: int, theta: float, section: tuple[int, int, int]):
+def mrope_axes(section: tuple[int, int, int], interleaved: bool) -> np.ndarray:
+    """Which position axis (0 = t, 1 = h, 2 = w) rotates each of the ``sum(section)`` frequencies.
+
+    Blocks (Qwen2-VL, Qwen2.5-VL): ``section[0]`` t, then ``section[1]`` h, then ``section[2]`` w. Interleaved
+    (Qwen3-VL, transformers ``Qwen3VLTextRotaryEmbedding.recomposition_frequencies``): frequency f is h if
+    ``f % 3 == 1 and f < 3 * section[1]``, w if ``f % 3 == 2 and f < 3 * section[2]``, t otherwise."""
+    if not interleaved:
+        return np.repeat(np.arange(3), section)
+    f = np.arange(sum(section))
+    return np.where((f % 3 == 1) & (f < 3 * section[1]), 1, np.where((f % 3 == 2) & (f < 3 * section[2]), 2, 0))
+
+
+def mrope_cos_sin(positions: jax.Array, head_dim: int, theta: float, section: tuple[int, int, int],
+                  interleaved: bool = False):
     """cos/sin ``[B, S, head_dim]`` (float32) for 3-D positions ``[3, B, S]``."""
     inv = inverse_frequencies(head_dim, theta)  # [head_dim/2]
     freqs = positions.astype(jnp.float32)[..., None] * inv  # [3, B, S, head_dim/2]
-    axis_of_freq = np.repeat(np.arange(3), section)  # frequency f rotates by axis axis_of_freq[f]
+    axis_of_freq = mrope_axes(section, interleaved)  # frequency f rotates by axis axis_of_freq[f]
     freqs = jnp.take_along_axis(freqs, jnp.asarray(axis_of_freq)[None, None, None, :], axis=0)[0]
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)

@@ -50,6 +50,9 @@ class VisionInputs(NamedTuple):
     valid: jax.Array  # [B, I, R] bool: the slot holds a real patch
     rowcol: jax.Array  # [B, N, 2] int32 (row, col) of the patch in each slot
     merge_restore: jax.Array  # [B, N / U] int32: output order (raster, then padding) -> merged slot
+    # Qwen3-VL: the 4 bilinear taps into the learned position table of each slot, and their weights
+    pos_index: jax.Array | None = None  # [B, N, 4] int32
+    pos_weight: jax.Array | None = None  # [B, N, 4] float32
 
 
 def window_rows(cfg: VisionConfig) -> int:
@@ -58,7 +61,10 @@ def window_rows(cfg: VisionConfig) -> int:
 
 
 def rows_per_frame(cfg: VisionConfig, h: int, w: int) -> int:
-    """Layout rows of one frame of patch grid ``h x w``: its windows, each padded to ``window_rows``."""
+    """Layout rows of one frame of patch grid ``h x w``: its windows, each padded to ``window_rows``; for the
+    Qwen3-VL tower (the one with a learned position table: no windows) its patches."""
+    if cfg.num_position_embeddings:
+        return h * w
     win = cfg.window_size // cfg.spatial_merge_size // cfg.patch_size  # merged tokens per window side
     mh, mw = h // cfg.spatial_merge_size, w // cfg.spatial_merge_size
     return -(-mh // win) * -(-mw // win) * window_rows(cfg)
@@ -158,24 +164,17 @@ class VisionAttention(nnx.Module):
         self.qkv = Dense(d, (3, d), ("vision_embed", None, "vision_heads"), bias=True, **kw)
         self.proj = Dense(d, d, ("vision_heads", "vision_embed"), bias=True, **kw)
 
-    def __call__(self, x, full_attention, cos, sin, image_segments, window_segments):
-        """Attention within each image (``image_segments`` ``[I, R]``) or each window (``window_segments``
-        ``[W, chunk]``): real slots attend to the real slots of their group, padding to padding. ``full_attention``
-        may be traced (scanned layers), so ``lax.cond`` picks."""
+    def __call__(self, x, cos, sin, segments):
+        """Attention within each group of ``segments`` ``[G, rows]`` (images or windows; ``x`` holds ``G * rows``
+        slots): real slots attend to the real slots of their group, padding to padding."""
         n = x.shape[0]
         qkv = self.qkv(x).reshape(n, 3, self.num_heads, self.head_dim)
         q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-
-        def grouped(segments):
-            shape = (*segments.shape, self.num_heads, self.head_dim)
-            q_, k_, v_ = (constrain(a.reshape(shape), HEADS) for a in (q, k, v))
-            out = attention.attention(q_, k_, v_, segments, segments, causal=False,
-                                      implementation=self.implementation)
-            return constrain(out, HEADS).reshape(n, -1)
-
-        out = jax.lax.cond(full_attention, lambda: grouped(image_segments), lambda: grouped(window_segments))
-        return self.proj(out)
+        shape = (*segments.shape, self.num_heads, self.head_dim)
+        q, k, v = (constrain(a.reshape(shape), HEADS) for a in (q, k, v))
+        out = attention.attention(q, k, v, segments, segments, causal=False, implementation=self.implementation)
+        return self.proj(constrain(out, HEADS).reshape(n, -1))
 
 
 class VisionBlock(nnx.Module):
@@ -188,8 +187,13 @@ class VisionBlock(nnx.Module):
                           bias=True, **kw)
 
     def __call__(self, x, full_attention, cos, sin, image_segments, window_segments):
+        """Attention within each image (``image_segments`` ``[I, R]``) where ``full_attention``, else within each
+        window (``window_segments`` ``[W, chunk]``); ``full_attention`` may be traced (scanned layers), so
+        ``lax.cond`` picks."""
         x = constrain(x, ROWS)
-        x = x + self.attn(self.norm1(x), full_attention, cos, sin, image_segments, window_segments)
+        h = self.norm1(x)
+        x = x + jax.lax.cond(full_attention, lambda: self.attn(h, cos, sin, image_segments),
+                             lambda: self.attn(h, cos, sin, window_segments))
         return x + self.mlp(self.norm2(x))
 
 
