@@ -331,18 +331,22 @@ def build_programs(cfg, mesh, images: int, image_rows: int | None) -> tuple[list
         return sds(shape, dtype, sharding=NamedSharding(mesh, parallel.logical_spec(axes, shape, mesh)))
 
     vision_cfg = model_cfg.vision
+    qwen2_5 = model_cfg.family == "qwen2_5_vl"  # windowed attention; Qwen3-VL: full attention, a position table
     rows = max(buckets.rows_per_image) if image_rows is None else image_rows
-    if images and (rows % window_rows(vision_cfg) or rows % vision_cfg.merge_unit):
-        raise ValueError(f"--image-rows {rows} must be a multiple of the attention window's {window_rows(vision_cfg)} "
-                         "rows")
+    unit = window_rows(vision_cfg) if qwen2_5 else vision_cfg.merge_unit
+    if images and (rows % unit or rows % vision_cfg.merge_unit):
+        raise ValueError(f"--image-rows {rows} must be a multiple of "
+                         + (f"the attention window's {unit} rows" if qwen2_5 else f"the merge unit's {unit} rows"))
     length = max(buckets.prompt_lengths)
 
     def prompts(b):
         vision = None
         if images:
             n = images * rows
+            taps = () if qwen2_5 else (batch((b, n, 4), jnp.int32), batch((b, n, 4), jnp.float32))
             vision = VisionInputs(batch((b, n, vision_cfg.patch_dim), jnp.float32), batch((b, images, rows), bool),
-                                  batch((b, n, 2), jnp.int32), batch((b, n // vision_cfg.merge_unit), jnp.int32))
+                                  batch((b, n, 2), jnp.int32), batch((b, n // vision_cfg.merge_unit), jnp.int32),
+                                  *taps)
         return ModelInputs(batch((b, length), jnp.int32), batch((b, length), bool),
                            batch((3, b, length), jnp.int32, axis=1), batch((b,), jnp.int32), vision)
 
@@ -619,8 +623,8 @@ def main(argv=None) -> int:
         return 2
     except FileNotFoundError as e:
         print(f"medix_jax.plan: {e}. The model architecture comes from `checkpoint`'s config.json, which is not "
-              "here: name it with an override such as model.preset=qwen2_5_vl_3b (plan loads no weights)",
-              file=sys.stderr)
+              "here: name it with an override such as model.preset=qwen2_5_vl_3b or model.preset=qwen3_vl_8b (plan "
+              "loads no weights)", file=sys.stderr)
         return 2
     try:
         devices = _devices(topology, count)

@@ -183,3 +183,20 @@ def test_plan_config_errors_exit_2():
     assert out.returncode == 2 and "model.preset=" in out.stderr  # the checkpoint's config.json is not here
     out = plan(*TINY, "--topology", "cpu:8", "data.batch_size=3")
     assert out.returncode == 2 and "does not divide" in out.stderr
+
+
+def test_plan_qwen3_vl_moe_tiny_on_v5p_8(tmp_path):
+    """Qwen3-VL: the vision inputs carry the position-table taps, rows need only be a multiple of the merge unit (68:
+    no window of the Qwen2.5 tower divides it), and the MoE decoder's update compiles on a TPU slice."""
+    topology_devices("v5p:2x2x1")
+    out = plan(*TINY, "model.preset=qwen3_vl_moe_tiny", "--image-rows", "68", "--topology", "v5p-8", "--only",
+               "vision,update", "--json", str(tmp_path / "plan.json"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "1 image(s) x 68 rows" in out.stdout and "[update]" in out.stdout
+    assert out.stdout.strip().splitlines()[-1].startswith("plan: 2 of 2 programs fit on v5p:2x2x1")
+    figures = json.loads((tmp_path / "plan.json").read_text())
+    assert figures["programs"]["update"]["flops"] > 0
+    out = plan(*TINY, "model.preset=qwen3_vl_tiny", "--image-rows", "66", "--topology", "cpu:4", "--only", "vision")
+    assert out.returncode == 2 and "merge unit's 4 rows" in out.stderr
+    out = plan(*TINY, "--image-rows", "68", "--topology", "cpu:4", "--only", "vision")  # Qwen2.5-VL: windows
+    assert out.returncode == 2 and "attention window's 64 rows" in out.stderr

@@ -176,11 +176,10 @@ def test_sharded_over_eight_devices_equals_one(checkpoint, rng):
     assert np.abs(got - want)[mask.astype(bool)].max() <= 1e-5
 
 
+@pytest.mark.parametrize("checkpoint", [True], ids=["moe"], indirect=True)  # a dense model has no router
 def test_router_aux_loss_equals_transformers(checkpoint, rng):
     """The load-balancing loss of our routing statistics is transformers' ``aux_loss`` (padding masked out)."""
     hf, path = checkpoint
-    if not hf.config.text_config.model_type.endswith("moe_text"):
-        pytest.skip("dense model: no router")
     ours = load_hf(path)
     ids, mask, pixels, grids = mixed_batch(rng)
     with torch.no_grad():

@@ -59,7 +59,8 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
         raise ValueError(f"image has an empty side: {height}x{width}")
     ratio = max(height, width) / min(height, width)
     if ratio > MAX_ASPECT_RATIO:
-        raise ValueError(f"absolute aspect ratio must be at most {MAX_ASPECT_RATIO}, got {ratio:.1f} ({height}x{width})")
+        raise ValueError(f"absolute aspect ratio must be at most {MAX_ASPECT_RATIO}, "
+                         f"got {ratio:.1f} ({height}x{width})")
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
     if h_bar * w_bar > max_pixels:

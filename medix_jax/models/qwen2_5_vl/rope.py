@@ -63,7 +63,8 @@ def mrope_positions(
     image_token_id: int,
     spatial_merge_size: int,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """3-D positions ``[3, B, S]`` (int32; 0 at padding) and ``rope_delta`` ``[B]`` for a (left- or right-) padded batch.
+    """3-D positions ``[3, B, S]`` (int32; 0 at padding) and ``rope_delta`` ``[B]`` for a (left- or right-) padded
+    batch.
 
     Images are consumed from ``image_grid_thw`` in row-major order of their placeholder runs; a run of consecutive
     image tokens may hold several images back to back. Raises ``ValueError`` when the placeholders do not match

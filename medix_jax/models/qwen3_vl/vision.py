@@ -151,7 +151,8 @@ class VisionBlock(nnx.Module):
 
 class PatchMerger(nnx.Module):
     """LayerNorm (per patch, or per merged group for the DeepStack mergers: ``postshuffle``), then each
-    ``merge_unit`` consecutive patches -> Linear -> GELU(erf) -> Linear (hub ``norm``, ``linear_fc1``, ``linear_fc2``)."""
+    ``merge_unit`` consecutive patches -> Linear -> GELU(erf) -> Linear (hub ``norm``, ``linear_fc1``,
+    ``linear_fc2``)."""
 
     def __init__(self, cfg: VisionConfig, postshuffle: bool, *, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
