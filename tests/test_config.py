@@ -128,19 +128,27 @@ REFERENCE_LOSS = {
                                sequence_ratio=False),
     "qwen2_5_vl_7b_gspo": dict(clip_low=3e-4, clip_high=4e-4, kl_coef=0.0, aggregation="seq_mean",
                                sequence_ratio=True),
+    **{f"qwen3_vl_{size}_dapo": dict(clip_low=0.2, clip_high=0.28, kl_coef=0.0, aggregation="token_mean",
+                                     sequence_ratio=False) for size in ("2b", "8b", "30b_a3b")},
 }
 # mesh preset -> (model size, data, fsdp, tensor, micro-batches of a 128-prompt update), docs/scaling.md
 MESH_PRESETS = {
-    "gpu_8_3b": ("3b", 1, 8, 1, 16), "gpu_8_7b": ("7b", 1, 4, 2, 32),
-    "tpu_v5p_64_3b": ("3b", 1, -1, 1, 4), "tpu_v5p_64_7b": ("7b", 1, 16, 2, 8),
+    "gpu_8_3b": ("2b 3b", 1, 8, 1, 16), "gpu_8_7b": ("7b 8b", 1, 4, 2, 32),
+    "tpu_v5p_64_3b": ("2b 3b", 1, -1, 1, 4), "tpu_v5p_64_7b": ("7b", 1, 16, 2, 8),
+    "tpu_v5p_64_qwen3_8b": ("8b", 1, 16, 2, 8), "tpu_v5p_64_qwen3_30b": ("30b", 1, 16, 2, 8),
     "tpu_v6e_64": ("3b 7b", 1, 16, 4, 8),
 }
 
 
 def _run_config(name, *more, overrides=()):
-    size = "qwen2_5_vl_7b" if "7b" in name else "qwen2_5_vl_3b"
-    # the checkpoint directory does not exist here: stand in the preset of the same size for its config.json
-    return load_config([CONFIGS / f"{name}.yaml", *more], [f"model.preset={size}", *overrides])
+    # the checkpoint directory does not exist here: stand in the preset of the same model for its config.json
+    # (qwen2_5_vl_3b_grpo -> qwen2_5_vl_3b, qwen3_vl_30b_a3b_dapo -> qwen3_vl_30b_a3b)
+    return load_config([CONFIGS / f"{name}.yaml", *more], [f"model.preset={name.rsplit('_', 1)[0]}", *overrides])
+
+
+def test_every_run_config_is_checked_against_the_reference():
+    runs = {p.stem for p in CONFIGS.glob("*.yaml") if p.stem.endswith(("_grpo", "_dapo", "_gspo"))}
+    assert runs == set(REFERENCE_LOSS)
 
 
 @pytest.mark.parametrize("name", sorted(REFERENCE_LOSS))
@@ -171,7 +179,7 @@ def test_documented_commands_give_the_documented_mesh(name):
     count; every preset for the model size divides the update into whole prompts."""
     documented = re.findall(r"--config configs/mesh/(\w+)\.yaml", (CONFIGS / f"{name}.yaml").read_text())
     assert len(documented) == 1
-    size = name.split("_")[3]
+    size = name.split("_vl_")[1].split("_")[0]  # 3b, 30b
     for preset_name, (sizes, data, fsdp, tensor, micro) in MESH_PRESETS.items():
         if size not in sizes.split():
             assert preset_name != documented[0]
