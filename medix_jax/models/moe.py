@@ -17,12 +17,15 @@ summing to k) and ``P_e`` the mean router probability of e. ``RouterStats`` carr
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.sharding import PartitionSpec
 
+from medix_jax import parallel
 from medix_jax.models.qwen2_5_vl.layers import Dense, param
 
 
@@ -71,10 +74,37 @@ class MoE(nnx.Module):
 
     def __call__(self, x: jax.Array, real: jax.Array) -> tuple[jax.Array, RouterStats]:
         """``x`` ``[B, S, hidden]`` -> (same shape, this layer's ``RouterStats`` over the ``real`` ``[B, S]``
-        tokens)."""
+        tokens).
+
+        Under ``parallel.activation_sharding`` the tokens are routed where they are, in ``shard_map`` over the mesh
+        axes that divide them (the batch's first, then the rest): XLA cannot split a sort or a ragged dimension, and
+        left to itself routed every token of the batch on every chip (a v5p-64 update of Qwen3-VL-30B-A3B needed
+        160 GiB per chip). Each shard sees the whole expert weights (all-gathered per layer, as FSDP gathers every
+        weight) and the statistics are summed over the shards."""
         shape, d = x.shape, x.shape[-1]
         flat = x.reshape(-1, d).astype(self.dtype)
-        router = self.gate.kernel[...].astype(self.dtype)
+        mask = real.reshape(-1).astype(jnp.float32)
+        weights = (self.gate.kernel[...].astype(self.dtype), self.experts.gate_up_proj[...].astype(self.dtype),
+                   self.experts.down_proj[...].astype(self.dtype))
+        context = parallel.current_mesh()
+        axes = () if context is None else _token_axes(shape[0], flat.shape[0], *context)
+        if not axes:
+            y, stats = self._route(flat, mask, *weights)
+            return y.reshape(shape), stats
+
+        def local(flat, mask, *weights):
+            y, stats = self._route(flat, mask, *weights)
+            return y, jax.tree.map(lambda v: jax.lax.psum(v, axes), stats)
+
+        tokens = PartitionSpec(axes)
+        y, stats = jax.shard_map(local, mesh=context[0], in_specs=(PartitionSpec(axes, None), tokens, *[
+            PartitionSpec()] * 3), out_specs=(PartitionSpec(axes, None), PartitionSpec()), check_vma=False)(
+            flat, mask, *weights)
+        return y.reshape(shape), stats
+
+    def _route(self, flat, mask, router, gate_up_proj, down_proj) -> tuple[jax.Array, RouterStats]:
+        """Route the tokens ``flat`` ``[T, hidden]`` (``mask`` ``[T]``: 1 for real tokens) through their top-k
+        experts."""
         probs = jax.nn.softmax(jnp.dot(flat, router, preferred_element_type=jnp.float32), axis=-1)  # [T, E]
         top_p, top_e = jax.lax.top_k(probs, self.k)  # [T, k]
         top_p = (top_p / top_p.sum(-1, keepdims=True)).astype(self.dtype)
@@ -83,16 +113,26 @@ class MoE(nnx.Module):
         order = jnp.argsort(expert_of, stable=True)  # assignments grouped by expert
         token_of = order // self.k
         sizes = jnp.bincount(expert_of, length=self.num_experts).astype(jnp.int32)
-        gate_up = jax.lax.ragged_dot(flat[token_of], self.experts.gate_up_proj[...].astype(self.dtype), sizes)
+        gate_up = jax.lax.ragged_dot(flat[token_of], gate_up_proj, sizes)
         gate, up = jnp.split(gate_up, 2, axis=-1)
-        out = jax.lax.ragged_dot(jax.nn.silu(gate) * up, self.experts.down_proj[...].astype(self.dtype), sizes)
+        out = jax.lax.ragged_dot(jax.nn.silu(gate) * up, down_proj, sizes)
         out = out * top_p.reshape(-1)[order][:, None]
         y = jnp.zeros_like(flat).at[token_of].add(out)
 
-        mask = real.reshape(-1).astype(jnp.float32)
         assigned = jnp.zeros((self.num_experts,), jnp.float32).at[expert_of].add(jnp.repeat(mask, self.k))
         stats = RouterStats(assigned, (probs * mask[:, None]).sum(0), mask.sum())
-        return y.reshape(shape), stats
+        return y, stats
+
+
+def _token_axes(batch: int, tokens: int, mesh, rules) -> tuple[str, ...]:
+    """The mesh axes (size > 1) to split ``tokens`` flattened ``[batch * length]`` rows over: the batch rule's axes
+    first (so the split follows the rows' own sharding), then the others, dropped from the end until they divide."""
+    batch_spec = parallel.logical_spec(("batch",), (batch,), mesh, rules)[0]
+    first = () if batch_spec is None else (batch_spec,) if isinstance(batch_spec, str) else tuple(batch_spec)
+    axes = [*first, *(a for a in mesh.axis_names if a not in first and mesh.shape[a] > 1)]
+    while axes and tokens % math.prod(mesh.shape[a] for a in axes):
+        axes.pop()
+    return tuple(axes)
 
 
 def router_terms(stats: RouterStats | None, coef: float, share) -> tuple[jax.Array, dict[str, jax.Array]]:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from medix_jax.models import attention
-from medix_jax.models.moe import MoE, RouterStats
+from medix_jax.models import moe  # a module, not its names: moe itself imports layers from this package
 from medix_jax.models.qwen2_5_vl.config import TextConfig
 from medix_jax.models.qwen2_5_vl.layers import Dense, Embed, RMSNorm, SwiGLU, apply_rotary, run_layers, stack_layers
 from medix_jax.parallel import constrain
@@ -104,7 +104,7 @@ class DecoderLayer(nnx.Module):
         self.self_attn = Attention(cfg, implementation=implementation, **kw)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw)
         self.moe = cfg.num_experts > 0
-        self.mlp = (MoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.experts_per_token, **kw)
+        self.mlp = (moe.MoE(cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.experts_per_token, **kw)
                     if self.moe else
                     SwiGLU(cfg.hidden_size, cfg.intermediate_size, ("embed", "mlp"), ("batch", "length", "act_mlp"),
                            bias=False, **kw))
@@ -145,11 +145,11 @@ class TextModel(nnx.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **kw, rngs=rngs)
 
     def __call__(self, x, cos, sin, segments: Segments, cache: KVCache | None = None, index=0,
-                 deepstack: jax.Array | None = None) -> tuple[jax.Array, KVCache | None, RouterStats | None]:
+                 deepstack: jax.Array | None = None) -> tuple[jax.Array, KVCache | None, moe.RouterStats | None]:
         """Final-norm hidden states, the updated cache and the router statistics summed over the layers (None for
         a dense decoder) for input embeddings ``x`` ``[B, S, hidden]``."""
         layer_ids = jnp.arange(self.num_layers)
-        router = RouterStats.zeros(self.num_experts) if self.num_experts else None
+        router = moe.RouterStats.zeros(self.num_experts) if self.num_experts else None
         x, cache, router = run_layers(self.layers, (x, cache, router), (layer_ids,),
                                       (cos, sin, segments, index, deepstack), scan=self.scan, remat=self.remat)
         return constrain(self.norm(x), HIDDEN), cache, router

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from medix_jax.models.moe import RouterStats
+from medix_jax.models import moe  # a module, not its names: moe itself imports layers from this package
 from medix_jax.models.qwen2_5_vl.config import ModelConfig
 from medix_jax.models.qwen2_5_vl.language import HIDDEN, KVCache, Segments, TextModel
 from medix_jax.models.qwen2_5_vl.layers import Dense
@@ -115,7 +115,7 @@ def scatter_image_features(embeds: jax.Array, is_image: jax.Array, features: jax
 class Decoded(NamedTuple):
     hidden: jax.Array  # [B, S, hidden] after the final norm
     cache: KVCache | None
-    router: RouterStats | None  # mixture of experts: routing statistics summed over the layers
+    router: moe.RouterStats | None  # mixture of experts: routing statistics summed over the layers
 
 
 class Qwen2_5_VL(nnx.Module):
