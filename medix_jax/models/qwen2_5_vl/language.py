@@ -16,8 +16,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from medix_jax.models import attention
-from medix_jax.models import moe  # a module, not its names: moe itself imports layers from this package
+from medix_jax.models import (
+    attention,
+    moe,  # a module, not its names: moe itself imports layers from this package
+)
 from medix_jax.models.qwen2_5_vl.config import TextConfig
 from medix_jax.models.qwen2_5_vl.layers import Dense, Embed, RMSNorm, SwiGLU, apply_rotary, run_layers, stack_layers
 from medix_jax.parallel import constrain
