@@ -78,7 +78,8 @@ def resolve_topology(name: str) -> tuple[str, str, int | None]:
 def count_flops(jaxpr, while_trips: int | None = None) -> tuple[float, float, list[str]]:
     """(FLOPs, matmul operand bytes, notes) of a (closed) jaxpr, over the whole program (global shapes).
 
-    ``dot_general`` counts ``2 x batch x M x N x K`` (convolutions likewise per output element); elementwise work
+    ``dot_general`` counts ``2 x batch x M x N x K`` (convolutions likewise per output element; ``ragged_dot``, a
+    grouped matmul, ``2 x M x N x K`` with each of the M rows in one group); elementwise work
     is not counted. Sub-programs are walked recursively: ``scan`` bodies x ``length``, ``while`` bodies x
     ``while_trips`` (outermost loops only: an upper bound when the loop may exit early; counted once, with a
     note, when not given or nested),
@@ -101,6 +102,13 @@ def count_flops(jaxpr, while_trips: int | None = None) -> tuple[float, float, li
                 free = math.prod(d for i, d in enumerate(rhs.shape) if i not in (*rhs_c, *rhs_b))
                 flops += 2.0 * math.prod(lhs.shape) * free
                 nbytes += sum(_nbytes(v.aval) for v in (*eqn.invars, *eqn.outvars))
+            elif name == "ragged_dot_general":  # grouped matmul (mixture of experts): each lhs row meets one group
+                numbers = params["ragged_dot_dimension_numbers"]
+                (_, rhs_c), (_, rhs_b) = numbers.dot_dimension_numbers
+                lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
+                skip = (*rhs_c, *rhs_b, *numbers.rhs_group_dimensions)
+                flops += 2.0 * math.prod(lhs.shape) * math.prod(d for i, d in enumerate(rhs.shape) if i not in skip)
+                nbytes += sum(_nbytes(v.aval) for v in (*eqn.invars[:2], *eqn.outvars))
             elif name == "conv_general_dilated":
                 rhs, out = eqn.invars[1].aval, eqn.outvars[0].aval
                 out_features = rhs.shape[params["dimension_numbers"].rhs_spec[0]]

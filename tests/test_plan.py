@@ -53,6 +53,16 @@ def test_flops_of_a_scanned_matmul_count_every_iteration():
     assert xla == pytest.approx(flops / length, rel=0.1)  # what the counter exists for: XLA counts the body once
 
 
+def test_flops_of_a_grouped_matmul_count_each_row_once():
+    """``ragged_dot`` (the mixture of experts): M rows of K, each through one of G [K, N] groups -> 2 M K N."""
+    m, k, n, groups = 24, 16, 8, 4
+    jaxpr = jax.make_jaxpr(jax.lax.ragged_dot)(jnp.ones((m, k)), jnp.ones((groups, k, n)),
+                                               jnp.array([6, 0, 10, 8], jnp.int32))
+    flops, operand_bytes, _ = count_flops(jaxpr)
+    assert flops == 2 * m * k * n
+    assert operand_bytes == 4 * (m * k + groups * k * n + m * n)
+
+
 def test_flops_of_loops_branches_and_nested_calls():
     a = jnp.ones((4, 8))
 
