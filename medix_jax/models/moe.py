@@ -96,10 +96,9 @@ class MoE(nnx.Module):
             y, stats = self._route(flat, mask, *weights)
             return y, jax.tree.map(lambda v: jax.lax.psum(v, axes), stats)
 
-        tokens = PartitionSpec(axes)
-        y, stats = jax.shard_map(local, mesh=context[0], in_specs=(PartitionSpec(axes, None), tokens, *[
-            PartitionSpec()] * 3), out_specs=(PartitionSpec(axes, None), PartitionSpec()), check_vma=False)(
-            flat, mask, *weights)
+        rows, whole = PartitionSpec(axes, None), PartitionSpec()
+        y, stats = jax.shard_map(local, mesh=context[0], in_specs=(rows, PartitionSpec(axes), whole, whole, whole),
+                                 out_specs=(rows, whole), check_vma=False)(flat, mask, *weights)
         return y.reshape(shape), stats
 
     def _route(self, flat, mask, router, gate_up_proj, down_proj) -> tuple[jax.Array, RouterStats]:
