@@ -88,7 +88,8 @@ def test_top_k_and_top_p_draw_from_the_right_distribution():
     keys = jax.random.key(7)
 
     def frequencies(**kw):
-        tokens, logprobs = choose_tokens(logits, keys, SamplingConfig(temperature=1.0, **kw))
+        row_keys = jax.random.split(keys, len(logits))
+        tokens, logprobs = choose_tokens(logits, row_keys, SamplingConfig(temperature=1.0, **kw))
         np.testing.assert_allclose(np.asarray(logprobs), np.log(probs)[np.asarray(tokens)], atol=1e-5)
         return np.bincount(np.asarray(tokens), minlength=5) / len(tokens)
 

@@ -136,6 +136,49 @@ def xla_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, q_off
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# ragged decode (continuous batching)
+
+DECODE_BLOCK = 256  # keys per block of ``ragged_decode_attention``
+
+
+def ragged_decode_attention(q, k, v, q_segment_ids, kv_segment_ids, lengths, block_kv: int = DECODE_BLOCK):
+    """One query per row over the first ``lengths[b]`` keys of its cache row only: q ``[B, 1, H, D]``, k, v
+    ``[B, S, K, D]``, ``lengths`` int32 ``[B]``. Key s is attended iff ``s < lengths[b]`` and its segment id equals
+    the query's. Online softmax (FlashAttention-2) over blocks of ``block_kv`` keys, with a traced trip count: only
+    the blocks up to the longest row's length are read, not the whole preallocated cache. A masked score is the
+    float32 minimum, so a block with no valid key is wiped out by the first block that has one (every row has its
+    own token). Output ``[B, 1, H, D]`` in ``v.dtype``."""
+    b, t, h, d = q.shape
+    s, kh = k.shape[1], k.shape[2]
+    if t != 1:
+        raise ValueError(f"ragged_decode_attention: one query per row, got {t}")
+    bk = min(block_kv, s)
+    sp = -(-s // bk) * bk
+    k, v, kv_ids = _pad_axis(k, 1, sp), _pad_axis(v, 1, sp), _pad_axis(kv_segment_ids, 1, sp)
+    qg = q.reshape(b, kh, h // kh, d)
+    lowest = jnp.finfo(jnp.float32).min
+
+    def step(j, carry):
+        top, total, acc = carry
+        kj, vj = (lax.dynamic_slice_in_dim(x, j * bk, bk, axis=1) for x in (k, v))
+        ids = lax.dynamic_slice_in_dim(kv_ids, j * bk, bk, axis=1)
+        valid = (ids == q_segment_ids[:, :1]) & (j * bk + jnp.arange(bk)[None] < lengths[:, None])
+        scores = jnp.einsum("bkgd,bskd->bkgs", qg, kj, preferred_element_type=jnp.float32) * (d**-0.5)
+        scores = jnp.where(valid[:, None, None], scores, lowest)
+        new_top = jnp.maximum(top, scores.max(-1))
+        probs = jnp.exp(scores - new_top[..., None])
+        scale = jnp.exp(top - new_top)
+        acc = acc * scale[..., None] + jnp.einsum("bkgs,bskd->bkgd", probs.astype(v.dtype), vj,
+                                                  preferred_element_type=jnp.float32)
+        return new_top, total * scale + probs.sum(-1), acc
+
+    init = (jnp.full((b, kh, h // kh), lowest), jnp.zeros((b, kh, h // kh)), jnp.zeros((b, kh, h // kh, d)))
+    blocks = (jnp.max(lengths) + bk - 1) // bk
+    _, total, acc = lax.fori_loop(0, blocks, step, init)
+    return (acc / total[..., None]).astype(v.dtype).reshape(b, 1, h, d)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # blockwise (FlashAttention-2 in plain JAX)
 
 

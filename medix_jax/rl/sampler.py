@@ -45,6 +45,10 @@ class SamplingConfig:
     # A copy of the weights in this dtype for rollouts (e.g. bfloat16: decode is memory-bound and streams half the
     # bytes); None samples from the parameters as stored. The trainer refreshes the copy after every update.
     weights_dtype: str | None = None
+    # continuous: decode slots refilled with the next waiting sample as rows end (rl/continuous.py); static: the
+    # whole batch decodes until its longest row ends (rows that ended still compute).
+    batching: str = "continuous"
+    slots: int = 0  # continuous: decode slots; 0 = a quarter of the batch's samples (at least one prompt's G)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -53,6 +57,9 @@ class SamplingConfig:
             raise ValueError(f"invalid sampling settings {self}")
         if self.weights_dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"rollout.weights_dtype {self.weights_dtype!r} is not one of float32, bfloat16, float16")
+        if self.batching not in ("continuous", "static") or self.slots < 0:
+            raise ValueError(f"rollout.batching {self.batching!r} must be continuous or static and rollout.slots "
+                             f"{self.slots} >= 0")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,14 +137,21 @@ def filter_logits(logits: jax.Array, top_k: int, top_p: float) -> jax.Array:
     return logits
 
 
-def choose_tokens(logits: jax.Array, key: jax.Array, s: SamplingConfig) -> tuple[jax.Array, jax.Array]:
-    """(tokens, float32 logprobs under ``softmax(logits / T)``) for float32 ``logits`` ``[rows, vocab]``."""
+def sample_keys(key: jax.Array, samples: jax.Array, steps: jax.Array) -> jax.Array:
+    """One key per row: ``fold_in(fold_in(key, sample id), step)``. A token's randomness depends only on which
+    sample it belongs to and how far that sample is, never on the row (slot) or batch it was computed in."""
+    return jax.vmap(lambda i, t: jax.random.fold_in(jax.random.fold_in(key, i), t))(samples, steps)
+
+
+def choose_tokens(logits: jax.Array, keys: jax.Array, s: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+    """(tokens, float32 logprobs under ``softmax(logits / T)``) for float32 ``logits`` ``[rows, vocab]``, drawing
+    row r with ``keys[r]`` (``sample_keys``)."""
     if s.temperature == 0:
         tokens = jnp.argmax(logits, axis=-1)
         scaled = logits
     else:
         scaled = logits / s.temperature
-        tokens = jax.random.categorical(key, filter_logits(scaled, s.top_k, s.top_p), axis=-1)
+        tokens = jax.vmap(jax.random.categorical)(keys, filter_logits(scaled, s.top_k, s.top_p))
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tokens[:, None], axis=-1)[:, 0]
     return tokens.astype(jnp.int32), logprobs
 
@@ -184,40 +198,42 @@ def _prefill(graphdef, state, inputs: ModelInputs, max_new_tokens: int, num_samp
     return cache, *rest
 
 
-@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 10), donate_argnums=(2,))
+@functools.partial(jax.jit, static_argnums=(0, 6, 7, 8, 11), donate_argnums=(2,))
 def _decode(graphdef, state, cache: KVCache, logits, next_position, key_valid, sampling: SamplingConfig,
-            prompt_len: int, ends: tuple[int, ...], key, mesh: Mesh | None):
+            prompt_len: int, ends: tuple[int, ...], key, limits, mesh: Mesh | None):
+    """Every row decodes until it ends (an end token, or ``limits[row]`` tokens) and the loop until all have."""
     rows, steps = logits.shape[0], sampling.max_new_tokens
     pad = nnx.merge(graphdef, state).config.tokens.pad_token_id
     kv_segments = key_valid.astype(jnp.int32)  # causality with the step's cache index hides unwritten slots
     q_segments = jnp.ones((rows, 1), jnp.int32)
 
+    samples = jnp.arange(rows, dtype=jnp.int32)
+
     def cond(carry):
-        step, _, _, _, done, _, _, _ = carry
+        step, _, _, _, done, _, _ = carry
         return (step < steps) & ~jnp.all(done)
 
     def body(carry):
-        step, tokens, logprobs, alive, done, cache, logits, key = carry
+        step, tokens, logprobs, alive, done, cache, logits = carry
         # Fresh Variables at this trace level (nnx.scan refuses ones created outside the loop body).
         model: Qwen2_5_VL = nnx.merge(graphdef, jax.tree.map(lambda a: a, state))
-        key, sub = jax.random.split(key)
-        token, logprob = choose_tokens(logits, sub, sampling)
+        token, logprob = choose_tokens(logits, sample_keys(key, samples, jnp.full((rows,), step)), sampling)
         token = jnp.where(done, pad, token)
         tokens = tokens.at[:, step].set(token)
         logprobs = logprobs.at[:, step].set(jnp.where(done, 0.0, logprob))
         alive = alive.at[:, step].set(~done)
-        done = done | jnp.isin(token, jnp.asarray(ends, jnp.int32))
+        done = done | jnp.isin(token, jnp.asarray(ends, jnp.int32)) | (step + 1 >= limits)
         # Feed the token back: cache slot prompt_len + step, position num_prompt_tokens + rope_delta + step.
         index = prompt_len + step
         positions = jnp.broadcast_to((next_position + step)[None, :, None], (3, rows, 1))
         hidden, cache, _ = model.decode(model.model.embed_tokens(token[:, None]), positions,
                                      Segments(q_segments, kv_segments), cache, index)
-        return step + 1, tokens, logprobs, alive, done, cache, model.logits(hidden[:, 0]), key
+        return step + 1, tokens, logprobs, alive, done, cache, model.logits(hidden[:, 0])
 
     init = (jnp.int32(0), jnp.full((rows, steps), pad, jnp.int32), jnp.zeros((rows, steps), jnp.float32),
-            jnp.zeros((rows, steps), bool), jnp.zeros((rows,), bool), cache, logits, key)
+            jnp.zeros((rows, steps), bool), jnp.zeros((rows,), bool), cache, logits)
     with parallel.activation_sharding(mesh):
-        _, tokens, logprobs, alive, _, cache, _, _ = jax.lax.while_loop(cond, body, init)
+        _, tokens, logprobs, alive, _, cache, _ = jax.lax.while_loop(cond, body, init)
     # The cache is returned so that XLA can alias the donated input buffer to it (updated in place).
     out = SampleOutput(tokens, alive, logprobs, alive.sum(1).astype(jnp.int32))
     return _constrain(out, mesh, _batch_axes), cache  # rows stay where their prompts are (parallel.local_rows)
@@ -236,19 +252,33 @@ class Sampler:
 
     @property
     def compile_count(self) -> int:
-        """Programs compiled so far by the prefill and decode functions (all samplers in this process)."""
-        return _prefill._cache_size() + _decode._cache_size()
+        """Programs compiled so far by the static and continuous samplers' functions (all in this process)."""
+        from medix_jax.rl import continuous
+        return _prefill._cache_size() + _decode._cache_size() + continuous.compile_count()
 
-    def generate(self, model: Qwen2_5_VL, prompts: ModelInputs, key: jax.Array) -> SampleOutput:
+    def generate(self, model: Qwen2_5_VL, prompts: ModelInputs, key: jax.Array,
+                 max_lengths: np.ndarray | None = None) -> SampleOutput:
+        """G samples per prompt; row r of the output is sample r % G of prompt r // G. ``max_lengths`` (optional,
+        ``[B*G]`` int, this process's rows): a sample also ends after that many tokens (benchmarks force lengths)."""
         mask = np.asarray(prompts.attention_mask)
         if not mask[:, -1].all():
             raise ValueError("prompts must be left-padded: the last column must be a real token in every row")
+        s = self.sampling
+        rows = len(mask) * s.num_samples
+        limits = np.full(rows, s.max_new_tokens, np.int32)
+        if max_lengths is not None:
+            limits = np.minimum(limits, np.asarray(max_lengths, np.int32).reshape(rows))
+            if (limits < 1).any():
+                raise ValueError("max_lengths must be >= 1")
+        limits = parallel.batch_array(limits, self.mesh)
         prompts = parallel.shard_prompts(prompts, self.mesh)
         graphdef, state = nnx.split(model)
-        s = self.sampling
         ends = model.config.tokens.end_token_ids if s.stop_token_ids is None else s.stop_token_ids
+        if s.batching == "continuous":
+            from medix_jax.rl import continuous
+            return continuous.generate(graphdef, state, prompts, key, limits, s, ends, self.mesh)
         cache, logits, next_position, key_valid = _prefill(
             graphdef, state, prompts, s.max_new_tokens, s.num_samples, self.mesh)
         out, _ = _decode(graphdef, state, cache, logits, next_position, key_valid, s,
-                         prompts.input_ids.shape[1], ends, key, self.mesh)
+                         prompts.input_ids.shape[1], ends, key, limits, self.mesh)
         return out

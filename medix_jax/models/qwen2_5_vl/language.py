@@ -54,7 +54,12 @@ class KVCache(NamedTuple):
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
     def write(self, layer, index, k, v) -> "KVCache":
-        """Store ``k, v`` ``[batch, steps, kv_heads, head_dim]`` of ``layer`` at positions ``index...``."""
+        """Store ``k, v`` ``[batch, steps, kv_heads, head_dim]`` of ``layer`` at positions ``index...`` (a scalar),
+        or one step per row at that row's own position (``index`` ``[batch]``: continuous batching)."""
+        if jnp.ndim(index) == 1:
+            rows = jnp.arange(k.shape[0])
+            return KVCache(self.k.at[layer, rows, index].set(k[:, 0].astype(self.k.dtype)),
+                           self.v.at[layer, rows, index].set(v[:, 0].astype(self.v.dtype)))
         at = (layer, 0, index, 0, 0)
         return KVCache(jax.lax.dynamic_update_slice(self.k, k[None].astype(self.k.dtype), at),
                        jax.lax.dynamic_update_slice(self.v, v[None].astype(self.v.dtype), at))
@@ -80,7 +85,8 @@ class Attention(nnx.Module):
     def __call__(self, x, cos, sin, segments: Segments, cache: KVCache | None, layer, index):
         """Causal attention of the step's tokens ``x`` ``[B, S, hidden]``. With a ``cache``, their keys/values are
         written at ``index``; the queries attend over the whole cache when ``segments.kv`` covers it (decode) and
-        over the step's own keys otherwise (prefill: the prompt only, not the empty completion slots)."""
+        over the step's own keys otherwise (prefill: the prompt only, not the empty completion slots). A per-row
+        ``index`` ``[B]`` (one token per row) attends over each row's first ``index + 1`` cache slots only."""
         b, s, _ = x.shape
         q = constrain(self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim), HEADS)
         k = constrain(self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim), KV_HEADS)
@@ -91,6 +97,9 @@ class Attention(nnx.Module):
         offset = 0
         if cache is not None:
             cache = cache.write(layer, index, k, v)
+            if jnp.ndim(index) == 1:  # one step per row, each at its own length (continuous batching)
+                out = attention.ragged_decode_attention(q, *cache.read(layer), segments.q, segments.kv, index + 1)
+                return self.o_proj(constrain(out, HEADS).reshape(b, s, -1)), cache
             if segments.kv.shape[1] != s:
                 k, v = cache.read(layer)
                 offset = index

@@ -1,0 +1,192 @@
+"""Continuous batching: a fixed number of decode slots, each refilled with the next waiting sample when its row ends.
+
+The static sampler (``sampler._decode``) runs every row until the batch's longest one ends, over a cache of
+``prompt + max_new_tokens`` for every row. Here (vLLM's scheduling idea, in compiled JAX programs):
+
+* **Prefill, shared by the G samples** (``sampler._prefill`` with no completion room): each prompt's keys/values,
+  last logits and next M-RoPE position, once per prompt, into a pool ``[layers, B, P, kv_heads, head_dim]``.
+* **Slots**: a contiguous KV cache ``[layers, S, P + max_new_tokens, ...]`` for ``S`` slots (``rollout.slots``).
+  ``_admit`` copies a waiting sample's prompt from the pool into a free slot (its completion part needs no
+  clearing: nothing past a slot's length is ever read).
+* **Rounds** (``_round``, host-driven): a ``lax.while_loop`` of decode steps over all slots, each slot at its own
+  step: a token is written at its own cache index (``KVCache.write`` with a per-row index) and attends over its
+  own filled length only, in blocks (``attention.ragged_decode_attention``). The round returns to the host as soon
+  as enough slots are free for the waiting samples (``refill``) or every slot has ended; the host admits the next
+  samples (in sample order, so a prompt's G samples run close together) and starts the next round.
+* **Outputs** are written straight into ``[B*G, max_new_tokens]`` buffers at (sample id, step), so the result is
+  laid out exactly as the static sampler's. Randomness is ``sampler.sample_keys`` (sample id, step): the same
+  samples come out for any slot count, and as from the static sampler.
+
+All shapes are fixed by (prompt bucket, batch, G, slots, max_new_tokens): three programs, compiled once per batch
+shape, whatever the lengths. Several processes run the same admission plan: the slots' end flags are replicated.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh
+
+from medix_jax import parallel
+from medix_jax.models.qwen2_5_vl.language import KVCache, Segments
+from medix_jax.models.qwen2_5_vl.model import ModelInputs
+from medix_jax.rl.sampler import (
+    SampleOutput,
+    SamplingConfig,
+    _batch_axes,
+    _cache_axes,
+    _constrain,
+    _prefill,
+    choose_tokens,
+    sample_keys,
+)
+
+
+class Pool(NamedTuple):
+    """The prefilled prompts, one row each (``sampler._prefill`` with no completion room)."""
+
+    cache: KVCache  # [layers, B, P, kv_heads, head_dim]
+    logits: jax.Array  # [B, vocab] float32: the first completion token's
+    position: jax.Array  # [B] int32: M-RoPE position of the first completion token
+    valid: jax.Array  # [B, P] bool: real prompt tokens
+
+
+class Slots(NamedTuple):
+    cache: KVCache  # [layers, S, P + N, kv_heads, head_dim]
+    logits: jax.Array  # [S, vocab] float32: the slot's next token's
+    position: jax.Array  # [S] int32: the slot's first completion position (add step)
+    kv: jax.Array  # [S, P + N] int32 key segment ids: the prompt's mask, then ones
+    step: jax.Array  # [S] int32: tokens the slot's sample has so far
+    sample: jax.Array  # [S] int32: its sample id (row of the output), -1 for none yet
+    limit: jax.Array  # [S] int32: the sample ends after this many tokens
+    done: jax.Array  # [S] bool: free (ended, or never filled); replicated, the host reads it every round
+    out: SampleOutput  # [B*G, N] buffers (lengths: [B*G] zeros until the end)
+
+
+def _done_axes(a):
+    return (None,)  # replicated: every process reads the end flags and makes the same admission plan
+
+
+def _constrain_slots(slots: Slots, mesh: Mesh | None) -> Slots:
+    rows = _constrain((slots.logits, slots.position, slots.kv, slots.step, slots.sample, slots.limit), mesh,
+                      _batch_axes)
+    return Slots(_constrain(slots.cache, mesh, _cache_axes), *rows, _constrain(slots.done, mesh, _done_axes),
+                 _constrain(slots.out, mesh, _batch_axes))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3, 4, 5, 6))
+def _empty(graphdef, state, num_slots: int, prompt_len: int, samples: int, max_new_tokens: int,
+           mesh: Mesh | None) -> Slots:
+    """Every slot free; output buffers of pad tokens with empty masks."""
+    cfg = nnx.merge(graphdef, state).config
+    dtype = jnp.dtype(cfg.dtype)
+    width = prompt_len + max_new_tokens
+    zeros = lambda *shape: jnp.zeros(shape, jnp.int32)  # noqa: E731
+    out = SampleOutput(jnp.full((samples, max_new_tokens), cfg.tokens.pad_token_id, jnp.int32),
+                       jnp.zeros((samples, max_new_tokens), bool), jnp.zeros((samples, max_new_tokens), jnp.float32),
+                       zeros(samples))
+    slots = Slots(KVCache.zeros(cfg.text, num_slots, width, dtype), jnp.zeros((num_slots, cfg.text.vocab_size)),
+                  zeros(num_slots), zeros(num_slots, width), zeros(num_slots), jnp.full((num_slots,), -1, jnp.int32),
+                  zeros(num_slots), jnp.ones((num_slots,), bool), out)
+    return _constrain_slots(slots, mesh)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5), donate_argnums=(0,))
+def _admit(slots: Slots, pool: Pool, assign, limits, num_samples: int, mesh: Mesh | None) -> Slots:
+    """Slot s takes sample ``assign[s]`` (-1: unchanged): its prompt's cache, logits, position and mask from the
+    pool, step 0. ``limits`` ``[B*G]``: each sample's most tokens."""
+    s, p = assign.shape[0], pool.valid.shape[1]
+    take = assign >= 0
+    prompt = jnp.clip(assign // num_samples, 0, pool.valid.shape[0] - 1)
+    at = jnp.where(take, jnp.arange(s), s)  # out of bounds: dropped
+    cache = KVCache(*(c.at[:, at, :p].set(src[:, prompt], mode="drop") for c, src in zip(slots.cache, pool.cache)))
+    kv = slots.kv.at[at, :p].set(pool.valid[prompt].astype(jnp.int32), mode="drop").at[at, p:].set(1, mode="drop")
+    pick = lambda new, old: jnp.where(take.reshape(-1, *(1,) * (old.ndim - 1)), new, old)  # noqa: E731
+    sample = jnp.where(take, assign, slots.sample)
+    updated = Slots(cache, pick(pool.logits[prompt], slots.logits), pick(pool.position[prompt], slots.position), kv,
+                    pick(0, slots.step), sample, pick(limits[jnp.clip(assign, 0)], slots.limit),
+                    slots.done & ~take, slots.out)
+    return _constrain_slots(updated, mesh)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5, 7), donate_argnums=(2,))
+def _round(graphdef, state, slots: Slots, sampling: SamplingConfig, prompt_len: int, ends: tuple[int, ...], key,
+           mesh: Mesh | None, refill) -> Slots:
+    """Decode steps over every slot until every slot has ended or ``refill`` slots are free. A step draws each
+    live slot's token (``sample_keys`` of its sample and step), writes it to the output at (sample, step), feeds it
+    back at cache index ``prompt_len + step`` with position ``position + step``; a slot ends at an end token or
+    at its limit. Ended slots compute too (static shapes) but write nothing anyone reads."""
+    n = sampling.max_new_tokens
+    pad = nnx.merge(graphdef, state).config.tokens.pad_token_id
+    rows = slots.step.shape[0]
+    samples = slots.out.tokens.shape[0]
+    q_segments = jnp.ones((rows, 1), jnp.int32)
+
+    def cond(carry):
+        return ~jnp.all(carry.done) & (jnp.sum(carry.done) < refill)
+
+    def body(slots: Slots) -> Slots:
+        model = nnx.merge(graphdef, jax.tree.map(lambda a: a, state))  # fresh Variables at this trace level
+        live = ~slots.done
+        token, logprob = choose_tokens(slots.logits, sample_keys(key, slots.sample, slots.step), sampling)
+        token = jnp.where(live, token, pad)
+        row, col = jnp.where(live, slots.sample, samples), jnp.minimum(slots.step, n - 1)  # row out of bounds: dropped
+        out = slots.out._replace(tokens=slots.out.tokens.at[row, col].set(token, mode="drop"),
+                                 mask=slots.out.mask.at[row, col].set(True, mode="drop"),
+                                 logprobs=slots.out.logprobs.at[row, col].set(logprob, mode="drop"))
+        ended = live & (jnp.isin(token, jnp.asarray(ends, jnp.int32)) | (slots.step + 1 >= slots.limit))
+        positions = jnp.broadcast_to((slots.position + col)[None, :, None], (3, rows, 1))
+        hidden, cache, _ = model.decode(model.model.embed_tokens(token[:, None]), positions,
+                                        Segments(q_segments, slots.kv), slots.cache, prompt_len + col)
+        step = jnp.where(live, slots.step + 1, slots.step)
+        return _constrain_slots(slots._replace(cache=cache, logits=model.logits(hidden[:, 0]), step=step,
+                                               done=slots.done | ended, out=out), mesh)
+
+    with parallel.activation_sharding(mesh):
+        return jax.lax.while_loop(cond, body, slots)
+
+
+def compile_count() -> int:
+    return _empty._cache_size() + _admit._cache_size() + _round._cache_size()
+
+
+def default_slots(samples: int, num_samples: int, mesh: Mesh | None) -> int:
+    """A quarter of the samples, at least one prompt's G, rounded up to a multiple of the mesh's batch split."""
+    split = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in parallel.DEFAULT_RULES["batch"]]))
+    slots = max(-(-samples // 4), num_samples)
+    return min(-(-slots // split) * split, -(-samples // split) * split)
+
+
+def generate(graphdef, state, prompts: ModelInputs, key, limits, sampling: SamplingConfig, ends: tuple[int, ...],
+             mesh: Mesh | None) -> SampleOutput:
+    """``sampler.Sampler.generate`` with continuous batching (module docstring); ``prompts`` and ``limits`` are
+    global (placed) arrays."""
+    b, p = prompts.input_ids.shape
+    g = sampling.num_samples
+    samples = b * g
+    num_slots = sampling.slots or default_slots(samples, g, mesh)
+    cache, logits, position, valid = _prefill(graphdef, state, prompts, 0, 1, mesh)
+    pool = Pool(cache, logits, position, valid)
+    slots = _empty(graphdef, state, num_slots, p, samples, sampling.max_new_tokens, mesh)
+    free = np.ones(num_slots, bool)
+    waiting = 0  # next sample id to admit
+    while True:
+        assign = np.full(num_slots, -1, np.int32)
+        for slot in np.flatnonzero(free)[: samples - waiting]:
+            assign[slot], waiting = waiting, waiting + 1
+        if (assign >= 0).any():
+            slots = _admit(slots, pool, jnp.asarray(assign), limits, g, mesh)
+        elif free.all():
+            break
+        # Back to the host once enough slots are free for what waits (an eighth of them), or all have ended.
+        left = samples - waiting
+        refill = num_slots + 1 if left == 0 else min(left, max(1, num_slots // 8))
+        slots = _round(graphdef, state, slots, sampling, p, ends, key, mesh, jnp.int32(refill))
+        free = np.asarray(slots.done)
+    out = slots.out
+    return out._replace(lengths=_constrain(out.mask.sum(1).astype(jnp.int32), mesh, _batch_axes))
