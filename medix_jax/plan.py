@@ -419,7 +419,7 @@ def build_programs(cfg, mesh, images: int, image_rows: int | None) -> tuple[list
 
     def decode_program(prefill_out):
         args = (graphdef, rollout_params, *prefill_out, rollout, length, ends,
-                sds(key.shape, key.dtype, sharding=replicated), mesh)
+                sds(key.shape, key.dtype, sharding=replicated), batch((cfg.data.batch_size * g,), jnp.int32), mesh)
         return Program("decode", f"rl.sampler._decode: {cfg.data.batch_size * g} rows x {new} new tokens (while "
                        f"loop, cache donated)", sampler._decode, args, train.rollout_batches, at_least,
                        sampling_resident, while_trips=new,
@@ -438,10 +438,11 @@ def build_programs(cfg, mesh, images: int, image_rows: int | None) -> tuple[list
             "runs inside prefill and the update; not added to the step", sampling_resident))
 
     gradients = jax.jit(functools.partial(trainer._gradients, param_shardings=param_shardings, mesh=mesh),
-                        static_argnums=(0, 6, 7, 8))
+                        static_argnums=(0, 6, 7, 8, 9))
     totals = grpo.Totals(scalar(jnp.float32), scalar(jnp.float32))
+    # At the full completion width: the trainer's narrower branches (trainer.completion_widths) need less.
     grad_args = (graphdef, params, prompts(micro), completions(micro * g, kl), totals, scalar(bool), train.loss, g,
-                 rollout.temperature)
+                 rollout.temperature, (new,), scalar(jnp.int32))
     accumulator = {"gradient accumulator": params_b} if train.micro_batches > 1 else {}
     programs.append(Program(
         "update", f"rl.trainer._gradients: micro-batch of {micro} prompts = {micro * g} rows x ({length} + {new}) "
@@ -451,10 +452,11 @@ def build_programs(cfg, mesh, images: int, image_rows: int | None) -> tuple[list
     runs = (parts if kl else 0) + ((train.mini_batches - 1) * train.micro_batches if recompute else 0)
     if runs:
         why = " and ".join(w for w, on in (("reference (kl_coef > 0)", kl), ("old (recompute)", recompute)) if on)
-        logprobs = jax.jit(trainer._logprobs, static_argnums=(0, 4, 5, 6))
+        logprobs = jax.jit(trainer._logprobs, static_argnums=(0, 4, 5, 6, 7))
         programs.append(Program(
             "logprobs", f"rl.trainer._logprobs ({why}): {micro * g} rows x ({length} + {new}) tokens", logprobs,
-            (graphdef, params, prompts(micro), completions(micro * g, False), g, rollout.temperature, mesh), runs,
+            (graphdef, params, prompts(micro), completions(micro * g, False), g, rollout.temperature, mesh, (new,),
+             scalar(jnp.int32)), runs,
             "once per micro-batch per step" + (" for the reference" if kl else "")
             + (", and for old log-probs of every mini-batch but the first" if recompute else ""),
             {"Adam state": opt_b, **({"the other parameter copy": params_b} if kl else {}), **copy, **others}))

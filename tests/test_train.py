@@ -26,6 +26,7 @@ from medix_jax.data.pipeline import PromptBatches, data_source
 from medix_jax.rewards.judge import JudgeConfig
 from medix_jax.rewards.pool import RewardBatch, RewardPool, RewardsConfig
 from medix_jax.rl import grpo
+from medix_jax.rl import trainer as trainer_module
 from medix_jax.rl.trainer import Trainer
 from medix_jax.train import DEFAULT_CONFIG, build_model, main, prepare_embedded_data, tokenizer_and_model_config
 from tests.judge_server import JudgeServer
@@ -46,8 +47,9 @@ def shared_run(tmp_path_factory):
     return cfg, tokenizer, model_cfg
 
 
-def make_trainer(shared_run, rewards, mesh=None, model_changes=None, **train_changes):
+def make_trainer(shared_run, rewards, mesh=None, model_changes=None, rollout_changes=None, **train_changes):
     cfg, tokenizer, model_cfg = shared_run
+    cfg = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, **(rollout_changes or {})))
     model_cfg = dataclasses.replace(model_cfg, **(model_changes or {}))
     mesh = mesh or parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     data = PromptBatches(data_source(cfg.data), cfg.data, model_cfg, tokenizer, cfg.buckets, cfg.seed)
@@ -466,3 +468,50 @@ def test_only_the_running_micro_batch_holds_its_pixels_on_the_device(shared_run)
     trainer._gradients = counting
     trainer.update(groups)
     assert len(seen) == 4 and max(seen) == 1, seen
+
+
+def test_completion_widths():
+    assert trainer_module.completion_widths(4096) == (512, 1024, 2048, 4096)
+    assert trainer_module.completion_widths(256) == (64, 128, 256)
+    assert trainer_module.completion_widths(100) == (100,)
+
+
+def test_a_length_bucketed_update_equals_the_padded_one_without_new_programs(shared_run):
+    """Micro-batches formed by length and trimmed to a width bucket give the update of full-width micro-batches
+    (the gradient sums over the same mini-batch); other lengths next time compile nothing new."""
+    kw = dict(rollout_changes=dict(max_new_tokens=128), micro_batches=2)
+    bucketed, padded = make_trainer(shared_run, LetterReward(), **kw), make_trainer(shared_run, LetterReward(), **kw)
+    assert bucketed.widths == (64, 128)
+    padded.widths = (128,)
+    initial = flat_params(bucketed.params)
+    groups, _ = bucketed.collect(jax.random.PRNGKey(0))
+    rng = np.random.default_rng(0)
+
+    def forced(groups, long_groups):  # completions of long-tailed lengths; the long ones in some groups only
+        out = []
+        for i, grp in enumerate(groups):
+            cap = 128 if i in long_groups else 40
+            lengths = np.clip(rng.lognormal(np.log(24), 0.8, len(grp.mask)).astype(int), 1, cap)
+            lengths[0] = cap  # the group's longest
+            out.append(grp._replace(mask=np.arange(grp.mask.shape[1])[None] < lengths[:, None]))
+        return out
+
+    first = forced(groups, long_groups={1})
+    assert max(int(g.mask.sum(1).max()) for g in first) > 64
+    widths, gradients = [], bucketed._gradients
+
+    def recording(*args):
+        widths.append(bucketed.widths[int(args[-1])])
+        return gradients(*args)
+
+    bucketed._gradients = recording
+    bucketed.update(first)
+    bucketed._gradients = gradients
+    assert widths == [64, 128]  # the three short groups' micro-batch really ran at the narrow width
+    padded.update(first)
+    a, b = flat_params(bucketed.params), flat_params(padded.params)
+    assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-5  # summation order (as across processes)
+    assert max(float(np.abs(a[k] - initial[k]).max()) for k in a) > 1e-4  # the update really moved the parameters
+    compiled = bucketed.compile_count
+    bucketed.update(forced(groups, long_groups={0, 3}))
+    assert bucketed.compile_count == compiled

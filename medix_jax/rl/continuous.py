@@ -187,6 +187,6 @@ def generate(graphdef, state, prompts: ModelInputs, key, limits, sampling: Sampl
         left = samples - waiting
         refill = num_slots + 1 if left == 0 else min(left, max(1, num_slots // 8))
         slots = _round(graphdef, state, slots, sampling, p, ends, key, mesh, jnp.int32(refill))
-        free = np.asarray(slots.done)
+        free = np.asarray(slots.done.addressable_data(0))  # replicated: this process's copy is the whole
     out = slots.out
     return out._replace(lengths=_constrain(out.mask.sum(1).astype(jnp.int32), mesh, _batch_axes))

@@ -184,9 +184,9 @@ class SupervisedStage:
         groups = [Group(ex, tokens[i:i + 1], mask[i:i + 1], zeros[i:i + 1, None] * mask[i:i + 1], zeros[i:i + 1],
                         zeros[i:i + 1]) for i, ex in enumerate(batch.examples)]
         parts = [trainer._device_batch(groups[m::cfg.micro_batches]) for m in range(cfg.micro_batches)]
-        totals = grpo.totals(jnp.concatenate([b.mask for _, b in parts]))
+        totals = grpo.totals(jnp.concatenate([b.mask for _, b, _ in parts]))
         grads, sums = None, {}
-        for prompts, b in parts:
+        for prompts, b, _ in parts:  # at the full width (the cold start's targets are short and alike)
             grad, m = self._gradients(trainer.graphdef, trainer.params, parallel.shard_prompts(prompts, trainer.mesh),
                                       b.tokens, b.mask, totals)
             grads = grad if grads is None else trainer._accumulate(grads, grad)

@@ -16,18 +16,20 @@ One step (``Trainer.step``):
    every change of the parameters (rollouts always come from the current policy) and released when the update
    begins (its memory goes to the backward pass); the gradient, the old and reference log-probabilities and the
    optimizer use the stored parameters, and the old log-probabilities are then recomputed by default (below).
-2. **Update.** ``ppo_epochs`` passes over ``mini_batches`` mini-batches; each is one AdamW update (``optim``)
-   whose gradient is accumulated over ``micro_batches`` micro-batches (``grpo.Totals`` keeps the mini-batch
-   denominators, so accumulation is exact). Micro-batch m of the n = mini x micro holds groups m, m + n, m + 2n, ...
-   of the step. The policy's log-probabilities come from one forward pass over prompt + completion
-   (``completion_hidden``); the vision tower runs once per prompt, not once per sample. The vocabulary projection,
-   log-softmax and entropy run chunk by chunk along the completion (``completion_logprobs``, rematerialised in the
-   backward pass), so no program holds ``[N, T, vocab]`` logits. Old log-probabilities are recomputed by the
-   trainer's own forward before the update (as the reference always does) whenever the compute dtype is not
-   float32 -- the sampler's KV-cache decode in bf16 differs from the full forward by up to ~1e-2 per token, which
-   alone would clip GSPO's 3e-4 band -- or the sampler ran a copy of the weights in another dtype, and the
-   sampler's otherwise (``recompute_old_logprobs`` overrides). ``logprob_mismatch_{mean,max}`` logs the
-   sampler-vs-trainer |delta log p| over completion tokens every step. The reference policy exists only when
+2. **Update.** ``ppo_epochs`` passes over ``mini_batches`` mini-batches; each is one AdamW update (``optim``) whose
+   gradient is accumulated over ``micro_batches`` micro-batches (``grpo.Totals`` keeps the mini-batch denominators,
+   so accumulation is exact). Mini-batch k holds the groups m, m + n, m + 2n, ... of the step for its micro-batch
+   strides m (n = mini x micro); its micro-batches are those groups sorted by their longest completion and cut in
+   order (``micro_batches``), and each is computed only up to its longest completion, rounded up to a width bucket
+   (``completion_widths``; one program, a branch per width: ``_at_width``). The policy's log-probabilities come from
+   one forward pass over prompt + completion (``completion_hidden``); the vision tower runs once per prompt, not once
+   per sample. The vocabulary projection, log-softmax and entropy run chunk by chunk along the completion
+   (``completion_logprobs``, rematerialised in the backward pass), so no program holds ``[N, T, vocab]`` logits. Old
+   log-probabilities are recomputed by the trainer's own forward before the update (as the reference always does)
+   whenever the compute dtype is not float32 -- the sampler's KV-cache decode in bf16 differs from the full forward
+   by up to ~1e-2 per token, which alone would clip GSPO's 3e-4 band -- or the sampler ran a copy of the weights in
+   another dtype, and the sampler's otherwise (``recompute_old_logprobs`` overrides). ``logprob_mismatch_{mean,max}``
+   logs the sampler-vs-trainer |delta log p| over completion tokens every step. The reference policy exists only when
    ``loss.kl_coef > 0``: the initial weights, or after a supervised stage the policy at its end (``set_reference``,
    restored on resume from the checkpoint of that step, which is always kept); its log-probabilities are computed
    once per step, outside the gradient, like the old ones. A mini-batch with nothing to learn from (only masked
@@ -227,16 +229,60 @@ def _loss(params, graphdef, prompts, batch: Completions, totals: grpo.Totals, ow
     return loss, (metrics, jax.lax.stop_gradient(logp))
 
 
+COMPLETION_BUCKETS = 4  # completion widths of the update: max_new_tokens / 2^k, k < 4 (``completion_widths``)
+MIN_WIDTH = 64  # no narrower bucket than this (below it, trimming saves less than a program costs)
+
+
+def completion_widths(max_new_tokens: int) -> tuple[int, ...]:
+    """The widths (ascending) a micro-batch's completions are trimmed to: ``max_new_tokens / 2^k`` for k <
+    ``COMPLETION_BUCKETS``, rounded up to a multiple of 8, none under ``MIN_WIDTH``; e.g. 4096 -> (512, 1024, 2048,
+    4096)."""
+    halves = {-(-(-(-max_new_tokens // 2**k)) // 8) * 8 for k in range(1, COMPLETION_BUCKETS)}
+    return tuple(sorted({max_new_tokens} | {w for w in halves if MIN_WIDTH <= w < max_new_tokens}))
+
+
+def width_index(length: int, widths: tuple[int, ...]) -> int:
+    """The narrowest of ``widths`` that holds ``length`` completion tokens."""
+    return next(i for i, w in enumerate(widths) if w >= length)
+
+
+def _at_width(widths: tuple[int, ...], index, run, batch: Completions, *args):
+    """``run(batch trimmed to widths[index] columns, *args)``, its ``[N, w]`` last output padded back to the batch's
+    width. One program holds a branch per width (``lax.switch``) and only the chosen one runs: the update's work
+    follows the micro-batch's longest completion without a program per length. Trimming changes nothing else:
+    columns past every row's completion are masked out of the loss, and attention never reaches them."""
+    t = batch.tokens.shape[1]
+
+    def branch(w):
+        def trimmed(batch, *args):
+            cut = lambda a: None if a is None else a[:, :w]  # noqa: E731
+            out = run(batch._replace(tokens=cut(batch.tokens), mask=cut(batch.mask),
+                                     old_logprobs=cut(batch.old_logprobs), ref_logprobs=cut(batch.ref_logprobs)),
+                      *args)
+            return (*out[:-1], jnp.pad(out[-1], ((0, 0), (0, t - w))))
+        return trimmed
+
+    if len(widths) == 1:
+        return branch(widths[0])(batch, *args)
+    return jax.lax.switch(index, [branch(w) for w in widths], batch, *args)
+
+
 def _gradients(graphdef, params, prompts, batch, totals, own_old, loss_cfg, num_samples, temperature,
-               param_shardings=None, mesh=None):
-    """(gradients, metrics, per-token log-probabilities) of one micro-batch. ``own_old`` (a boolean array): the
-    old log-probabilities are this forward's own -- exact for a mini-batch the parameters have not moved on since
+               widths=None, width=0, param_shardings=None, mesh=None):
+    """(gradients, metrics, per-token log-probabilities) of one micro-batch, computed at completion width
+    ``widths[width]`` (``_at_width``; None: the batch's own). ``own_old`` (a boolean array): the old
+    log-probabilities are this forward's own -- exact for a mini-batch the parameters have not moved on since
     sampling, where a second program's bf16 forward would differ in the last bits. With ``param_shardings`` the
     gradients keep the parameters' shardings and the log-probabilities are split over the mesh's batch axes; with
     ``mesh`` the model's activations are pinned to it (``parallel.activation_sharding``)."""
-    with _activations(mesh):
+    def run(batch, params, prompts, totals, own_old):
         grads, (metrics, logp) = jax.grad(_loss, has_aux=True)(params, graphdef, prompts, batch, totals, own_old,
                                                                loss_cfg, num_samples, temperature)
+        return grads, metrics, logp
+
+    with _activations(mesh):
+        grads, metrics, logp = _at_width(widths or (batch.tokens.shape[1],), width, run, batch, params, prompts,
+                                         totals, own_old)
     if param_shardings is not None:
         grads = jax.lax.with_sharding_constraint(grads, param_shardings)
         logp = _split_batch(logp, mesh)
@@ -248,13 +294,16 @@ def _split_batch(a, mesh):
         a, NamedSharding(mesh, parallel.logical_spec(("batch",) + (None,) * (a.ndim - 1), a.shape, mesh)))
 
 
-def _logprobs(graphdef, params, prompts, batch: Completions, num_samples, temperature, mesh):
-    """Per-token log-probabilities ``[N, T]`` of the completions under ``params`` (old or reference policy),
-    split over the batch axes like the completions."""
-    with _activations(mesh):
+def _logprobs(graphdef, params, prompts, batch: Completions, num_samples, temperature, mesh, widths, width):
+    """Per-token log-probabilities ``[N, T]`` of the completions under ``params`` (old or reference policy), at
+    completion width ``widths[width]`` (``_at_width``), split over the batch axes like the completions."""
+    def run(batch, params, prompts):
         model = nnx.merge(graphdef, params)
         hidden, _ = completion_hidden(model, prompts, batch.tokens, batch.mask, num_samples)
-        logp, _ = completion_logprobs(model, hidden, batch.tokens, temperature, with_entropy=False)
+        return completion_logprobs(model, hidden, batch.tokens, temperature, with_entropy=False)[:1]
+
+    with _activations(mesh):
+        (logp,) = _at_width(widths, width, run, batch, params, prompts)
     return _split_batch(logp, mesh)
 
 
@@ -337,10 +386,11 @@ class Trainer:
         self.recompute = recomputes_old_logprobs(train, model.config, cast)
         # Gradients and their running sum keep the parameters' shardings (else XLA may replicate them).
         self._gradients = jax.jit(functools.partial(_gradients, param_shardings=param_shardings, mesh=mesh),
-                                  static_argnums=(0, 6, 7, 8))
+                                  static_argnums=(0, 6, 7, 8, 9))
         self._accumulate = jax.jit(lambda total, grads: jax.tree.map(jnp.add, total, grads), donate_argnums=(0,),
                                    out_shardings=param_shardings)
-        self._logprobs = jax.jit(_logprobs, static_argnums=(0, 4, 5, 6))
+        self._logprobs = jax.jit(_logprobs, static_argnums=(0, 4, 5, 6, 7))
+        self.widths = completion_widths(rollout.max_new_tokens)
         self._extra_compiles = []  # other stages' jitted functions (rl/sft.py), counted in compile_count
 
     def set_reference(self, params=None) -> None:
@@ -486,29 +536,29 @@ class Trainer:
 
     # -- update ----------------------------------------------------------------------------------------------------
 
-    def _device_batch(self, groups: list[Group]) -> tuple[ModelInputs, Completions]:
-        """This process's groups of a micro-batch -> the global micro-batch (same buckets on every process): the
-        completions on the device, the prompts on the host (numpy; ``shard_prompts`` at each use). A step holds
-        every micro-batch at once, and the prompts' pixels are most of its bytes (one 21,504-row image is 100 MB
-        in float32): on the device, 31 idle micro-batches took 2.9 GiB of each v6e chip during the update."""
+    def _device_batch(self, groups: list[Group]) -> tuple[ModelInputs, Completions, int]:
+        """This process's groups of a micro-batch -> (the global micro-batch, the index of its completion width
+        in ``self.widths``), with the same buckets on every process: the completions on the device, the prompts on
+        the host (numpy; ``shard_prompts`` at each use). A step holds every micro-batch at once, and the prompts'
+        pixels are most of its bytes (one 21,504-row image is 100 MB in float32): on the device, 31 idle
+        micro-batches took 2.9 GiB of each v6e chip during the update."""
         examples = [grp.example for grp in groups]
         prompts = collate(examples, self.model_cfg, self.buckets, parallel.host_max(sizes(examples, self.model_cfg)))
         stack = lambda field: np.concatenate([getattr(grp, field) for grp in groups])  # noqa: E731
         batch = Completions(*(parallel.batch_array(stack(field), self.mesh)
                               for field in ("tokens", "mask", "logprobs", "advantages")))
-        return prompts.inputs, batch
+        longest = parallel.host_max(max(_completion_length(grp) for grp in groups))
+        return prompts.inputs, batch, width_index(int(longest), self.widths)
 
     def update(self, groups: list[Group]) -> dict:
         t = self.train
         self._rollout_params = None  # the rollouts are done: the memory of a cast copy goes to the update
-        parts = t.mini_batches * t.micro_batches
         temperature, g = self.rollout.temperature, self.rollout.num_samples
-        device = [self._device_batch(groups[m::parts]) for m in range(parts)]
         minis = []  # (micro-batches, denominators) per mini-batch that has something to learn from
         for k in range(t.mini_batches):
-            chunk = device[k * t.micro_batches: (k + 1) * t.micro_batches]
-            mask = jnp.concatenate([b.mask for _, b in chunk])  # the mini-batch's, over all processes
-            signal = jnp.concatenate([b.mask.any(1) & (b.advantages != 0) for _, b in chunk])
+            chunk = [self._device_batch(part) for part in micro_batches(groups, k, t.mini_batches, t.micro_batches)]
+            mask = jnp.concatenate([b.mask for _, b, _ in chunk])  # the mini-batch's, over all processes
+            signal = jnp.concatenate([b.mask.any(1) & (b.advantages != 0) for _, b, _ in chunk])
             if bool(signal.any()) or (t.loss.kl_coef > 0 and bool(mask.any())):
                 minis.append((chunk, grpo.totals(mask)))
         # Old and reference log-probabilities: once per step, before any update. The first mini-batch's old ones come
@@ -520,16 +570,17 @@ class Trainer:
             mismatch[:] = mismatch[0] + float(total), mismatch[1] + float(count), max(mismatch[2], float(peak))
 
         for k, (chunk, _) in enumerate(minis):
-            for i, (prompts, batch) in enumerate(chunk):
+            for i, (prompts, batch, width) in enumerate(chunk):
                 placed = parallel.shard_prompts(prompts, self.mesh)
+                at = (self.widths, jnp.int32(width))
                 if self.recompute and k > 0:
-                    old = self._logprobs(self.graphdef, self.params, placed, batch, g, temperature, self.mesh)
+                    old = self._logprobs(self.graphdef, self.params, placed, batch, g, temperature, self.mesh, *at)
                     measure(batch.old_logprobs, old, batch.mask)
                     batch = batch._replace(old_logprobs=old)
                 if self.ref_params is not None:
                     batch = batch._replace(ref_logprobs=self._logprobs(
-                        self.graphdef, self.ref_params, placed, batch, g, temperature, self.mesh))
-                chunk[i] = (prompts, batch)
+                        self.graphdef, self.ref_params, placed, batch, g, temperature, self.mesh, *at))
+                chunk[i] = (prompts, batch, width)
         per_update: list[dict[str, float]] = []
         norms = []
         for epoch in range(t.ppo_epochs):
@@ -537,13 +588,14 @@ class Trainer:
                 own = self.recompute and epoch == 0 and k == 0
                 grads = None
                 sums: dict[str, float] = {}
-                for i, (prompts, batch) in enumerate(chunk):
+                for i, (prompts, batch, width) in enumerate(chunk):
                     placed = parallel.shard_prompts(prompts, self.mesh)
                     grad, m, logp = self._gradients(self.graphdef, self.params, placed, batch, totals,
-                                                    jnp.asarray(own), t.loss, g, temperature)
+                                                    jnp.asarray(own), t.loss, g, temperature, self.widths,
+                                                    jnp.int32(width))
                     if own:  # later epochs reuse these old log-probabilities
                         measure(batch.old_logprobs, logp, batch.mask)
-                        chunk[i] = (prompts, batch._replace(old_logprobs=logp))
+                        chunk[i] = (prompts, batch._replace(old_logprobs=logp), width)
                     grads = grad if grads is None else self._accumulate(grads, grad)
                     for key, value in m.items():  # per-token means over the mini-batch add up over its parts
                         sums[key] = max(sums.get(key, 0.0), float(value)) if key.endswith("_max") \
@@ -596,6 +648,23 @@ class Trainer:
         return (f"every reward was missing for {self.missing_steps} steps in a row; failing: "
                 f"{', '.join(failing) or 'unknown (no component reported a missing value)'}. Check the reward "
                 "services (e.g. rewards.judge.url) and resume: the run saved its state")
+
+
+def micro_batches(groups: list[Group], k: int, mini_batches: int, micro_batches: int) -> list[list[Group]]:
+    """Mini-batch ``k``'s micro-batches: its groups (m, m + n, m + 2n, ... of the step for its micro-batch strides
+    m, n = mini x micro) sorted by their longest completion and cut in order, so that each micro-batch's width
+    bucket (``width_index``) is as narrow as its own groups allow. The gradient is the sum over the mini-batch's
+    groups, so the order changes nothing else."""
+    parts = mini_batches * micro_batches
+    members = sorted((grp for m in range(k * micro_batches, (k + 1) * micro_batches) for grp in groups[m::parts]),
+                     key=_completion_length)
+    per = len(members) // micro_batches
+    return [members[i * per:(i + 1) * per] for i in range(micro_batches)]
+
+
+def _completion_length(group: Group) -> int:
+    """The longest completion of a group that the update sees (masked samples count 0)."""
+    return int(group.mask.sum(1).max())
 
 
 def _combine(key: str, values: list[float], over: str = "batches") -> float:
