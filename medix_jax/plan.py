@@ -424,6 +424,11 @@ def build_programs(cfg, mesh, images: int, image_rows: int | None) -> tuple[list
                        f"loop, cache donated)", sampler._decode, args, train.rollout_batches, at_least,
                        sampling_resident, while_trips=new,
                        notes=[f"FLOPs: the while loop's body x {new} steps (an upper bound: rows stop at end tokens)",
+                              *(["the static sampler, compiled as the bound: rollout.batching continuous (the "
+                                 "default) decodes in rollout.slots rows over a cache of that many rows, plus one "
+                                 "prompt-length row per prompt (rl/continuous.py): with the default slots (a quarter "
+                                 "of the samples), less memory than this"]
+                                if rollout.batching == "continuous" else []),
                               *gathered])
 
     @functools.partial(jax.jit, static_argnums=(0, 3))

@@ -513,5 +513,6 @@ def test_a_length_bucketed_update_equals_the_padded_one_without_new_programs(sha
     assert max(float(np.abs(a[k] - b[k]).max()) for k in a) <= 1e-5  # summation order (as across processes)
     assert max(float(np.abs(a[k] - initial[k]).max()) for k in a) > 1e-4  # the update really moved the parameters
     compiled = bucketed.compile_count
-    bucketed.update(forced(groups, long_groups={0, 3}))
+    for long_groups in ({0, 3}, set(), {0, 1, 2, 3}, {2}):  # other lengths, other widths: no new program
+        bucketed.update(forced(groups, long_groups))
     assert bucketed.compile_count == compiled
