@@ -9,6 +9,7 @@ import pytest
 from medix_jax import parallel
 from medix_jax.models import attention
 from medix_jax.models.qwen2_5_vl.hf_io import load_hf
+from medix_jax.rl import continuous
 from medix_jax.rl.sampler import Sampler, SamplingConfig, prepare_prompts
 from tests.test_sampler import BUCKETS, mixed_batch
 
@@ -86,8 +87,13 @@ def test_compile_count_stays_flat_over_varying_lengths(setup):
     assert sampler.compile_count == compiled
 
 
-def test_sharded_continuous_batching_equals_one_device(tiny_checkpoint):
+def test_sharded_continuous_batching_equals_one_device(tiny_checkpoint, monkeypatch):
+    """Same samples on a 2 x 2 x 2 mesh, and the same admission plan: as many rounds as on one device (XLA splits
+    the slots' end flags over the batch axes; a host that read only its first shard admitted into too few slots)."""
     _, path = tiny_checkpoint
+    rounds = []
+    run_round = continuous._round
+    monkeypatch.setattr(continuous, "_round", lambda *a: rounds.append(1) or run_round(*a))
     mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     ids, mask, pixels, grids = mixed_batch(np.random.default_rng(0))
     ids, mask = np.concatenate([ids, ids[::-1], ids[:2]]), np.concatenate([mask, mask[::-1], mask[:2]])
@@ -97,10 +103,14 @@ def test_sharded_continuous_batching_equals_one_device(tiny_checkpoint):
     kw = dict(max_new_tokens=10, temperature=0.8, num_samples=2)
     limits = np.arange(16) % 10 + 1
     single = load_hf(path)
-    expected = Sampler(SamplingConfig(batching="static", **kw)).generate(
-        single, prepare_prompts(single.config, ids, mask, pixels, grids, BUCKETS), jax.random.key(0), limits)
+    single_prompts = prepare_prompts(single.config, ids, mask, pixels, grids, BUCKETS)
+    expected = Sampler(SamplingConfig(batching="static", **kw)).generate(single, single_prompts, jax.random.key(0),
+                                                                          limits)
+    Sampler(SamplingConfig(slots=4, **kw)).generate(single, single_prompts, jax.random.key(0), limits)
+    one_device, rounds[:] = len(rounds), []
     sharded = load_hf(path, mesh=mesh)
     out = Sampler(SamplingConfig(slots=4, **kw), mesh=mesh).generate(
         sharded, prepare_prompts(sharded.config, ids, mask, pixels, grids, BUCKETS), jax.random.key(0), limits)
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(expected.tokens))
     np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(expected.logprobs), atol=1e-5)
+    assert len(rounds) == one_device

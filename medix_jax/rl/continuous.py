@@ -18,7 +18,8 @@ The static sampler (``sampler._decode``) runs every row until the batch's longes
   samples come out for any slot count, and as from the static sampler.
 
 All shapes are fixed by (prompt bucket, batch, G, slots, max_new_tokens): three programs, compiled once per batch
-shape, whatever the lengths. Several processes run the same admission plan: the slots' end flags are replicated.
+shape, whatever the lengths. Several processes run the same admission plan: each reads the whole end-flag vector
+(``process_allgather``) every round.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from medix_jax import parallel
@@ -64,12 +66,12 @@ class Slots(NamedTuple):
     step: jax.Array  # [S] int32: tokens the slot's sample has so far
     sample: jax.Array  # [S] int32: its sample id (row of the output), -1 for none yet
     limit: jax.Array  # [S] int32: the sample ends after this many tokens
-    done: jax.Array  # [S] bool: free (ended, or never filled); replicated, the host reads it every round
+    done: jax.Array  # [S] bool: free (ended, or never filled); the host reads all of it every round
     out: SampleOutput  # [B*G, N] buffers (lengths: [B*G] zeros until the end)
 
 
 def _done_axes(a):
-    return (None,)  # replicated: every process reads the end flags and makes the same admission plan
+    return (None,)  # asked replicated; XLA may still split it over the batch axes (the host gathers it whole)
 
 
 def _constrain_slots(slots: Slots, mesh: Mesh | None) -> Slots:
@@ -187,6 +189,8 @@ def generate(graphdef, state, prompts: ModelInputs, key, limits, sampling: Sampl
         left = samples - waiting
         refill = num_slots + 1 if left == 0 else min(left, max(1, num_slots // 8))
         slots = _round(graphdef, state, slots, sampling, p, ends, key, mesh, jnp.int32(refill))
-        free = np.asarray(slots.done.addressable_data(0))  # replicated: this process's copy is the whole
+        # The whole flag vector on every process, however XLA laid it out (one process's first shard may hold part
+        # of it: then the processes' admission plans differ, and their next programs wait on each other forever).
+        free = np.asarray(multihost_utils.process_allgather(slots.done, tiled=True))
     out = slots.out
     return out._replace(lengths=_constrain(out.mask.sum(1).astype(jnp.int32), mesh, _batch_axes))
