@@ -129,7 +129,7 @@ def test_sharded_update_equals_single_device(shared_run, mesh_sizes):
     assert any(len(leaf.sharding.device_set) == 8 for leaf in jax.tree.leaves(sharded.params))
     grads = []
     for trainer in (single, sharded):
-        prompts, batch = trainer._device_batch(groups)
+        prompts, batch, _ = trainer._device_batch(groups)
         prompts = parallel.shard_prompts(prompts, trainer.mesh)
         g, m, _ = trainer._gradients(trainer.graphdef, trainer.params, prompts, batch, grpo.totals(batch.mask),
                                      False, trainer.train.loss, trainer.rollout.num_samples,
@@ -372,7 +372,7 @@ def test_gradients_keep_the_parameters_shardings(shared_run):
     groups, _ = trainer.collect(jax.random.PRNGKey(1))
     grads = None
     for part in (groups[0::2], groups[1::2]):
-        prompts, batch = trainer._device_batch(part)
+        prompts, batch, _ = trainer._device_batch(part)
         prompts = parallel.shard_prompts(prompts, trainer.mesh)
         g, _, _ = trainer._gradients(trainer.graphdef, trainer.params, prompts, batch, grpo.totals(batch.mask),
                                      np.asarray(False), trainer.train.loss, trainer.rollout.num_samples,
