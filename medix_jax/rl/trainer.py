@@ -237,7 +237,7 @@ def completion_widths(max_new_tokens: int) -> tuple[int, ...]:
     """The widths (ascending) a micro-batch's completions are trimmed to: ``max_new_tokens / 2^k`` for k <
     ``COMPLETION_BUCKETS``, rounded up to a multiple of 8, none under ``MIN_WIDTH``; e.g. 4096 -> (512, 1024, 2048,
     4096)."""
-    halves = {-(-(-(-max_new_tokens // 2**k)) // 8) * 8 for k in range(1, COMPLETION_BUCKETS)}
+    halves = {-(-max_new_tokens // (8 * 2**k)) * 8 for k in range(1, COMPLETION_BUCKETS)}  # ceil(n / 2^k / 8) * 8
     return tuple(sorted({max_new_tokens} | {w for w in halves if MIN_WIDTH <= w < max_new_tokens}))
 
 
