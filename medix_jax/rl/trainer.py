@@ -294,16 +294,17 @@ def _split_batch(a, mesh):
         a, NamedSharding(mesh, parallel.logical_spec(("batch",) + (None,) * (a.ndim - 1), a.shape, mesh)))
 
 
-def _logprobs(graphdef, params, prompts, batch: Completions, num_samples, temperature, mesh, widths, width):
+def _logprobs(graphdef, params, prompts, batch: Completions, num_samples, temperature, mesh, widths=None, width=0):
     """Per-token log-probabilities ``[N, T]`` of the completions under ``params`` (old or reference policy), at
-    completion width ``widths[width]`` (``_at_width``), split over the batch axes like the completions."""
+    completion width ``widths[width]`` (``_at_width``; None: the batch's own), split over the batch axes like the
+    completions."""
     def run(batch, params, prompts):
         model = nnx.merge(graphdef, params)
         hidden, _ = completion_hidden(model, prompts, batch.tokens, batch.mask, num_samples)
         return completion_logprobs(model, hidden, batch.tokens, temperature, with_entropy=False)[:1]
 
     with _activations(mesh):
-        (logp,) = _at_width(widths, width, run, batch, params, prompts)
+        (logp,) = _at_width(widths or (batch.tokens.shape[1],), width, run, batch, params, prompts)
     return _split_batch(logp, mesh)
 
 
