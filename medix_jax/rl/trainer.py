@@ -246,12 +246,13 @@ def width_index(length: int, widths: tuple[int, ...]) -> int:
     return next(i for i, w in enumerate(widths) if w >= length)
 
 
-def _at_width(widths: tuple[int, ...], index, run, batch: Completions, *args):
+def _at_width(widths: tuple[int, ...] | None, index, run, batch: Completions, *args):
     """``run(batch trimmed to widths[index] columns, *args)``, its ``[N, w]`` last output padded back to the batch's
-    width. One program holds a branch per width (``lax.switch``) and only the chosen one runs: the update's work
+    width (``widths`` None: the batch's own, untrimmed). One program holds a branch per width (``lax.switch``) and only the chosen one runs: the update's work
     follows the micro-batch's longest completion without a program per length. Trimming changes nothing else:
     columns past every row's completion are masked out of the loss, and attention never reaches them."""
     t = batch.tokens.shape[1]
+    widths = widths or (t,)
 
     def branch(w):
         def trimmed(batch, *args):
@@ -281,7 +282,7 @@ def _gradients(graphdef, params, prompts, batch, totals, own_old, loss_cfg, num_
         return grads, metrics, logp
 
     with _activations(mesh):
-        grads, metrics, logp = _at_width(widths or (batch.tokens.shape[1],), width, run, batch, params, prompts,
+        grads, metrics, logp = _at_width(widths, width, run, batch, params, prompts,
                                          totals, own_old)
     if param_shardings is not None:
         grads = jax.lax.with_sharding_constraint(grads, param_shardings)
@@ -304,7 +305,7 @@ def _logprobs(graphdef, params, prompts, batch: Completions, num_samples, temper
         return completion_logprobs(model, hidden, batch.tokens, temperature, with_entropy=False)[:1]
 
     with _activations(mesh):
-        (logp,) = _at_width(widths or (batch.tokens.shape[1],), width, run, batch, params, prompts)
+        (logp,) = _at_width(widths, width, run, batch, params, prompts)
     return _split_batch(logp, mesh)
 
 
