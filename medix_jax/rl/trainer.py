@@ -248,9 +248,10 @@ def width_index(length: int, widths: tuple[int, ...]) -> int:
 
 def _at_width(widths: tuple[int, ...] | None, index, run, batch: Completions, *args):
     """``run(batch trimmed to widths[index] columns, *args)``, its ``[N, w]`` last output padded back to the batch's
-    width (``widths`` None: the batch's own, untrimmed). One program holds a branch per width (``lax.switch``) and only the chosen one runs: the update's work
-    follows the micro-batch's longest completion without a program per length. Trimming changes nothing else:
-    columns past every row's completion are masked out of the loss, and attention never reaches them."""
+    width (``widths`` None: the batch's own, untrimmed). One program holds a branch per width (``lax.switch``) and
+    only the chosen one runs: the update's work follows the micro-batch's longest completion without a program per
+    length. Trimming changes nothing else: columns past every row's completion are masked out of the loss, and
+    attention never reaches them."""
     t = batch.tokens.shape[1]
     widths = widths or (t,)
 
