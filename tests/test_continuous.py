@@ -43,8 +43,25 @@ def test_ragged_decode_attention_equals_attention_over_the_filled_cache():
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), atol=2e-6)
 
 
+@pytest.fixture
+def compactions(monkeypatch):
+    """Tails moved into fewer slots, down to one (``continuous.MIN_SLOTS`` 1): the calls of ``_compact``."""
+    monkeypatch.setattr(continuous, "MIN_SLOTS", 1)
+    calls = []
+    compact = continuous._compact
+    monkeypatch.setattr(continuous, "_compact", lambda slots, keep, mesh: calls.append(len(keep)) or compact(
+        slots, keep, mesh))
+    return calls
+
+
+def test_shrink_levels():
+    assert continuous.shrink_levels(32, 1) == [32, 16, 8, 4]
+    assert continuous.shrink_levels(6, 1) == [6]  # no fewer than MIN_SLOTS
+    assert continuous.shrink_levels(24, 8) == [24, 16, 8]  # multiples of the batch split
+
+
 @pytest.mark.parametrize("slots", [1, 4, 6])
-def test_greedy_tokens_and_logprobs_equal_the_static_sampler(setup, slots):
+def test_greedy_tokens_and_logprobs_equal_the_static_sampler(setup, slots, compactions):
     model, prompts = setup
     g = 2
     limits = np.array([3, 24, 11, 1, 24, 7])  # forced lengths per sample: rows end at different steps
@@ -56,13 +73,14 @@ def test_greedy_tokens_and_logprobs_equal_the_static_sampler(setup, slots):
     static = _generate(model, prompts, jax.random.key(0), limits, batching="static", **kw)
     ours = _generate(model, prompts, jax.random.key(0), limits, batching="continuous", slots=slots, **kw)
     assert len(set(static.lengths.tolist())) >= 4  # lengths really differ
+    assert bool(compactions) == (slots > 1)  # the tail ran in fewer slots (4 -> 2 -> 1, 6 -> 3 -> 2 -> 1)
     np.testing.assert_array_equal(ours.tokens, static.tokens)
     np.testing.assert_array_equal(ours.mask, static.mask)
     np.testing.assert_array_equal(ours.lengths, static.lengths)
     assert np.abs(ours.logprobs - static.logprobs).max() <= 1e-5
 
 
-def test_samples_do_not_depend_on_the_slot_they_ran_in(setup):
+def test_samples_do_not_depend_on_the_slot_they_ran_in(setup, compactions):
     model, prompts = setup
     kw = dict(max_new_tokens=16, temperature=1.0, top_p=0.9, num_samples=4)
     limits = np.tile([16, 5, 9, 2], 3)
@@ -71,6 +89,7 @@ def test_samples_do_not_depend_on_the_slot_they_ran_in(setup):
         ours = _generate(model, prompts, jax.random.key(5), limits, batching="continuous", slots=slots, **kw)
         np.testing.assert_array_equal(ours.tokens, static.tokens)
         assert np.abs(ours.logprobs - static.logprobs).max() <= 1e-5
+    assert compactions  # some tails moved
     other = _generate(model, prompts, jax.random.key(6), limits, batching="continuous", slots=3, **kw)
     assert not np.array_equal(other.tokens, static.tokens)  # the key matters
     assert not np.array_equal(static.tokens[0], static.tokens[4])  # so does the sample id
@@ -87,9 +106,10 @@ def test_compile_count_stays_flat_over_varying_lengths(setup):
     assert sampler.compile_count == compiled
 
 
-def test_sharded_continuous_batching_equals_one_device(tiny_checkpoint, monkeypatch):
+def test_sharded_continuous_batching_equals_one_device(tiny_checkpoint, monkeypatch, request):
     """Same samples on a 2 x 2 x 2 mesh, and the same admission plan: as many rounds as on one device (XLA splits
-    the slots' end flags over the batch axes; a host that read only its first shard admitted into too few slots)."""
+    the slots' end flags over the batch axes; a host that read only its first shard admitted into too few slots).
+    Eight slots on the mesh move their tail into four (a multiple of its batch split), with the same samples."""
     _, path = tiny_checkpoint
     rounds = []
     run_round = continuous._round
@@ -114,3 +134,9 @@ def test_sharded_continuous_batching_equals_one_device(tiny_checkpoint, monkeypa
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(expected.tokens))
     np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(expected.logprobs), atol=1e-5)
     assert len(rounds) == one_device
+    compactions = request.getfixturevalue("compactions")
+    out = Sampler(SamplingConfig(slots=8, **kw), mesh=mesh).generate(
+        sharded, prepare_prompts(sharded.config, ids, mask, pixels, grids, BUCKETS), jax.random.key(0), limits)
+    assert compactions == [4]
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(expected.tokens))
+    np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(expected.logprobs), atol=1e-5)

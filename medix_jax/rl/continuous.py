@@ -13,12 +13,16 @@ The static sampler (``sampler._decode``) runs every row until the batch's longes
   own filled length only, in blocks (``attention.ragged_decode_attention``). The round returns to the host as soon
   as enough slots are free for the waiting samples (``refill``) or every slot has ended; the host admits the next
   samples (in sample order, so a prompt's G samples run close together) and starts the next round.
+* **The tail** (``_compact``): once nothing waits, the last long samples would decode in nearly empty slots, and a
+  step's cost follows the slot count, not the live rows. When at most half the slots are live, the host moves them
+  into half as many slots (``shrink_levels``: down to an eighth, no fewer than ``MIN_SLOTS``).
 * **Outputs** are written straight into ``[B*G, max_new_tokens]`` buffers at (sample id, step), so the result is
   laid out exactly as the static sampler's. Randomness is ``sampler.sample_keys`` (sample id, step): the same
   samples come out for any slot count, and as from the static sampler.
 
-All shapes are fixed by (prompt bucket, batch, G, slots, max_new_tokens): three programs, compiled once per batch
-shape, whatever the lengths. Several processes run the same admission plan: each reads the whole end-flag vector
+All shapes are fixed by (prompt bucket, batch, G, slots, max_new_tokens): a round and a compaction per slot level
+besides the prefill and admission, compiled once per batch shape, whatever the lengths (a long-tailed batch passes
+through every level). Several processes run the same admission plan: each reads the whole end-flag vector
 (``process_allgather``) every round.
 """
 
@@ -153,13 +157,41 @@ def _round(graphdef, state, slots: Slots, sampling: SamplingConfig, prompt_len: 
         return jax.lax.while_loop(cond, body, slots)
 
 
+@functools.partial(jax.jit, static_argnums=(2,))  # no donation: the slots shrink
+def _compact(slots: Slots, keep, mesh: Mesh | None) -> Slots:
+    """The slots ``keep`` ``[S']`` (the live ones, then free ones), in that order: S' slots instead of S."""
+    rows = lambda a: a[keep]  # noqa: E731
+    return _constrain_slots(Slots(KVCache(*(c[:, keep] for c in slots.cache)), *map(rows, slots[1:-1]), slots.out),
+                            mesh)
+
+
 def compile_count() -> int:
-    return _empty._cache_size() + _admit._cache_size() + _round._cache_size()
+    return _empty._cache_size() + _admit._cache_size() + _round._cache_size() + _compact._cache_size()
+
+
+MIN_SLOTS = 4  # the tail is not moved into fewer slots than this (a step's fixed cost dominates below it)
+SHRINKS = 3  # at most S -> S/2 -> S/4 -> S/8: a round and a compaction program per level
+
+
+def shrink_levels(num_slots: int, split: int) -> list[int]:
+    """The slot counts the tail moves through (``_compact``), largest first: halves of ``num_slots``, multiples of
+    the mesh's batch split ``split``, at least ``MIN_SLOTS``."""
+    levels = [num_slots]
+    for _ in range(SHRINKS):
+        half = -(-levels[-1] // 2 // split) * split
+        if half < max(MIN_SLOTS, split) or half >= levels[-1]:
+            break
+        levels.append(half)
+    return levels
+
+
+def _batch_split(mesh: Mesh | None) -> int:
+    return 1 if mesh is None else int(np.prod([mesh.shape[a] for a in parallel.DEFAULT_RULES["batch"]]))
 
 
 def default_slots(samples: int, num_samples: int, mesh: Mesh | None) -> int:
     """A quarter of the samples, at least one prompt's G, rounded up to a multiple of the mesh's batch split."""
-    split = 1 if mesh is None else int(np.prod([mesh.shape[a] for a in parallel.DEFAULT_RULES["batch"]]))
+    split = _batch_split(mesh)
     slots = max(-(-samples // 4), num_samples)
     return min(-(-slots // split) * split, -(-samples // split) * split)
 
@@ -177,6 +209,7 @@ def generate(graphdef, state, prompts: ModelInputs, key, limits, sampling: Sampl
     slots = _empty(graphdef, state, num_slots, p, samples, sampling.max_new_tokens, mesh)
     free = np.ones(num_slots, bool)
     waiting = 0  # next sample id to admit
+    smaller = shrink_levels(num_slots, _batch_split(mesh))[1:]
     while True:
         assign = np.full(num_slots, -1, np.int32)
         for slot in np.flatnonzero(free)[: samples - waiting]:
@@ -186,11 +219,18 @@ def generate(graphdef, state, prompts: ModelInputs, key, limits, sampling: Sampl
         elif free.all():
             break
         # Back to the host once enough slots are free for what waits (an eighth of them), or all have ended.
+        # With nothing waiting: back once the live slots fit the next smaller level, or all have ended.
         left = samples - waiting
-        refill = num_slots + 1 if left == 0 else min(left, max(1, num_slots // 8))
+        if left:
+            refill = min(left, max(1, num_slots // 8))
+        else:
+            refill = num_slots - smaller[0] if smaller else num_slots + 1
         slots = _round(graphdef, state, slots, sampling, p, ends, key, mesh, jnp.int32(refill))
         # The whole flag vector on every process, however XLA laid it out (one process's first shard may hold part
         # of it: then the processes' admission plans differ, and their next programs wait on each other forever).
         free = np.asarray(multihost_utils.process_allgather(slots.done, tiled=True))
+        if not left and smaller and 0 < (~free).sum() <= smaller[0]:  # the tail: move it into fewer slots
+            keep = np.argsort(free, kind="stable")[: smaller[0]]  # live slots first
+            slots, free, num_slots = _compact(slots, jnp.asarray(keep, jnp.int32), mesh), free[keep], smaller.pop(0)
     out = slots.out
     return out._replace(lengths=_constrain(out.mask.sum(1).astype(jnp.int32), mesh, _batch_axes))
