@@ -303,7 +303,7 @@ def bench_train(config: str | None, overrides: list[str], runs: int, batch: int,
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from medix_jax.rl import grpo
-    from medix_jax.rl.trainer import Completions, OptimConfig, _gradients, make_optimizer
+    from medix_jax.rl.trainer import Completions, OptimConfig, _embed, _embed_gradients, _gradients, make_optimizer
 
     cfg = load_config(config or DEFAULT_CONFIG, overrides).model
     model = init_model(cfg, seed=0)
@@ -321,8 +321,13 @@ def bench_train(config: str | None, overrides: list[str], runs: int, batch: int,
     tx = make_optimizer(OptimConfig(), 1)
     opt_state = tx.init(params)
 
-    def update(params, opt_state):
-        grads, metrics, _ = _gradients(graphdef, params, prompts, completions, totals, False, loss_cfg, 1, 1.0)
+    rows = np.arange(batch, dtype=np.int32)
+
+    def update(params, opt_state):  # the trainer's chain: embed, micro-batch gradient, gradient through the embedding
+        embedded = _embed(graphdef, params, prompts, None)
+        grads, d_embedded, metrics, _ = _gradients(graphdef, params, embedded, prompts, rows, completions, totals,
+                                                   False, loss_cfg, 1.0)
+        grads = _embed_gradients(graphdef, params, prompts, d_embedded, grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, metrics["loss"]
 
@@ -376,8 +381,10 @@ def bench_train(config: str | None, overrides: list[str], runs: int, batch: int,
 
 def bench_train_longtail(config: str | None, overrides: list[str], runs: int, batch: int, new_tokens: int,
                          samples: int, micro: int, image_size: int) -> dict:
-    """One mini-batch update (``micro`` micro-batches, AdamW) on long-tailed completions: full-width strided
-    micro-batches (the update before length bucketing) vs the trainer's length-sorted, width-trimmed ones."""
+    """One mini-batch update (``micro`` micro-batches, AdamW) on long-tailed completions: full-width micro-batches
+    of whole groups (strided, the update before length bucketing) vs the trainer's micro-batches of samples sorted
+    by length, each trimmed to its width bucket. Both embed the mini-batch's prompts once (``_embed``) and take the
+    gradient through the embedding once (``_embed_gradients``), as the trainer does."""
     import optax
     from flax import nnx
 
@@ -386,6 +393,8 @@ def bench_train_longtail(config: str | None, overrides: list[str], runs: int, ba
         Completions,
         Group,
         OptimConfig,
+        _embed,
+        _embed_gradients,
         _gradients,
         completion_widths,
         make_optimizer,
@@ -397,8 +406,8 @@ def bench_train_longtail(config: str | None, overrides: list[str], runs: int, ba
     model = init_model(cfg, seed=0)
     rng = np.random.default_rng(0)
     ids, pixels, grids = _prompt_batch(cfg, batch, image_size, rng)
-    pixels = pixels.reshape(batch, -1, pixels.shape[-1])
     buckets = Buckets(prompt_lengths=(ids.shape[1],), images=(1,), rows_per_image=(1024, 4096, 16384))
+    prompts = jax.tree.map(jax.numpy.asarray, prepare_prompts(cfg, ids, np.ones_like(ids), pixels, grids, buckets))
     lengths = longtail_lengths(batch * samples, new_tokens, rng).reshape(batch, samples)
     columns = np.arange(new_tokens)[None]
     groups = [Group(i, rng.integers(0, 1000, (samples, new_tokens)).astype(np.int32), columns < lengths[i][:, None],
@@ -407,35 +416,39 @@ def bench_train_longtail(config: str | None, overrides: list[str], runs: int, ba
     totals = grpo.totals(np.concatenate([grp.mask for grp in groups]))
     graphdef, params = nnx.split(model, nnx.Param)
     tx = make_optimizer(OptimConfig(), 1)
-    gradients = jax.jit(_gradients, static_argnums=(0, 6, 7, 8, 9))
+    embed = jax.jit(_embed, static_argnums=(0, 3))
+    gradients = jax.jit(_gradients, static_argnums=(0, 8, 9, 10))
+    embed_gradients = jax.jit(_embed_gradients, static_argnums=(0,))
     accumulate = jax.jit(lambda total, grads: jax.tree.map(jax.numpy.add, total, grads))
     apply = jax.jit(lambda params, grads, state: optax.apply_updates(params, tx.update(grads, state, params)[0]))
 
-    def prepared(parts, widths):
+    def prepared(members, parts, widths):
         out = []
-        for part in parts:
-            rows = [grp.example for grp in part]
-            prompts = prepare_prompts(cfg, ids[rows], np.ones_like(ids[rows]), pixels[rows].reshape(
-                -1, pixels.shape[-1]), grids[rows], buckets)
-            stack = lambda field: jax.numpy.asarray(np.concatenate([getattr(g, field) for g in part]))  # noqa: E731
+        for part in parts:  # (member, sample) pairs; a group's example is its prompt's index
+            stack = lambda field: jax.numpy.asarray(np.stack([getattr(members[i], field)[s] for i, s in part]))  # noqa
             batch_ = Completions(*(stack(f) for f in ("tokens", "mask", "logprobs", "advantages")))
-            out.append((jax.tree.map(jax.numpy.asarray, prompts), batch_,
-                        jax.numpy.int32(width_index(int(max(g.mask.sum(1).max() for g in part)), widths))))
+            width = width_index(max(int(members[i].mask[s].sum()) for i, s in part), widths)
+            rows = jax.numpy.asarray([members[i].example for i, _ in part], jax.numpy.int32)
+            out.append((rows, batch_, jax.numpy.int32(width)))
         return out
 
-    arrangements = {"padded": (prepared([groups[m::micro] for m in range(micro)], (new_tokens,)), (new_tokens,)),
-                    "bucketed": (prepared(micro_batches(groups, 0, 1, micro), completion_widths(new_tokens)),
+    whole_groups = [[(i, s) for i in range(m, batch, micro) for s in range(samples)] for m in range(micro)]
+    arrangements = {"padded": (prepared(groups, whole_groups, (new_tokens,)), (new_tokens,)),
+                    "bucketed": (prepared(*micro_batches(groups, 0, 1, micro), completion_widths(new_tokens)),
                                  completion_widths(new_tokens))}
     results, updated, computed = {}, {}, {}
     for name, (parts, widths) in arrangements.items():
         state = tx.init(params)
 
         def run(parts=parts, widths=widths, state=state, name=name):
-            total = None
-            for prompts, batch_, width in parts:
-                grads, _, _ = gradients(graphdef, params, prompts, batch_, totals, False, grpo.LossConfig(), samples,
-                                        1.0, widths, width)
+            embedded = embed(graphdef, params, prompts, None)
+            total = d_total = None
+            for rows, batch_, width in parts:
+                grads, d, _, _ = gradients(graphdef, params, embedded, prompts, rows, batch_, totals, False,
+                                           grpo.LossConfig(), 1.0, widths, width)
                 total = grads if total is None else accumulate(total, grads)
+                d_total = d if d_total is None else accumulate(d_total, d)
+            total = embed_gradients(graphdef, params, prompts, d_total, total)
             updated[name] = jax.block_until_ready(apply(params, total, state))
 
         results[name] = _timed(run, runs)

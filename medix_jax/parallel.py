@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping
 
 import jax
 import jax.experimental.mesh_utils
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
@@ -285,6 +286,29 @@ def init_sharded(make: Callable[[], nnx.Module], mesh: Mesh, rules: Mapping | No
 # ----------------------------------------------------------------------------------------------------------------
 # The batch across processes. Each process holds its own block of every batch's rows (its devices' share of the
 # ``batch`` rule); in a single process that block is the whole batch and these functions reduce to plain placement.
+
+
+def batch_split(mesh: Mesh | None) -> int:
+    """Into how many shards the ``batch`` rule splits a batch dimension of ``mesh`` (1 without one)."""
+    return 1 if mesh is None else math.prod(mesh.shape[a] for a in DEFAULT_RULES["batch"])
+
+
+def take_rows(a, rows, axis: int = 0):
+    """``jnp.take(a, rows, axis)`` where ``rows`` index ``a`` within each batch shard: under an
+    ``activation_sharding`` mesh ``a``'s ``axis`` and ``rows`` are both split over the batch rule, and shard d of
+    ``rows`` picks from shard d of ``a`` only (``shard_map``), so no chip gathers another chip's rows. Without a
+    mesh, plain indices."""
+    context = current_mesh()
+    if context is None:
+        return jnp.take(a, rows, axis=axis)
+    mesh, rules = context
+    split = logical_spec(tuple("batch" if i == axis else None for i in range(a.ndim)), a.shape, mesh, rules)[axis]
+    if logical_spec(("batch",), rows.shape, mesh, rules)[0] != split:
+        raise ValueError(f"take_rows: {rows.shape[0]} rows and {a.shape[axis]} sources split differently over "
+                         f"mesh {dict(mesh.shape)}")
+    spec = PartitionSpec(*(split if i == axis else None for i in range(a.ndim)))
+    return jax.shard_map(lambda x, r: jnp.take(x, r, axis=axis), mesh=mesh, in_specs=(spec, PartitionSpec(split)),
+                         out_specs=spec)(a, rows)
 
 
 def process_rows(mesh: Mesh | None, n: int) -> np.ndarray:

@@ -10,8 +10,10 @@ allocated. The programs are the functions the trainer itself runs, imported, not
 
 * ``rl.sampler._prefill`` -- ``data.batch_size`` prompts at the largest prompt and image buckets -> KV cache;
 * ``rl.sampler._decode`` -- the whole sampling ``while_loop`` over the donated cache (batch x G rows);
-* the vision tower alone on one micro-batch's prompts (diagnostic: it also runs inside prefill and update);
-* ``rl.trainer._gradients`` -- one update micro-batch, jitted as ``Trainer.__init__`` jits it;
+* ``rl.trainer._embed`` (``vision``) -- a mini-batch's prompts through the vision tower and embeddings (it also
+  runs inside prefill);
+* ``rl.trainer._gradients`` -- one update micro-batch on the embedded prompts, jitted as ``Trainer.__init__`` jits
+  it, and ``rl.trainer._embed_gradients`` (``vision_grad``) -- the gradient through the embedding, per mini-batch;
 * ``rl.trainer._logprobs`` -- the old / reference log-prob forward (when ``kl_coef > 0`` or recomputing);
 * the optimizer apply (``trainer.apply_updates``; parameters and Adam state donated);
 * with ``rollout.weights_dtype``, the cast of the sampler's copy of the parameters (``rl.trainer._cast_floats``).
@@ -51,7 +53,7 @@ TOPOLOGIES = {
     "v6e-4": "v6e:2x2", "v6e-8": "v6e:2x4", "v6e-16": "v6e:4x4", "v6e-32": "v6e:4x8", "v6e-64": "v6e:8x8",
     "v6e-256": "v6e:16x16",
 }
-PROGRAMS = ("cast", "prefill", "decode", "vision", "update", "logprobs", "optimizer")
+PROGRAMS = ("cast", "prefill", "decode", "vision", "update", "vision_grad", "logprobs", "optimizer")
 HBM_GIB = {"v5p": 95.74, "v6e": 31.25, "v5e": 15.75}  # per chip, as the TPU compiler counts it
 PEAKS = {"v5p": (459e12, 2765e9), "v6e": (918e12, 1640e9), "v5e": (197e12, 819e9)}  # bf16 dense FLOP/s, HBM B/s
 
@@ -431,40 +433,50 @@ def build_programs(cfg, mesh, images: int, image_rows: int | None) -> tuple[list
                                 if rollout.batching == "continuous" else []),
                               *gathered])
 
-    @functools.partial(jax.jit, static_argnums=(0, 3))
-    def vision_tower(graphdef, state, vision, mesh):  # under the activation pins the trainer's programs use
-        with trainer._activations(mesh):
-            return nnx.merge(graphdef, state).visual(vision)
-
-    if images:
-        programs.append(Program(
-            "vision", f"model.visual: {micro} prompts x {images} image(s) x {rows} rows (one micro-batch's prompts)",
-            vision_tower, (graphdef, params, prompts(micro).vision, mesh), 0,
-            "runs inside prefill and the update; not added to the step", sampling_resident))
+    # The update: a mini-batch's prompts embedded once (vision tower), micro-batches of completions on them, the
+    # gradient through the embedding once per mini-batch (rl/trainer.py).
+    mini = micro * train.micro_batches
+    runs = (train.mini_batches if kl else 0) + (train.mini_batches - 1 if recompute else 0)  # old / reference
+    embed = jax.jit(trainer._embed, static_argnums=(0, 3))
+    shapes_out = jax.eval_shape(functools.partial(trainer._embed, graphdef, mesh=mesh), params, prompts(mini))
+    embedded = jax.tree.map(lambda a: batch(a.shape, a.dtype, axis=a.ndim - 3), shapes_out)  # [.., M, P, hidden]
+    held = {"mini-batch prompt embeddings and their cotangent sum": 2 * _per_chip(embedded)}
+    programs.append(Program(
+        "vision", f"rl.trainer._embed: a mini-batch's {mini} prompts x {length} tokens{image_text}", embed,
+        (graphdef, params, prompts(mini), mesh), train.ppo_epochs * train.mini_batches + runs,
+        "ppo_epochs x mini_batches, + once per mini-batch for old / reference log-probs (also inside prefill)",
+        {**update_resident, **others}))
 
     gradients = jax.jit(functools.partial(trainer._gradients, param_shardings=param_shardings, mesh=mesh),
-                        static_argnums=(0, 6, 7, 8, 9))
+                        static_argnums=(0, 8, 9, 10))
     totals = grpo.Totals(scalar(jnp.float32), scalar(jnp.float32))
+    rows_of = batch((micro * g,), jnp.int32)  # each completion's prompt within its batch shard
     # At the full completion width: the trainer's narrower branches (trainer.completion_widths) need less.
-    grad_args = (graphdef, params, prompts(micro), completions(micro * g, kl), totals, scalar(bool), train.loss, g,
-                 rollout.temperature, (new,), scalar(jnp.int32))
+    grad_args = (graphdef, params, embedded, prompts(mini), rows_of, completions(micro * g, kl), totals, scalar(bool),
+                 train.loss, rollout.temperature, (new,), scalar(jnp.int32))
     accumulator = {"gradient accumulator": params_b} if train.micro_batches > 1 else {}
     programs.append(Program(
-        "update", f"rl.trainer._gradients: micro-batch of {micro} prompts = {micro * g} rows x ({length} + {new}) "
-        "tokens", gradients, grad_args, train.ppo_epochs * parts, "ppo_epochs x mini_batches x micro_batches",
-        {**update_resident, **accumulator, **others}))
+        "update", f"rl.trainer._gradients: micro-batch of {micro * g} completions x ({length} + {new}) tokens on "
+        f"{mini} embedded prompts", gradients, grad_args, train.ppo_epochs * parts,
+        "ppo_epochs x mini_batches x micro_batches", {**update_resident, **accumulator, **others, **held}))
+    embed_gradients = jax.jit(functools.partial(trainer._embed_gradients, param_shardings=param_shardings,
+                                                mesh=mesh), static_argnums=(0,), donate_argnums=(4,))
+    programs.append(Program(
+        "vision_grad", f"rl.trainer._embed_gradients: the gradient through the embedding of {mini} prompts"
+        f"{image_text}", embed_gradients, (graphdef, params, prompts(mini), embedded, params),
+        train.ppo_epochs * train.mini_batches, "ppo_epochs x mini_batches", {**update_resident, **others, **held}))
 
-    runs = (parts if kl else 0) + ((train.mini_batches - 1) * train.micro_batches if recompute else 0)
     if runs:
         why = " and ".join(w for w, on in (("reference (kl_coef > 0)", kl), ("old (recompute)", recompute)) if on)
-        logprobs = jax.jit(trainer._logprobs, static_argnums=(0, 4, 5, 6, 7))
+        logprobs = jax.jit(trainer._logprobs, static_argnums=(0, 6, 7, 8))
         programs.append(Program(
             "logprobs", f"rl.trainer._logprobs ({why}): {micro * g} rows x ({length} + {new}) tokens", logprobs,
-            (graphdef, params, prompts(micro), completions(micro * g, False), g, rollout.temperature, mesh, (new,),
-             scalar(jnp.int32)), runs,
+            (graphdef, params, embedded, prompts(mini), rows_of, completions(micro * g, False), rollout.temperature,
+             mesh, (new,), scalar(jnp.int32)), runs * train.micro_batches,
             "once per micro-batch per step" + (" for the reference" if kl else "")
             + (", and for old log-probs of every mini-batch but the first" if recompute else ""),
-            {"Adam state": opt_b, **({"the other parameter copy": params_b} if kl else {}), **copy, **others}))
+            {"Adam state": opt_b, **({"the other parameter copy": params_b} if kl else {}), **copy, **others,
+             **held}))
 
     apply = jax.jit(functools.partial(trainer.apply_updates, tx), donate_argnums=(0, 1),
                     out_shardings=(param_shardings, opt_shardings, replicated))

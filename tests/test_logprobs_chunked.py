@@ -58,10 +58,16 @@ def reference_logprobs(model, hidden, tokens, temperature):
     return logp, scaled
 
 
+def repeated(samples, prompts=4):
+    """Each prompt's row for its ``samples`` completions, in order."""
+    return jnp.repeat(jnp.arange(prompts, dtype=jnp.int32), samples)
+
+
 def reference_loss(params, graphdef, prompts, batch, totals, samples, temperature):
     """The trainer's loss before chunking (same terms, same metrics)."""
     model = nnx.merge(graphdef, params)
-    hidden, _ = completion_hidden(model, prompts, batch.tokens, batch.mask, samples)
+    hidden, _ = completion_hidden(model, prompts, batch.tokens, batch.mask,
+                                  repeated(samples, prompts.input_ids.shape[0]))
     logp, scaled = reference_logprobs(model, hidden, batch.tokens, temperature)
     loss, metrics = grpo.policy_loss(logp, batch.old_logprobs, batch.advantages, batch.mask, LOSS, totals,
                                      batch.ref_logprobs)
@@ -92,13 +98,13 @@ def test_chunked_logprobs_entropy_and_gradients_equal_full_logits(tied):
 
     def chunked(params):
         model = nnx.merge(graphdef, params)
-        hidden, _ = completion_hidden(model, prompts, batch.tokens, batch.mask, 2)
+        hidden, _ = completion_hidden(model, prompts, batch.tokens, batch.mask, repeated(2))
         logp, h = completion_logprobs(model, hidden, batch.tokens, TEMPERATURE, chunk=3)
         return (logp * weights).mean(), (logp, h)
 
     def full(params):
         model = nnx.merge(graphdef, params)
-        hidden, _ = completion_hidden(model, prompts, batch.tokens, batch.mask, 2)
+        hidden, _ = completion_hidden(model, prompts, batch.tokens, batch.mask, repeated(2))
         logp, scaled = reference_logprobs(model, hidden, batch.tokens, TEMPERATURE)
         return (logp * weights).mean(), (logp, grpo.token_entropy(scaled))
 
@@ -114,16 +120,31 @@ def test_chunked_logprobs_entropy_and_gradients_equal_full_logits(tied):
     @jax.jit
     def without_entropy(params):
         model = nnx.merge(graphdef, params)
-        hidden, _ = completion_hidden(model, prompts, batch.tokens, batch.mask, 2)
+        hidden, _ = completion_hidden(model, prompts, batch.tokens, batch.mask, repeated(2))
         return completion_logprobs(model, hidden, batch.tokens, TEMPERATURE, with_entropy=False, chunk=3)
 
     alone, none = without_entropy(params)
     assert none is None and close(alone, ref_logp)
 
 
+def trainer_gradients(graphdef, params, prompts, rows, batch, totals, own, mesh=None, param_shardings=None):
+    """The trainer's gradient of one micro-batch, as ``Trainer.update`` computes it: the prompts embedded
+    (``_embed``), the micro-batch's gradient with the embeddings' cotangent (``_gradients``), the chain rule through
+    the embedding (``_embed_gradients``)."""
+    embedded = jax.jit(trainer._embed, static_argnums=(0, 3))(graphdef, params, prompts, mesh)
+    grads, d_embedded, metrics, logp = jax.jit(functools.partial(
+        trainer._gradients, param_shardings=param_shardings, mesh=mesh), static_argnums=(0, 8, 9))(
+        graphdef, params, embedded, prompts, rows, batch, totals, own, LOSS, TEMPERATURE)
+    grads = jax.jit(functools.partial(trainer._embed_gradients, param_shardings=param_shardings, mesh=mesh),
+                    static_argnums=(0,))(graphdef, params, prompts, d_embedded, grads)
+    return grads, metrics, logp, embedded
+
+
 def test_trainer_gradients_and_logprobs_equal_full_logits(monkeypatch):
-    """The trainer's own programs (chunks of 3 tokens, mesh or none) against the pre-chunking loss: gradients,
-    loss, entropy and every other metric, and the old/reference log-probabilities."""
+    """The trainer's own programs (chunks of 3 tokens, mesh or none; completions in any order, each gathering its
+    prompt's embedding) against the pre-chunking loss with every prompt embedded per completion: gradients (the
+    embedding's share through ``_embed_gradients``), loss, entropy and every other metric, and the old/reference
+    log-probabilities."""
     monkeypatch.setattr(trainer, "LOGPROB_CHUNK", 3)
     graphdef, params = tiny_model(tied=False)
     prompts, batch = batch_for(nnx.merge(graphdef, params).config)
@@ -131,29 +152,32 @@ def test_trainer_gradients_and_logprobs_equal_full_logits(monkeypatch):
     own = jnp.asarray(False)
     ref_grads, (ref_metrics, ref_logp) = jax.jit(jax.grad(reference_loss, has_aux=True), static_argnums=(1, 5, 6))(
         params, graphdef, prompts, batch, totals, 2, TEMPERATURE)
-    gradients = jax.jit(trainer._gradients, static_argnums=(0, 6, 7, 8))
-    grads, metrics, logp = gradients(graphdef, params, prompts, batch, totals, own, LOSS, 2, TEMPERATURE)
-    assert max_diff(grads, ref_grads) <= 1e-6 and close(logp, ref_logp)
+    order = np.random.default_rng(1).permutation(8)  # completions in any order: e.g. sorted by length
+    shuffled = jax.tree.map(lambda a: a[order], batch)
+    rows = repeated(2)[order]
+    grads, metrics, logp, embedded = trainer_gradients(graphdef, params, prompts, rows, shuffled, totals, own)
+    assert max_diff(grads, ref_grads) <= 1e-6 and close(logp, ref_logp[order])
     assert metrics.keys() == ref_metrics.keys() and float(ref_metrics["entropy"]) > 1.0
     assert close(metrics, ref_metrics), (metrics, ref_metrics)
     mesh = parallel.make_mesh({}, jax.devices()[:1])
-    logprobs = jax.jit(trainer._logprobs, static_argnums=(0, 4, 5, 6))
-    assert close(logprobs(graphdef, params, prompts, batch, 2, TEMPERATURE, mesh), ref_logp)
-    # An 8-device mesh (data 2, fsdp 2, tensor 2): activations and each chunk's logits pinned by the rules.
+    logprobs = jax.jit(trainer._logprobs, static_argnums=(0, 6, 7))
+    assert close(logprobs(graphdef, params, embedded, prompts, rows, shuffled, TEMPERATURE, mesh), ref_logp[order])
+    # An 8-device mesh (data 2, fsdp 2, tensor 2): activations and each chunk's logits pinned by the rules; each of
+    # the 4 batch shards holds one prompt and its two completions (row 0 within the shard).
     mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     shardings = parallel.param_shardings(params, mesh)
     flat = dict(nnx.to_flat_state(jax.tree.map(lambda a: a, params)))  # fresh Variables
     for path, variable in flat.items():
         variable.set_value(jax.device_put(variable[...], shardings[path]))
     sharded = nnx.from_flat_state(flat)
-    sharded_gradients = jax.jit(functools.partial(trainer._gradients, param_shardings=jax.tree.map(
-        lambda a: a.sharding, sharded), mesh=mesh), static_argnums=(0, 6, 7, 8))
     place = lambda tree: jax.tree.map(lambda a: parallel.batch_array(np.asarray(a), mesh), tree)  # noqa: E731
-    grads, metrics, logp = sharded_gradients(graphdef, sharded, parallel.shard_prompts(prompts, mesh), place(batch),
-                                             totals, own, LOSS, 2, TEMPERATURE)
+    placed, local_rows = parallel.shard_prompts(prompts, mesh), place(np.zeros(8, np.int32))
+    grads, metrics, logp, embedded = trainer_gradients(
+        graphdef, sharded, placed, local_rows, place(batch), totals, own, mesh, jax.tree.map(lambda a: a.sharding,
+                                                                                          sharded))
     assert max_diff(grads, ref_grads) <= 1e-5 and close(logp, ref_logp, 1e-5) and close(metrics, ref_metrics, 1e-5)
-    assert close(logprobs(graphdef, sharded, parallel.shard_prompts(prompts, mesh), place(batch), 2, TEMPERATURE,
-                          mesh), ref_logp, 1e-5)
+    assert close(logprobs(graphdef, sharded, embedded, placed, local_rows, place(batch), TEMPERATURE, mesh), ref_logp,
+                 1e-5)
 
 
 def test_gradient_temporaries_do_not_scale_with_tokens_times_vocab(monkeypatch):
@@ -165,8 +189,10 @@ def test_gradient_temporaries_do_not_scale_with_tokens_times_vocab(monkeypatch):
     graphdef, params = tiny_model(tied=True, vocab=vocab)
     prompts, batch = batch_for(nnx.merge(graphdef, params).config, prompts=2, length=length)
     totals = grpo.totals(batch.mask)
-    chunked = jax.jit(trainer._gradients, static_argnums=(0, 6, 7, 8)).lower(
-        graphdef, params, prompts, batch, totals, jnp.asarray(False), LOSS, 2, TEMPERATURE).compile()
+    embedded = jax.eval_shape(functools.partial(trainer._embed, graphdef, mesh=None), params, prompts)
+    chunked = jax.jit(trainer._gradients, static_argnums=(0, 8, 9)).lower(
+        graphdef, params, embedded, prompts, repeated(2, prompts=2), batch, totals, jnp.asarray(False), LOSS,
+        TEMPERATURE).compile()
     full = jax.jit(jax.grad(reference_loss, has_aux=True), static_argnums=(1, 5, 6)).lower(
         params, graphdef, prompts, batch, totals, 2, TEMPERATURE).compile()
     sizes = {name: program.memory_analysis().temp_size_in_bytes for name, program in

@@ -149,10 +149,10 @@ def test_plan_tiny_on_v5p_8(tmp_path):
     out = plan(*TINY, "--topology", "v5p-8", "train.loss.kl_coef=0.01", "rollout.weights_dtype=bfloat16",
                "--json", str(tmp_path / "plan.json"))
     assert out.returncode == 0, out.stdout + out.stderr
-    for name in ("cast", "prefill", "decode", "vision", "update", "logprobs", "optimizer"):
+    for name in ("cast", "prefill", "decode", "vision", "update", "vision_grad", "logprobs", "optimizer"):
         assert f"[{name}]" in out.stdout
     assert "95.74 GiB HBM" in out.stdout and "step time estimate (v5p" in out.stdout
-    assert out.stdout.strip().splitlines()[-1].startswith("plan: 7 of 7 programs fit on v5p:2x2x1")
+    assert out.stdout.strip().splitlines()[-1].startswith("plan: 8 of 8 programs fit on v5p:2x2x1")
     figures = json.loads((tmp_path / "plan.json").read_text())
     assert figures["fits"] and figures["devices"] == 4 and figures["mesh"]["fsdp"] == 4
     update = figures["programs"]["update"]
@@ -174,7 +174,7 @@ def test_plan_tiny_on_cpu_8():
 def test_plan_tiny_on_cpu_8_every_program():
     out = plan(*TINY, "--topology", "cpu:8", "data.batch_size=8")
     assert out.returncode == 0, out.stdout + out.stderr
-    for name in ("prefill", "decode", "vision", "update", "optimizer"):
+    for name in ("prefill", "decode", "vision", "update", "vision_grad", "optimizer"):
         assert f"[{name}]" in out.stdout
 
 

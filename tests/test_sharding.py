@@ -129,10 +129,11 @@ def _compiled_update(devices: int):
     completions = trainer.Completions(batch(rows, t, dtype=np.int32), batch(rows, t, dtype=bool), batch(rows, t),
                                       batch(rows))
     totals = grpo.Totals(*(jax.ShapeDtypeStruct((), np.float32) for _ in grpo.Totals._fields))
+    embedded = (batch(rows, p, model.config.text.hidden_size), None)
     step = jax.jit(functools.partial(trainer._gradients, param_shardings=shardings, mesh=mesh),
-                   static_argnums=(0, 6, 7, 8))
-    return step.lower(graphdef, params, prompts, completions, totals, jax.ShapeDtypeStruct((), bool),
-                      grpo.LossConfig(), 1, 1.0).compile()
+                   static_argnums=(0, 8, 9))
+    return step.lower(graphdef, params, embedded, prompts, batch(rows, dtype=np.int32), completions, totals,
+                      jax.ShapeDtypeStruct((), bool), grpo.LossConfig(), 1.0).compile()
 
 
 def test_update_activations_are_split_over_the_batch_axes(mesh):

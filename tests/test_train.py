@@ -114,6 +114,26 @@ def flat_params(params):
     return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
 
 
+def micro_batch_gradients(trainer, groups, micro: int):
+    """(the running sum of the gradients after each micro-batch, that micro-batch's metrics) of one mini-batch of
+    ``groups`` cut into ``micro`` micro-batches, as ``Trainer.update`` computes them (the embedding's share through
+    ``_embed_gradients`` added to the sum at each point)."""
+    shards = parallel.batch_split(trainer.mesh) // jax.process_count()
+    members, parts = trainer_module.micro_batches(groups, 0, 1, micro, shards)
+    prompts = parallel.shard_prompts(trainer._host_prompts(members), trainer.mesh)
+    embedded = trainer._embed(trainer.graphdef, trainer.params, prompts, trainer.mesh)
+    out, grads = [], None
+    for part in parts:
+        rows, batch, _ = trainer._device_batch(members, part)
+        g, d, m, _ = trainer._gradients(trainer.graphdef, trainer.params, embedded, prompts, rows, batch,
+                                        grpo.totals(batch.mask), np.asarray(False), trainer.train.loss,
+                                        trainer.rollout.temperature)
+        grads = g if grads is None else trainer._accumulate(grads, g)
+        out.append((trainer._embed_gradients(trainer.graphdef, trainer.params, prompts, d,
+                                             jax.tree.map(jnp.copy, grads)), m))
+    return out
+
+
 @pytest.mark.parametrize("mesh_sizes", [{"data": 1, "fsdp": 4, "tensor": 2}, {"data": 2, "fsdp": 2, "tensor": 2}],
                          ids=["fsdp4-tensor2", "data2-fsdp2-tensor2"])
 def test_sharded_update_equals_single_device(shared_run, mesh_sizes):
@@ -129,11 +149,7 @@ def test_sharded_update_equals_single_device(shared_run, mesh_sizes):
     assert any(len(leaf.sharding.device_set) == 8 for leaf in jax.tree.leaves(sharded.params))
     grads = []
     for trainer in (single, sharded):
-        prompts, batch, _ = trainer._device_batch(groups)
-        prompts = parallel.shard_prompts(prompts, trainer.mesh)
-        g, m, _ = trainer._gradients(trainer.graphdef, trainer.params, prompts, batch, grpo.totals(batch.mask),
-                                     False, trainer.train.loss, trainer.rollout.num_samples,
-                                     trainer.rollout.temperature)
+        g, m = micro_batch_gradients(trainer, groups, 1)[-1]
         grads.append((flat_params(g), float(m["loss"])))
     (g1, loss1), (g2, loss2) = grads
     assert abs(loss1 - loss2) <= 1e-5 and max(float(np.abs(v).max()) for v in g1.values()) > 1e-3
@@ -370,19 +386,11 @@ def test_gradients_keep_the_parameters_shardings(shared_run):
     mesh = parallel.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
     trainer = make_trainer(shared_run, LetterReward(), mesh=mesh, micro_batches=2, rollout_batches=2)
     groups, _ = trainer.collect(jax.random.PRNGKey(1))
-    grads = None
-    for part in (groups[0::2], groups[1::2]):
-        prompts, batch, _ = trainer._device_batch(part)
-        prompts = parallel.shard_prompts(prompts, trainer.mesh)
-        g, _, _ = trainer._gradients(trainer.graphdef, trainer.params, prompts, batch, grpo.totals(batch.mask),
-                                     np.asarray(False), trainer.train.loss, trainer.rollout.num_samples,
-                                     trainer.rollout.temperature)
-        grads = g if grads is None else trainer._accumulate(grads, g)
-        for total in (g, grads):
-            pairs = list(zip(jax.tree.leaves(total), jax.tree.leaves(trainer.params), strict=True))
-            assert all(a.sharding.is_equivalent_to(p.sharding, p.ndim) for a, p in pairs)
-            per_device = lambda tree: sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))  # noqa
-            assert per_device(total) == per_device(trainer.params)
+    for total, _ in micro_batch_gradients(trainer, groups, 2):
+        pairs = list(zip(jax.tree.leaves(total), jax.tree.leaves(trainer.params), strict=True))
+        assert all(a.sharding.is_equivalent_to(p.sharding, p.ndim) for a, p in pairs)
+        per_device = lambda tree: sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))  # noqa
+        assert per_device(total) == per_device(trainer.params)
 
 
 def test_rollout_weights_dtype_samples_from_a_cast_copy_refreshed_after_each_update(shared_run):
@@ -452,18 +460,19 @@ def test_a_run_with_every_reward_missing_saves_and_stops(tmp_path, capsys):
     assert Checkpoints(run_dir / "checkpoints", 3).manager.latest_step() == 2
 
 
-def test_only_the_running_micro_batch_holds_its_pixels_on_the_device(shared_run):
-    """A step's micro-batches wait on the host: when a gradient program runs, the only prompt pixels on the device are
-    its own (before, every micro-batch of the step was placed up front: 2.9 GiB per v6e chip for 7B, issue 14)."""
+def test_only_the_running_mini_batch_holds_its_pixels_on_the_device(shared_run):
+    """A step's mini-batches wait on the host: when a gradient program runs, the only prompt pixels on the device are
+    its own mini-batch's (before, every micro-batch of the step was placed up front: 2.9 GiB per v6e chip for 7B,
+    issue 14)."""
     trainer = make_trainer(shared_run, LetterReward(), micro_batches=2, rollout_batches=2, mini_batches=2)
     groups, _ = trainer.collect(jax.random.PRNGKey(3))
     patch_dim = trainer.model_cfg.vision.patch_dim
     seen, gradients = [], trainer._gradients
 
-    def counting(graphdef, params, prompts, *args):
+    def counting(graphdef, params, embedded, prompts, *args):
         assert prompts.vision is not None, "the embedded data should hold images"
         seen.append(sum(a.ndim == 3 and a.shape[-1] == patch_dim for a in jax.live_arrays()))
-        return gradients(graphdef, params, prompts, *args)
+        return gradients(graphdef, params, embedded, prompts, *args)
 
     trainer._gradients = counting
     trainer.update(groups)

@@ -185,13 +185,9 @@ def shrink_levels(num_slots: int, split: int) -> list[int]:
     return levels
 
 
-def _batch_split(mesh: Mesh | None) -> int:
-    return 1 if mesh is None else int(np.prod([mesh.shape[a] for a in parallel.DEFAULT_RULES["batch"]]))
-
-
 def default_slots(samples: int, num_samples: int, mesh: Mesh | None) -> int:
     """A quarter of the samples, at least one prompt's G, rounded up to a multiple of the mesh's batch split."""
-    split = _batch_split(mesh)
+    split = parallel.batch_split(mesh)
     slots = max(-(-samples // 4), num_samples)
     return min(-(-slots // split) * split, -(-samples // split) * split)
 
@@ -209,7 +205,7 @@ def generate(graphdef, state, prompts: ModelInputs, key, limits, sampling: Sampl
     slots = _empty(graphdef, state, num_slots, p, samples, sampling.max_new_tokens, mesh)
     free = np.ones(num_slots, bool)
     waiting = 0  # next sample id to admit
-    smaller = shrink_levels(num_slots, _batch_split(mesh))[1:]
+    smaller = shrink_levels(num_slots, parallel.batch_split(mesh))[1:]
     while True:
         assign = np.full(num_slots, -1, np.int32)
         for slot in np.flatnonzero(free)[: samples - waiting]:

@@ -91,7 +91,7 @@ def sft_gradients(graphdef, params, prompts, tokens, mask, totals: grpo.Totals, 
     ``param_shardings``; activations are pinned to ``mesh`` (as the GRPO gradient's)."""
     def loss_fn(params):
         model = nnx.merge(graphdef, params)
-        hidden, router = completion_hidden(model, prompts, tokens, mask, 1)
+        hidden, router = completion_hidden(model, prompts, tokens, mask)
         logp, entropy = completion_logprobs(model, hidden, tokens, 1.0)
         loss = grpo.sft_loss(logp, mask, totals)
         balance, routing = router_terms(router, model.config.text.router_aux_loss_coef, mask.sum() / totals.tokens)
@@ -183,10 +183,11 @@ class SupervisedStage:
         zeros = np.zeros(len(tokens), np.float32)
         groups = [Group(ex, tokens[i:i + 1], mask[i:i + 1], zeros[i:i + 1, None] * mask[i:i + 1], zeros[i:i + 1],
                         zeros[i:i + 1]) for i, ex in enumerate(batch.examples)]
-        parts = [trainer._device_batch(groups[m::cfg.micro_batches]) for m in range(cfg.micro_batches)]
-        totals = grpo.totals(jnp.concatenate([b.mask for _, b, _ in parts]))
+        parts = [(trainer._host_prompts(part), trainer._device_batch(part, [(i, 0) for i in range(len(part))])[1])
+                 for part in (groups[m::cfg.micro_batches] for m in range(cfg.micro_batches))]
+        totals = grpo.totals(jnp.concatenate([b.mask for _, b in parts]))
         grads, sums = None, {}
-        for prompts, b, _ in parts:  # at the full width (the cold start's targets are short and alike)
+        for prompts, b in parts:  # at the full width (the cold start's targets are short and alike)
             grad, m = self._gradients(trainer.graphdef, trainer.params, parallel.shard_prompts(prompts, trainer.mesh),
                                       b.tokens, b.mask, totals)
             grads = grad if grads is None else trainer._accumulate(grads, grad)

@@ -19,11 +19,15 @@ One step (``Trainer.step``):
 2. **Update.** ``ppo_epochs`` passes over ``mini_batches`` mini-batches; each is one AdamW update (``optim``) whose
    gradient is accumulated over ``micro_batches`` micro-batches (``grpo.Totals`` keeps the mini-batch denominators,
    so accumulation is exact). Mini-batch k holds the groups m, m + n, m + 2n, ... of the step for its micro-batch
-   strides m (n = mini x micro); its micro-batches are those groups sorted by their longest completion and cut in
-   order (``micro_batches``), and each is computed only up to its longest completion, rounded up to a width bucket
-   (``completion_widths``; one program, a branch per width: ``_at_width``). The policy's log-probabilities come from
-   one forward pass over prompt + completion (``completion_hidden``); the vision tower runs once per prompt, not once
-   per sample. The vocabulary projection, log-softmax and entropy run chunk by chunk along the completion
+   strides m (n = mini x micro). Its prompts are embedded once (``_embed``: vision tower and token embeddings); its
+   micro-batches are its *samples* sorted by completion length and cut in order, within each batch shard
+   (``micro_batches``), and each is computed only up to its longest completion, rounded up to a width bucket
+   (``completion_widths``; one program, a branch per width: ``_at_width``). A micro-batch's completions gather their
+   prompts' embeddings on their own chip (``parallel.take_rows``), and its gradient comes with the cotangent of
+   those embeddings; the mini-batch's summed cotangent then goes back through the embedding once
+   (``_embed_gradients``): the vision tower runs once per prompt, however its G samples are spread over
+   micro-batches. The policy's log-probabilities come from one forward pass over prompt + completion
+   (``completion_hidden``). The vocabulary projection, log-softmax and entropy run chunk by chunk along the completion
    (``completion_logprobs``, rematerialised in the backward pass), so no program holds ``[N, T, vocab]`` logits. Old
    log-probabilities are recomputed by the trainer's own forward before the update (as the reference always does)
    whenever the compute dtype is not float32 -- the sampler's KV-cache decode in bf16 differs from the full forward
@@ -44,7 +48,8 @@ its own rows of every prompt batch (``data.rows``), samples them as part of one 
 own reward pool and keeps its own groups. An update's global micro-batch is every process's micro-batch m.
 Strided micro-batches make this the same computation as one process running the whole batch, given two things:
 each process's rows are one block (GPU nodes, CPUs), and ``mini_batches`` divides them. Otherwise a mini-batch
-is another, equally random, subset of the step. DAPO filtering fills each process's share of the step
+is another, equally random, subset of the step. (Samples are sorted into micro-batches within each batch shard, so
+the micro-batches differ from one process's, not their sum.) DAPO filtering fills each process's share of the step
 separately. Step metrics are combined across processes (``_combine``): counts add up, and rates and means are
 averaged over the processes. A step in which a large share of the samples has no judge reward prints one warning
 line (``rewards.pool.judge_warning``: the counts by reason and the judge's URL) on process 0.
@@ -151,23 +156,26 @@ class Completions(NamedTuple):
 LOGPROB_CHUNK = 512  # completion tokens per step of the log-probability scan (``completion_logprobs``)
 
 
-def completion_hidden(model: Qwen2_5_VL, prompts: ModelInputs, tokens: jax.Array, mask: jax.Array,
-                      num_samples: int) -> tuple[jax.Array, RouterStats | None]:
-    """(final-norm hidden states ``[B*G, T, hidden]`` that predict completion tokens ``[B*G, T]`` of left-padded
-    prompts ``[B, P]`` -- state t predicts token t --, the mixture of experts' routing statistics or None).
+def completion_hidden(model: Qwen2_5_VL, prompts: ModelInputs, tokens: jax.Array, mask: jax.Array, rows=None,
+                      embedded=None) -> tuple[jax.Array, RouterStats | None]:
+    """(final-norm hidden states ``[N, T, hidden]`` that predict completion tokens ``[N, T]`` -- state t predicts
+    token t --, the mixture of experts' routing statistics or None). Completion n continues prompt ``rows[n]`` of
+    the left-padded prompts ``[B, P]``, an index within its batch shard (``parallel.take_rows``; None: prompt n);
+    ``embedded`` is ``model.embed(prompts)``, computed here when None.
 
     Positions continue each prompt's M-RoPE positions exactly as the sampler does (``num_prompt_tokens +
-    rope_delta + t`` on all three axes); the prompt (with its images) is embedded once and repeated G times.
+    rope_delta + t`` on all three axes); a prompt (with its images) is embedded once, whatever number of
+    completions continue it.
     """
     p, t = prompts.input_ids.shape[1], tokens.shape[1]
-    repeat = functools.partial(jnp.repeat, repeats=num_samples, axis=0)
-    prompt_embeds, deepstack = model.embed(prompts)
-    embeds = jnp.concatenate([repeat(prompt_embeds), model.model.embed_tokens(tokens)], axis=1)
-    start = repeat(prompts.attention_mask.sum(1).astype(jnp.int32) + prompts.rope_delta)
+    take = lambda a, axis=0: a if rows is None else parallel.take_rows(a, rows, axis)  # noqa: E731
+    prompt_embeds, deepstack = model.embed(prompts) if embedded is None else embedded
+    embeds = jnp.concatenate([take(prompt_embeds), model.model.embed_tokens(tokens)], axis=1)
+    start = take(prompts.attention_mask.sum(1).astype(jnp.int32) + prompts.rope_delta)
     completion_positions = jnp.broadcast_to((start[:, None] + jnp.arange(t))[None], (3, start.shape[0], t))
-    positions = jnp.concatenate([jnp.repeat(prompts.positions, num_samples, axis=1), completion_positions], axis=2)
-    segments = jnp.concatenate([repeat(prompts.attention_mask), mask], axis=1).astype(jnp.int32)
-    deepstack = None if deepstack is None else jnp.repeat(deepstack, num_samples, axis=1)
+    positions = jnp.concatenate([take(prompts.positions, 1), completion_positions], axis=2)
+    segments = jnp.concatenate([take(prompts.attention_mask), mask], axis=1).astype(jnp.int32)
+    deepstack = None if deepstack is None else take(deepstack, 1)
     hidden, _, router = model.decode(embeds, positions, Segments(segments, segments), deepstack=deepstack)
     return hidden[:, p - 1: p + t - 1], router
 
@@ -215,10 +223,10 @@ def _activations(mesh):
     return contextlib.nullcontext() if mesh is None else parallel.activation_sharding(mesh)
 
 
-def _loss(params, graphdef, prompts, batch: Completions, totals: grpo.Totals, own_old, loss_cfg: grpo.LossConfig,
-          num_samples: int, temperature: float):
+def _loss(params, embedded, graphdef, prompts, rows, batch: Completions, totals: grpo.Totals, own_old,
+          loss_cfg: grpo.LossConfig, temperature: float):
     model = nnx.merge(graphdef, params)
-    hidden, router = completion_hidden(model, prompts, batch.tokens, batch.mask, num_samples)
+    hidden, router = completion_hidden(model, prompts, batch.tokens, batch.mask, rows, embedded)
     logp, token_entropy = completion_logprobs(model, hidden, batch.tokens, temperature)
     old = jnp.where(own_old, jax.lax.stop_gradient(logp), batch.old_logprobs)
     loss, metrics = grpo.policy_loss(logp, old, batch.advantages, batch.mask, loss_cfg, totals, batch.ref_logprobs)
@@ -269,26 +277,45 @@ def _at_width(widths: tuple[int, ...] | None, index, run, batch: Completions, *a
     return jax.lax.switch(index, [branch(w) for w in widths], batch, *args)
 
 
-def _gradients(graphdef, params, prompts, batch, totals, own_old, loss_cfg, num_samples, temperature,
+def _embed(graphdef, params, prompts, mesh):
+    """``model.embed(prompts)``: a mini-batch's prompts, embedded once for all its micro-batches (vision tower,
+    token embeddings; DeepStack features or None)."""
+    with _activations(mesh):
+        return nnx.merge(graphdef, params).embed(prompts)
+
+
+def _gradients(graphdef, params, embedded, prompts, rows, batch, totals, own_old, loss_cfg, temperature,
                widths=None, width=0, param_shardings=None, mesh=None):
-    """(gradients, metrics, per-token log-probabilities) of one micro-batch, computed at completion width
-    ``widths[width]`` (``_at_width``; None: the batch's own). ``own_old`` (a boolean array): the old
-    log-probabilities are this forward's own -- exact for a mini-batch the parameters have not moved on since
-    sampling, where a second program's bf16 forward would differ in the last bits. With ``param_shardings`` the
-    gradients keep the parameters' shardings and the log-probabilities are split over the mesh's batch axes; with
-    ``mesh`` the model's activations are pinned to it (``parallel.activation_sharding``)."""
-    def run(batch, params, prompts, totals, own_old):
-        grads, (metrics, logp) = jax.grad(_loss, has_aux=True)(params, graphdef, prompts, batch, totals, own_old,
-                                                               loss_cfg, num_samples, temperature)
-        return grads, metrics, logp
+    """(gradients, the cotangent of ``embedded``, metrics, per-token log-probabilities) of one micro-batch:
+    completions ``batch`` of the prompts ``rows`` (``completion_hidden``), whose embeddings ``embedded``
+    (``_embed``) are an input: the vision tower's share of the gradient is ``_embed_gradients``, once per
+    mini-batch. Computed at completion width ``widths[width]`` (``_at_width``; None: the batch's own). ``own_old``
+    (a boolean array): the old log-probabilities are this forward's own -- exact for a mini-batch the parameters
+    have not moved on since sampling, where a second program's bf16 forward would differ in the last bits. With
+    ``param_shardings`` the gradients keep the parameters' shardings and the log-probabilities are split over the
+    mesh's batch axes; with ``mesh`` the model's activations are pinned to it (``parallel.activation_sharding``)."""
+    def run(batch, params, embedded, prompts, rows, totals, own_old):
+        (grads, d_embedded), (metrics, logp) = jax.grad(_loss, argnums=(0, 1), has_aux=True)(
+            params, embedded, graphdef, prompts, rows, batch, totals, own_old, loss_cfg, temperature)
+        return grads, d_embedded, metrics, logp
 
     with _activations(mesh):
-        grads, metrics, logp = _at_width(widths, width, run, batch, params, prompts,
-                                         totals, own_old)
+        grads, d_embedded, metrics, logp = _at_width(widths, width, run, batch, params, embedded, prompts, rows,
+                                                     totals, own_old)
     if param_shardings is not None:
         grads = jax.lax.with_sharding_constraint(grads, param_shardings)
         logp = _split_batch(logp, mesh)
-    return grads, metrics, logp
+    return grads, d_embedded, metrics, logp
+
+
+def _embed_gradients(graphdef, params, prompts, d_embedded, grads, param_shardings=None, mesh=None):
+    """``grads`` plus the gradient through ``_embed`` of the mini-batch's summed embedding cotangent
+    ``d_embedded`` (``_gradients``): the chain rule, split at the prompt embeddings, so the vision tower runs
+    forward and backward once per prompt however its G completions are spread over micro-batches."""
+    with _activations(mesh):
+        _, pullback = jax.vjp(lambda p: nnx.merge(graphdef, p).embed(prompts), params)
+        total = jax.tree.map(jnp.add, grads, pullback(d_embedded)[0])
+    return total if param_shardings is None else jax.lax.with_sharding_constraint(total, param_shardings)
 
 
 def _split_batch(a, mesh):
@@ -296,17 +323,18 @@ def _split_batch(a, mesh):
         a, NamedSharding(mesh, parallel.logical_spec(("batch",) + (None,) * (a.ndim - 1), a.shape, mesh)))
 
 
-def _logprobs(graphdef, params, prompts, batch: Completions, num_samples, temperature, mesh, widths=None, width=0):
-    """Per-token log-probabilities ``[N, T]`` of the completions under ``params`` (old or reference policy), at
-    completion width ``widths[width]`` (``_at_width``; None: the batch's own), split over the batch axes like the
-    completions."""
-    def run(batch, params, prompts):
+def _logprobs(graphdef, params, embedded, prompts, rows, batch: Completions, temperature, mesh, widths=None,
+              width=0):
+    """Per-token log-probabilities ``[N, T]`` of the completions under ``params`` (old or reference policy;
+    ``embedded`` its ``_embed`` of the prompts), at completion width ``widths[width]`` (``_at_width``; None: the
+    batch's own), split over the batch axes like the completions."""
+    def run(batch, params, embedded, prompts, rows):
         model = nnx.merge(graphdef, params)
-        hidden, _ = completion_hidden(model, prompts, batch.tokens, batch.mask, num_samples)
+        hidden, _ = completion_hidden(model, prompts, batch.tokens, batch.mask, rows, embedded)
         return completion_logprobs(model, hidden, batch.tokens, temperature, with_entropy=False)[:1]
 
     with _activations(mesh):
-        (logp,) = _at_width(widths, width, run, batch, params, prompts)
+        (logp,) = _at_width(widths, width, run, batch, params, embedded, prompts, rows)
     return _split_batch(logp, mesh)
 
 
@@ -388,11 +416,15 @@ class Trainer:
         # forward by more than rounding: a bf16 compute dtype, or rollouts from a copy of the weights in another dtype.
         self.recompute = recomputes_old_logprobs(train, model.config, cast)
         # Gradients and their running sum keep the parameters' shardings (else XLA may replicate them).
+        self._embed = jax.jit(_embed, static_argnums=(0, 3))
         self._gradients = jax.jit(functools.partial(_gradients, param_shardings=param_shardings, mesh=mesh),
-                                  static_argnums=(0, 6, 7, 8, 9))
+                                  static_argnums=(0, 8, 9, 10))
+        self._embed_gradients = jax.jit(functools.partial(_embed_gradients, param_shardings=param_shardings,
+                                                          mesh=mesh), static_argnums=(0,), donate_argnums=(4,))
         self._accumulate = jax.jit(lambda total, grads: jax.tree.map(jnp.add, total, grads), donate_argnums=(0,),
                                    out_shardings=param_shardings)
-        self._logprobs = jax.jit(_logprobs, static_argnums=(0, 4, 5, 6, 7))
+        self._add = jax.jit(lambda total, more: jax.tree.map(jnp.add, total, more), donate_argnums=(0,))
+        self._logprobs = jax.jit(_logprobs, static_argnums=(0, 6, 7, 8))
         self.widths = completion_widths(rollout.max_new_tokens)
         self._extra_compiles = []  # other stages' jitted functions (rl/sft.py), counted in compile_count
 
@@ -441,7 +473,8 @@ class Trainer:
 
     @property
     def compile_count(self) -> int:
-        jitted = [self._gradients, self._logprobs, self._apply, *self._extra_compiles]
+        jitted = [self._embed, self._gradients, self._embed_gradients, self._add, self._logprobs, self._apply,
+                  *self._extra_compiles]
         return (self.sampler.compile_count + sum(f._cache_size() for f in jitted)
                 + (self._cast._cache_size() if self._cast is not None else 0))
 
@@ -539,31 +572,41 @@ class Trainer:
 
     # -- update ----------------------------------------------------------------------------------------------------
 
-    def _device_batch(self, groups: list[Group]) -> tuple[ModelInputs, Completions, int]:
-        """This process's groups of a micro-batch -> (the global micro-batch, the index of its completion width
-        in ``self.widths``), with the same buckets on every process: the completions on the device, the prompts on
-        the host (numpy; ``shard_prompts`` at each use). A step holds every micro-batch at once, and the prompts'
-        pixels are most of its bytes (one 21,504-row image is 100 MB in float32): on the device, 31 idle
-        micro-batches took 2.9 GiB of each v6e chip during the update."""
+    def _host_prompts(self, groups: list[Group]) -> ModelInputs:
+        """The groups' prompts, on the host (numpy; ``shard_prompts`` at each use), bucketed alike on every
+        process. A step holds every mini-batch's prompts at once, and their pixels are most of its bytes (one
+        21,504-row image is 100 MB in float32): on the device, 31 idle micro-batches took 2.9 GiB of each v6e chip
+        during the update."""
         examples = [grp.example for grp in groups]
-        prompts = collate(examples, self.model_cfg, self.buckets, parallel.host_max(sizes(examples, self.model_cfg)))
-        stack = lambda field: np.concatenate([getattr(grp, field) for grp in groups])  # noqa: E731
+        at_least = parallel.host_max(sizes(examples, self.model_cfg))
+        return collate(examples, self.model_cfg, self.buckets, at_least).inputs
+
+    def _device_batch(self, members: list[Group], samples: list[tuple[int, int]]) -> tuple[jax.Array, Completions,
+                                                                                            int]:
+        """This process's ``samples`` (member, sample index) of a micro-batch -> (the global micro-batch: each
+        row's prompt within its batch shard (``parallel.take_rows``), its completions; the index of its
+        completion width in ``self.widths``, the same on every process)."""
+        per_shard = len(members) * jax.process_count() // parallel.batch_split(self.mesh)
+        rows = np.array([i % per_shard for i, _ in samples], np.int32)
+        stack = lambda field: np.stack([getattr(members[i], field)[s] for i, s in samples])  # noqa: E731
         batch = Completions(*(parallel.batch_array(stack(field), self.mesh)
                               for field in ("tokens", "mask", "logprobs", "advantages")))
-        longest = parallel.host_max(max(_completion_length(grp) for grp in groups))
-        return prompts.inputs, batch, width_index(int(longest), self.widths)
+        longest = parallel.host_max(max(int(members[i].mask[s].sum()) for i, s in samples))
+        return parallel.batch_array(rows, self.mesh), batch, width_index(int(longest), self.widths)
 
     def update(self, groups: list[Group]) -> dict:
         t = self.train
         self._rollout_params = None  # the rollouts are done: the memory of a cast copy goes to the update
-        temperature, g = self.rollout.temperature, self.rollout.num_samples
-        minis = []  # (micro-batches, denominators) per mini-batch that has something to learn from
+        temperature = self.rollout.temperature
+        shards = parallel.batch_split(self.mesh) // jax.process_count()  # this process's
+        minis = []  # (host prompts, micro-batches, denominators) per mini-batch that has something to learn from
         for k in range(t.mini_batches):
-            chunk = [self._device_batch(part) for part in micro_batches(groups, k, t.mini_batches, t.micro_batches)]
+            members, parts = micro_batches(groups, k, t.mini_batches, t.micro_batches, shards)
+            chunk = [self._device_batch(members, part) for part in parts]
             mask = jnp.concatenate([b.mask for _, b, _ in chunk])  # the mini-batch's, over all processes
             signal = jnp.concatenate([b.mask.any(1) & (b.advantages != 0) for _, b, _ in chunk])
             if bool(signal.any()) or (t.loss.kl_coef > 0 and bool(mask.any())):
-                minis.append((chunk, grpo.totals(mask)))
+                minis.append((self._host_prompts(members), chunk, grpo.totals(mask)))
         # Old and reference log-probabilities: once per step, before any update. The first mini-batch's old ones come
         # from its own first gradient pass (the parameters have not moved yet); later ones from a forward pass now.
         mismatch = np.zeros(3)  # sum, count, max of |sampler - trainer| log-probs over completion tokens
@@ -572,37 +615,40 @@ class Trainer:
             total, count, peak = _mismatch(sampler_logp, trainer_logp, mask)
             mismatch[:] = mismatch[0] + float(total), mismatch[1] + float(count), max(mismatch[2], float(peak))
 
-        for k, (chunk, _) in enumerate(minis):
-            for i, (prompts, batch, width) in enumerate(chunk):
-                placed = parallel.shard_prompts(prompts, self.mesh)
-                at = (self.widths, jnp.int32(width))
-                if self.recompute and k > 0:
-                    old = self._logprobs(self.graphdef, self.params, placed, batch, g, temperature, self.mesh, *at)
-                    measure(batch.old_logprobs, old, batch.mask)
-                    batch = batch._replace(old_logprobs=old)
-                if self.ref_params is not None:
-                    batch = batch._replace(ref_logprobs=self._logprobs(
-                        self.graphdef, self.ref_params, placed, batch, g, temperature, self.mesh, *at))
-                chunk[i] = (prompts, batch, width)
+        for k, (prompts, chunk, _) in enumerate(minis):
+            placed = parallel.shard_prompts(prompts, self.mesh)
+            policies = [(name, p) for name, p, on in (("old", self.params, self.recompute and k > 0),
+                                                      ("ref", self.ref_params, self.ref_params is not None)) if on]
+            for name, params in policies:
+                embedded = self._embed(self.graphdef, params, placed, self.mesh)
+                for i, (rows, batch, width) in enumerate(chunk):
+                    logp = self._logprobs(self.graphdef, params, embedded, placed, rows, batch, temperature,
+                                          self.mesh, self.widths, jnp.int32(width))
+                    if name == "old":
+                        measure(batch.old_logprobs, logp, batch.mask)
+                    chunk[i] = (rows, batch._replace(**{f"{name}_logprobs": logp}), width)
         per_update: list[dict[str, float]] = []
         norms = []
         for epoch in range(t.ppo_epochs):
-            for k, (chunk, totals) in enumerate(minis):
+            for k, (prompts, chunk, totals) in enumerate(minis):
                 own = self.recompute and epoch == 0 and k == 0
-                grads = None
+                placed = parallel.shard_prompts(prompts, self.mesh)
+                embedded = self._embed(self.graphdef, self.params, placed, self.mesh)
+                grads = d_embedded = None
                 sums: dict[str, float] = {}
-                for i, (prompts, batch, width) in enumerate(chunk):
-                    placed = parallel.shard_prompts(prompts, self.mesh)
-                    grad, m, logp = self._gradients(self.graphdef, self.params, placed, batch, totals,
-                                                    jnp.asarray(own), t.loss, g, temperature, self.widths,
-                                                    jnp.int32(width))
+                for i, (rows, batch, width) in enumerate(chunk):
+                    grad, d, m, logp = self._gradients(self.graphdef, self.params, embedded, placed, rows, batch,
+                                                       totals, jnp.asarray(own), t.loss, temperature, self.widths,
+                                                       jnp.int32(width))
                     if own:  # later epochs reuse these old log-probabilities
                         measure(batch.old_logprobs, logp, batch.mask)
-                        chunk[i] = (prompts, batch._replace(old_logprobs=logp), width)
+                        chunk[i] = (rows, batch._replace(old_logprobs=logp), width)
                     grads = grad if grads is None else self._accumulate(grads, grad)
+                    d_embedded = d if d_embedded is None else self._add(d_embedded, d)
                     for key, value in m.items():  # per-token means over the mini-batch add up over its parts
                         sums[key] = max(sums.get(key, 0.0), float(value)) if key.endswith("_max") \
                             else sums.get(key, 0.0) + float(value)
+                grads = self._embed_gradients(self.graphdef, self.params, placed, d_embedded, grads)
                 per_update.append(sums)
                 self.params, self.opt_state, norm = self._apply(self.params, self.opt_state, grads)
                 norms.append(float(norm))
@@ -653,21 +699,30 @@ class Trainer:
                 "services (e.g. rewards.judge.url) and resume: the run saved its state")
 
 
-def micro_batches(groups: list[Group], k: int, mini_batches: int, micro_batches: int) -> list[list[Group]]:
-    """Mini-batch ``k``'s micro-batches: its groups (m, m + n, m + 2n, ... of the step for its micro-batch strides
-    m, n = mini x micro) sorted by their longest completion and cut in order, so that each micro-batch's width
-    bucket (``width_index``) is as narrow as its own groups allow. The gradient is the sum over the mini-batch's
-    groups, so the order changes nothing else."""
+def micro_batches(groups: list[Group], k: int, mini_batches: int, micro_batches: int,
+                  shards: int = 1) -> tuple[list[Group], list[list[tuple[int, int]]]]:
+    """Mini-batch ``k``: (its groups -- m, m + n, m + 2n, ... of the step for its micro-batch strides m, n = mini x
+    micro --, its micro-batches as (group, sample) pairs). The groups are split into ``shards`` blocks, one per batch
+    shard of this process (``Trainer._host_prompts`` places them so); within each block the samples are sorted by
+    completion length and cut into ``micro_batches`` equal parts, and micro-batch j is every block's part j. So
+    each micro-batch's width bucket (``width_index``) is as narrow as its own samples allow, not their groups'
+    longest, and every sample is on the chip that holds its prompt. The gradient is the sum over the mini-batch's
+    samples, so the arrangement changes nothing else."""
     parts = mini_batches * micro_batches
-    members = sorted((grp for m in range(k * micro_batches, (k + 1) * micro_batches) for grp in groups[m::parts]),
-                     key=_completion_length)
-    per = len(members) // micro_batches
-    return [members[i * per:(i + 1) * per] for i in range(micro_batches)]
-
-
-def _completion_length(group: Group) -> int:
-    """The longest completion of a group that the update sees (masked samples count 0)."""
-    return int(group.mask.sum(1).max())
+    members = [grp for m in range(k * micro_batches, (k + 1) * micro_batches) for grp in groups[m::parts]]
+    per_block, g = len(members) // shards, len(members[0].mask)
+    if len(members) % shards or per_block * g % micro_batches:
+        raise ValueError(f"{len(members)} groups of {g} samples do not split into {shards} batch shards x "
+                         f"{micro_batches} micro-batches")
+    micro: list[list[tuple[int, int]]] = [[] for _ in range(micro_batches)]
+    for b in range(shards):
+        block = range(b * per_block, (b + 1) * per_block)
+        samples = sorted(((i, s) for i in block for s in range(len(members[i].mask))),
+                         key=lambda pair: int(members[pair[0]].mask[pair[1]].sum()))
+        per = len(samples) // micro_batches
+        for j in range(micro_batches):
+            micro[j] += samples[j * per:(j + 1) * per]
+    return members, micro
 
 
 def _combine(key: str, values: list[float], over: str = "batches") -> float:
