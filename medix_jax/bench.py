@@ -324,10 +324,10 @@ def bench_train(config: str | None, overrides: list[str], runs: int, batch: int,
     rows = np.arange(batch, dtype=np.int32)
 
     def update(params, opt_state):  # the trainer's chain: embed, micro-batch gradient, gradient through the embedding
-        embedded = _embed(graphdef, params, prompts, None)
+        embedded = _embed(graphdef, params, prompts, 1, None)
         grads, d_embedded, metrics, _ = _gradients(graphdef, params, embedded, prompts, rows, completions, totals,
                                                    False, loss_cfg, 1.0)
-        grads = _embed_gradients(graphdef, params, prompts, d_embedded, grads)
+        grads = _embed_gradients(graphdef, params, prompts, d_embedded, grads, 1)
         updates, opt_state = tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, metrics["loss"]
 
@@ -416,9 +416,9 @@ def bench_train_longtail(config: str | None, overrides: list[str], runs: int, ba
     totals = grpo.totals(np.concatenate([grp.mask for grp in groups]))
     graphdef, params = nnx.split(model, nnx.Param)
     tx = make_optimizer(OptimConfig(), 1)
-    embed = jax.jit(_embed, static_argnums=(0, 3))
+    embed = jax.jit(_embed, static_argnums=(0, 3, 4))
     gradients = jax.jit(_gradients, static_argnums=(0, 8, 9, 10))
-    embed_gradients = jax.jit(_embed_gradients, static_argnums=(0,))
+    embed_gradients = jax.jit(_embed_gradients, static_argnums=(0, 5))
     accumulate = jax.jit(lambda total, grads: jax.tree.map(jax.numpy.add, total, grads))
     apply = jax.jit(lambda params, grads, state: optax.apply_updates(params, tx.update(grads, state, params)[0]))
 
@@ -441,14 +441,14 @@ def bench_train_longtail(config: str | None, overrides: list[str], runs: int, ba
         state = tx.init(params)
 
         def run(parts=parts, widths=widths, state=state, name=name):
-            embedded = embed(graphdef, params, prompts, None)
+            embedded = embed(graphdef, params, prompts, micro, None)
             total = d_total = None
             for rows, batch_, width in parts:
                 grads, d, _, _ = gradients(graphdef, params, embedded, prompts, rows, batch_, totals, False,
                                            grpo.LossConfig(), 1.0, widths, width)
                 total = grads if total is None else accumulate(total, grads)
                 d_total = d if d_total is None else accumulate(d_total, d)
-            total = embed_gradients(graphdef, params, prompts, d_total, total)
+            total = embed_gradients(graphdef, params, prompts, d_total, total, micro)
             updated[name] = jax.block_until_ready(apply(params, total, state))
 
         results[name] = _timed(run, runs)

@@ -437,13 +437,15 @@ def build_programs(cfg, mesh, images: int, image_rows: int | None) -> tuple[list
     # gradient through the embedding once per mini-batch (rl/trainer.py).
     mini = micro * train.micro_batches
     runs = (train.mini_batches if kl else 0) + (train.mini_batches - 1 if recompute else 0)  # old / reference
-    embed = jax.jit(trainer._embed, static_argnums=(0, 3))
-    shapes_out = jax.eval_shape(functools.partial(trainer._embed, graphdef, mesh=mesh), params, prompts(mini))
+    embed = jax.jit(trainer._embed, static_argnums=(0, 3, 4))
+    shapes_out = jax.eval_shape(functools.partial(trainer._embed, graphdef, chunks=train.micro_batches, mesh=mesh),
+                                params, prompts(mini))
     embedded = jax.tree.map(lambda a: batch(a.shape, a.dtype, axis=a.ndim - 3), shapes_out)  # [.., M, P, hidden]
     held = {"mini-batch prompt embeddings and their cotangent sum": 2 * _per_chip(embedded)}
     programs.append(Program(
-        "vision", f"rl.trainer._embed: a mini-batch's {mini} prompts x {length} tokens{image_text}", embed,
-        (graphdef, params, prompts(mini), mesh), train.ppo_epochs * train.mini_batches + runs,
+        "vision", f"rl.trainer._embed: a mini-batch's {mini} prompts x {length} tokens{image_text}, "
+        f"{train.micro_batches} chunks of {micro}", embed,
+        (graphdef, params, prompts(mini), train.micro_batches, mesh), train.ppo_epochs * train.mini_batches + runs,
         "ppo_epochs x mini_batches, + once per mini-batch for old / reference log-probs (also inside prefill)",
         {**update_resident, **others}))
 
@@ -460,10 +462,11 @@ def build_programs(cfg, mesh, images: int, image_rows: int | None) -> tuple[list
         f"{mini} embedded prompts", gradients, grad_args, train.ppo_epochs * parts,
         "ppo_epochs x mini_batches x micro_batches", {**update_resident, **accumulator, **others, **held}))
     embed_gradients = jax.jit(functools.partial(trainer._embed_gradients, param_shardings=param_shardings,
-                                                mesh=mesh), static_argnums=(0,), donate_argnums=(4,))
+                                                mesh=mesh), static_argnums=(0, 5), donate_argnums=(4,))
     programs.append(Program(
         "vision_grad", f"rl.trainer._embed_gradients: the gradient through the embedding of {mini} prompts"
-        f"{image_text}", embed_gradients, (graphdef, params, prompts(mini), embedded, params),
+        f"{image_text}, {train.micro_batches} chunks of {micro}", embed_gradients,
+        (graphdef, params, prompts(mini), embedded, params, train.micro_batches),
         train.ppo_epochs * train.mini_batches, "ppo_epochs x mini_batches", {**update_resident, **others, **held}))
 
     if runs:

@@ -127,16 +127,17 @@ def test_chunked_logprobs_entropy_and_gradients_equal_full_logits(tied):
     assert none is None and close(alone, ref_logp)
 
 
-def trainer_gradients(graphdef, params, prompts, rows, batch, totals, own, mesh=None, param_shardings=None):
+def trainer_gradients(graphdef, params, prompts, rows, batch, totals, own, mesh=None, param_shardings=None,
+                      chunks=1):
     """The trainer's gradient of one micro-batch, as ``Trainer.update`` computes it: the prompts embedded
     (``_embed``), the micro-batch's gradient with the embeddings' cotangent (``_gradients``), the chain rule through
     the embedding (``_embed_gradients``)."""
-    embedded = jax.jit(trainer._embed, static_argnums=(0, 3))(graphdef, params, prompts, mesh)
+    embedded = jax.jit(trainer._embed, static_argnums=(0, 3, 4))(graphdef, params, prompts, chunks, mesh)
     grads, d_embedded, metrics, logp = jax.jit(functools.partial(
         trainer._gradients, param_shardings=param_shardings, mesh=mesh), static_argnums=(0, 8, 9))(
         graphdef, params, embedded, prompts, rows, batch, totals, own, LOSS, TEMPERATURE)
     grads = jax.jit(functools.partial(trainer._embed_gradients, param_shardings=param_shardings, mesh=mesh),
-                    static_argnums=(0,))(graphdef, params, prompts, d_embedded, grads)
+                    static_argnums=(0, 5))(graphdef, params, prompts, d_embedded, grads, chunks)
     return grads, metrics, logp, embedded
 
 
@@ -155,7 +156,8 @@ def test_trainer_gradients_and_logprobs_equal_full_logits(monkeypatch):
     order = np.random.default_rng(1).permutation(8)  # completions in any order: e.g. sorted by length
     shuffled = jax.tree.map(lambda a: a[order], batch)
     rows = repeated(2)[order]
-    grads, metrics, logp, embedded = trainer_gradients(graphdef, params, prompts, rows, shuffled, totals, own)
+    grads, metrics, logp, embedded = trainer_gradients(graphdef, params, prompts, rows, shuffled, totals, own,
+                                                       chunks=2)  # the vision tower over two chunks of prompts
     assert max_diff(grads, ref_grads) <= 1e-6 and close(logp, ref_logp[order])
     assert metrics.keys() == ref_metrics.keys() and float(ref_metrics["entropy"]) > 1.0
     assert close(metrics, ref_metrics), (metrics, ref_metrics)
@@ -189,7 +191,7 @@ def test_gradient_temporaries_do_not_scale_with_tokens_times_vocab(monkeypatch):
     graphdef, params = tiny_model(tied=True, vocab=vocab)
     prompts, batch = batch_for(nnx.merge(graphdef, params).config, prompts=2, length=length)
     totals = grpo.totals(batch.mask)
-    embedded = jax.eval_shape(functools.partial(trainer._embed, graphdef, mesh=None), params, prompts)
+    embedded = jax.eval_shape(functools.partial(trainer._embed, graphdef, chunks=1, mesh=None), params, prompts)
     chunked = jax.jit(trainer._gradients, static_argnums=(0, 8, 9)).lower(
         graphdef, params, embedded, prompts, repeated(2, prompts=2), batch, totals, jnp.asarray(False), LOSS,
         TEMPERATURE).compile()

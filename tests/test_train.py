@@ -121,16 +121,17 @@ def micro_batch_gradients(trainer, groups, micro: int):
     shards = parallel.batch_split(trainer.mesh) // jax.process_count()
     members, parts = trainer_module.micro_batches(groups, 0, 1, micro, shards)
     prompts = parallel.shard_prompts(trainer._host_prompts(members), trainer.mesh)
-    embedded = trainer._embed(trainer.graphdef, trainer.params, prompts, trainer.mesh)
-    out, grads = [], None
-    for part in parts:
-        rows, batch, _ = trainer._device_batch(members, part)
-        g, d, m, _ = trainer._gradients(trainer.graphdef, trainer.params, embedded, prompts, rows, batch,
-                                        grpo.totals(batch.mask), np.asarray(False), trainer.train.loss,
-                                        trainer.rollout.temperature)
+    embedded = trainer._embed(trainer.graphdef, trainer.params, prompts, micro, trainer.mesh)
+    out, grads, d_embedded = [], None, None
+    chunk = [trainer._device_batch(members, part) for part in parts]
+    totals = grpo.totals(jnp.concatenate([batch.mask for _, batch, _ in chunk]))  # the mini-batch's denominators
+    for rows, batch, _ in chunk:
+        g, d, m, _ = trainer._gradients(trainer.graphdef, trainer.params, embedded, prompts, rows, batch, totals,
+                                        np.asarray(False), trainer.train.loss, trainer.rollout.temperature)
         grads = g if grads is None else trainer._accumulate(grads, g)
-        out.append((trainer._embed_gradients(trainer.graphdef, trainer.params, prompts, d,
-                                             jax.tree.map(jnp.copy, grads)), m))
+        d_embedded = d if d_embedded is None else trainer._add(d_embedded, d)
+        out.append((trainer._embed_gradients(trainer.graphdef, trainer.params, prompts, d_embedded,
+                                             jax.tree.map(jnp.copy, grads), micro), m))
     return out
 
 
@@ -149,9 +150,9 @@ def test_sharded_update_equals_single_device(shared_run, mesh_sizes):
     assert any(len(leaf.sharding.device_set) == 8 for leaf in jax.tree.leaves(sharded.params))
     grads = []
     for trainer in (single, sharded):
-        g, m = micro_batch_gradients(trainer, groups, 1)[-1]
-        grads.append((flat_params(g), float(m["loss"])))
-    (g1, loss1), (g2, loss2) = grads
+        parts = micro_batch_gradients(trainer, groups, 2)  # sorted by length within each batch shard
+        grads.append((flat_params(parts[-1][0]), sum(float(m["loss"]) for _, m in parts)))
+    (g1, loss1), (g2, loss2) = grads  # the mini-batch's gradient and loss
     assert abs(loss1 - loss2) <= 1e-5 and max(float(np.abs(v).max()) for v in g1.values()) > 1e-3
     assert max(float(np.abs(g1[k] - g2[k]).max()) for k in g1) <= 1e-5
     m1, m2 = single.update(groups), sharded.update(groups)

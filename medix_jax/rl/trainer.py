@@ -277,11 +277,41 @@ def _at_width(widths: tuple[int, ...] | None, index, run, batch: Completions, *a
     return jax.lax.switch(index, [branch(w) for w in widths], batch, *args)
 
 
-def _embed(graphdef, params, prompts, mesh):
+def _chunks(a, axis: int, chunks: int, split: int):
+    """``[.., M, ..]`` (``M`` split over ``split`` batch shards at ``axis``) -> ``[chunks, .., M / chunks, ..]``: chunk
+    c holds the c-th part of every shard's rows, so each chunk is split over the shards as ``M`` is and stays on
+    its chips (no data moves)."""
+    shape, m = a.shape, a.shape[axis] // (split * chunks)
+    a = jnp.moveaxis(a.reshape(shape[:axis] + (split, chunks, m) + shape[axis + 1:]), axis + 1, 0)
+    a = a.reshape((chunks,) + shape[:axis] + (split * m,) + shape[axis + 1:])
+    return parallel.constrain(a, tuple("batch" if i == axis + 1 else None for i in range(a.ndim)))
+
+
+def _unchunk(a, axis: int, split: int):
+    """The inverse of ``_chunks``: ``[chunks, .., M / chunks, ..]`` -> ``[.., M, ..]``."""
+    chunks, shape = a.shape[0], a.shape[1:]
+    m = shape[axis] // split
+    a = jnp.moveaxis(a.reshape((chunks,) + shape[:axis] + (split, m) + shape[axis + 1:]), 0, axis + 1)
+    a = a.reshape(shape[:axis] + (split * chunks * m,) + shape[axis + 1:])
+    return parallel.constrain(a, tuple("batch" if i == axis else None for i in range(a.ndim)))
+
+
+def _prompt_chunks(prompts: ModelInputs, chunks: int, split: int) -> ModelInputs:
+    """``prompts`` cut into ``chunks`` (``_chunks``; positions carry the batch at axis 1)."""
+    cut = lambda axis: lambda a: _chunks(a, axis, chunks, split)  # noqa: E731
+    vision = None if prompts.vision is None else jax.tree.map(cut(0), prompts.vision)
+    return ModelInputs(*map(cut(0), prompts[:2]), cut(1)(prompts.positions), cut(0)(prompts.rope_delta), vision)
+
+
+def _embed(graphdef, params, prompts, chunks: int, mesh):
     """``model.embed(prompts)``: a mini-batch's prompts, embedded once for all its micro-batches (vision tower,
-    token embeddings; DeepStack features or None)."""
+    token embeddings; DeepStack features or None), ``chunks`` chunks of prompts one after the other (``lax.map``;
+    the trainer's micro-batch count): the vision tower's memory is one chunk's."""
+    split = parallel.batch_split(mesh)
     with _activations(mesh):
-        return nnx.merge(graphdef, params).embed(prompts)
+        out = jax.lax.map(lambda chunk: nnx.merge(graphdef, jax.tree.map(lambda a: a, params)).embed(chunk),
+                          _prompt_chunks(prompts, chunks, split))  # fresh Variables at the loop's trace level
+        return tuple(None if a is None else _unchunk(a, axis, split) for a, axis in zip(out, (0, 1), strict=True))
 
 
 def _gradients(graphdef, params, embedded, prompts, rows, batch, totals, own_old, loss_cfg, temperature,
@@ -308,14 +338,24 @@ def _gradients(graphdef, params, embedded, prompts, rows, batch, totals, own_old
     return grads, d_embedded, metrics, logp
 
 
-def _embed_gradients(graphdef, params, prompts, d_embedded, grads, param_shardings=None, mesh=None):
+def _embed_gradients(graphdef, params, prompts, d_embedded, grads, chunks: int, param_shardings=None, mesh=None):
     """``grads`` plus the gradient through ``_embed`` of the mini-batch's summed embedding cotangent
     ``d_embedded`` (``_gradients``): the chain rule, split at the prompt embeddings, so the vision tower runs
-    forward and backward once per prompt however its G completions are spread over micro-batches."""
-    with _activations(mesh):
+    forward and backward once per prompt however its G completions are spread over micro-batches; chunk by chunk
+    (``lax.scan``, ``chunks`` as in ``_embed``), so its activations are one chunk's."""
+    split = parallel.batch_split(mesh)
+
+    def body(total, chunk):
+        prompts, d_embedded = chunk
         _, pullback = jax.vjp(lambda p: nnx.merge(graphdef, p).embed(prompts), params)
-        total = jax.tree.map(jnp.add, grads, pullback(d_embedded)[0])
-    return total if param_shardings is None else jax.lax.with_sharding_constraint(total, param_shardings)
+        total = jax.tree.map(jnp.add, total, pullback(d_embedded)[0])
+        return (total if param_shardings is None else jax.lax.with_sharding_constraint(total, param_shardings)), None
+
+    with _activations(mesh):
+        cotangents = tuple(None if a is None else _chunks(a, axis, chunks, split)
+                           for a, axis in zip(d_embedded, (0, 1), strict=True))
+        total, _ = jax.lax.scan(body, grads, (_prompt_chunks(prompts, chunks, split), cotangents))
+    return total
 
 
 def _split_batch(a, mesh):
@@ -416,11 +456,11 @@ class Trainer:
         # forward by more than rounding: a bf16 compute dtype, or rollouts from a copy of the weights in another dtype.
         self.recompute = recomputes_old_logprobs(train, model.config, cast)
         # Gradients and their running sum keep the parameters' shardings (else XLA may replicate them).
-        self._embed = jax.jit(_embed, static_argnums=(0, 3))
+        self._embed = jax.jit(_embed, static_argnums=(0, 3, 4))
         self._gradients = jax.jit(functools.partial(_gradients, param_shardings=param_shardings, mesh=mesh),
                                   static_argnums=(0, 8, 9, 10))
         self._embed_gradients = jax.jit(functools.partial(_embed_gradients, param_shardings=param_shardings,
-                                                          mesh=mesh), static_argnums=(0,), donate_argnums=(4,))
+                                                          mesh=mesh), static_argnums=(0, 5), donate_argnums=(4,))
         self._accumulate = jax.jit(lambda total, grads: jax.tree.map(jnp.add, total, grads), donate_argnums=(0,),
                                    out_shardings=param_shardings)
         self._add = jax.jit(lambda total, more: jax.tree.map(jnp.add, total, more), donate_argnums=(0,))
@@ -620,7 +660,7 @@ class Trainer:
             policies = [(name, p) for name, p, on in (("old", self.params, self.recompute and k > 0),
                                                       ("ref", self.ref_params, self.ref_params is not None)) if on]
             for name, params in policies:
-                embedded = self._embed(self.graphdef, params, placed, self.mesh)
+                embedded = self._embed(self.graphdef, params, placed, t.micro_batches, self.mesh)
                 for i, (rows, batch, width) in enumerate(chunk):
                     logp = self._logprobs(self.graphdef, params, embedded, placed, rows, batch, temperature,
                                           self.mesh, self.widths, jnp.int32(width))
@@ -633,7 +673,7 @@ class Trainer:
             for k, (prompts, chunk, totals) in enumerate(minis):
                 own = self.recompute and epoch == 0 and k == 0
                 placed = parallel.shard_prompts(prompts, self.mesh)
-                embedded = self._embed(self.graphdef, self.params, placed, self.mesh)
+                embedded = self._embed(self.graphdef, self.params, placed, t.micro_batches, self.mesh)
                 grads = d_embedded = None
                 sums: dict[str, float] = {}
                 for i, (rows, batch, width) in enumerate(chunk):
@@ -648,7 +688,7 @@ class Trainer:
                     for key, value in m.items():  # per-token means over the mini-batch add up over its parts
                         sums[key] = max(sums.get(key, 0.0), float(value)) if key.endswith("_max") \
                             else sums.get(key, 0.0) + float(value)
-                grads = self._embed_gradients(self.graphdef, self.params, placed, d_embedded, grads)
+                grads = self._embed_gradients(self.graphdef, self.params, placed, d_embedded, grads, t.micro_batches)
                 per_update.append(sums)
                 self.params, self.opt_state, norm = self._apply(self.params, self.opt_state, grads)
                 norms.append(float(norm))
