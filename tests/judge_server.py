@@ -90,6 +90,7 @@ class JudgeServer:
 
         class Server(ThreadingHTTPServer):
             daemon_threads = True
+            request_queue_size = 128  # the pool's concurrent requests (socketserver's default backlog is 5)
 
             def handle_error(self, request, client_address):
                 pass  # a client that gave up on a hanging reply closes the socket: expected here
