@@ -303,6 +303,12 @@ def _prompt_chunks(prompts: ModelInputs, chunks: int, split: int) -> ModelInputs
     return ModelInputs(*map(cut(0), prompts[:2]), cut(1)(prompts.positions), cut(0)(prompts.rope_delta), vision)
 
 
+def _per_embedding(fn, embedded):
+    """``fn(array, batch axis)`` of each part of ``_embed``'s output: embeddings ``[M, P, h]`` (axis 0), DeepStack
+    features ``[n, M, P, h]`` (axis 1) or None."""
+    return tuple(None if a is None else fn(a, axis) for a, axis in zip(embedded, (0, 1), strict=True))
+
+
 def _embed(graphdef, params, prompts, chunks: int, mesh):
     """``model.embed(prompts)``: a mini-batch's prompts, embedded once for all its micro-batches (vision tower,
     token embeddings; DeepStack features or None), ``chunks`` chunks of prompts one after the other (``lax.map``;
@@ -311,7 +317,7 @@ def _embed(graphdef, params, prompts, chunks: int, mesh):
     with _activations(mesh):
         out = jax.lax.map(lambda chunk: nnx.merge(graphdef, jax.tree.map(lambda a: a, params)).embed(chunk),
                           _prompt_chunks(prompts, chunks, split))  # fresh Variables at the loop's trace level
-        return tuple(None if a is None else _unchunk(a, axis, split) for a, axis in zip(out, (0, 1), strict=True))
+        return _per_embedding(lambda a, axis: _unchunk(a, axis, split), out)
 
 
 def _gradients(graphdef, params, embedded, prompts, rows, batch, totals, own_old, loss_cfg, temperature,
@@ -352,8 +358,7 @@ def _embed_gradients(graphdef, params, prompts, d_embedded, grads, chunks: int, 
         return (total if param_shardings is None else jax.lax.with_sharding_constraint(total, param_shardings)), None
 
     with _activations(mesh):
-        cotangents = tuple(None if a is None else _chunks(a, axis, chunks, split)
-                           for a, axis in zip(d_embedded, (0, 1), strict=True))
+        cotangents = _per_embedding(lambda a, axis: _chunks(a, axis, chunks, split), d_embedded)
         total, _ = jax.lax.scan(body, grads, (_prompt_chunks(prompts, chunks, split), cotangents))
     return total
 
