@@ -27,7 +27,7 @@ completion tokens, G = 1 so that both sides do exactly the same work. Prints tok
 cost analysis of the compiled step over its median time) as a fraction of this machine's matmul peak measured in
 the same run (a 4096^2 float32 matmul), and transformers' forward + backward of the same weights on the same batch.
 With ``--lengths longtail [--samples 5] [--micro-batches 4]``: one mini-batch update on long-tailed completions,
-full-width strided micro-batches vs the trainer's length-sorted, width-bucketed ones, and their parameter difference.
+full-width strided micro-batches vs the trainer's packed, width-bucketed ones, and their parameter difference.
 
 ``python -m medix_jax.bench data [--records 256] [--runs 3] [--batch 8] [--image-size 448]``
 
@@ -382,13 +382,16 @@ def bench_train(config: str | None, overrides: list[str], runs: int, batch: int,
 def bench_train_longtail(config: str | None, overrides: list[str], runs: int, batch: int, new_tokens: int,
                          samples: int, micro: int, image_size: int) -> dict:
     """One mini-batch update (``micro`` micro-batches, AdamW) on long-tailed completions: full-width micro-batches
-    of whole groups (strided, the update before length bucketing) vs the trainer's micro-batches of samples sorted
-    by length, each trimmed to its width bucket. Both embed the mini-batch's prompts once (``_embed``) and take the
+    of whole groups, one sample per row (strided, the update before length bucketing) vs the trainer's: samples
+    packed several to a row (``rl/packing.py``), as few micro-batches of as many rows as those fill, each trimmed
+    to its width bucket. Both embed the mini-batch's prompts once (``_embed``) and take the
     gradient through the embedding once (``_embed_gradients``), as the trainer does."""
     import optax
     from flax import nnx
 
+    from medix_jax.models.qwen2_5_vl.vision import rows_per_frame
     from medix_jax.rl import grpo
+    from medix_jax.rl.packing import PACK_SAMPLES
     from medix_jax.rl.trainer import (
         Completions,
         Group,
@@ -399,6 +402,7 @@ def bench_train_longtail(config: str | None, overrides: list[str], runs: int, ba
         completion_widths,
         make_optimizer,
         micro_batches,
+        pack_micro_batch,
         width_index,
     )
 
@@ -406,8 +410,11 @@ def bench_train_longtail(config: str | None, overrides: list[str], runs: int, ba
     model = init_model(cfg, seed=0)
     rng = np.random.default_rng(0)
     ids, pixels, grids = _prompt_batch(cfg, batch, image_size, rng)
-    buckets = Buckets(prompt_lengths=(ids.shape[1],), images=(1,), rows_per_image=(1024, 4096, 16384))
-    prompts = jax.tree.map(jax.numpy.asarray, prepare_prompts(cfg, ids, np.ones_like(ids), pixels, grids, buckets))
+    frames, gh, gw = (int(x) for x in grids[0])  # buckets that fit the prompts and their image, as a run's best would
+    image_rows = frames * rows_per_frame(cfg.vision, gh, gw)
+    buckets = Buckets(prompt_lengths=(ids.shape[1],), images=(1,), rows_per_image=(image_rows,))
+    host = prepare_prompts(cfg, ids, np.ones_like(ids), pixels, grids, buckets)
+    prompts = jax.tree.map(jax.numpy.asarray, host)
     lengths = longtail_lengths(batch * samples, new_tokens, rng).reshape(batch, samples)
     columns = np.arange(new_tokens)[None]
     groups = [Group(i, rng.integers(0, 1000, (samples, new_tokens)).astype(np.int32), columns < lengths[i][:, None],
@@ -417,25 +424,32 @@ def bench_train_longtail(config: str | None, overrides: list[str], runs: int, ba
     graphdef, params = nnx.split(model, nnx.Param)
     tx = make_optimizer(OptimConfig(), 1)
     embed = jax.jit(_embed, static_argnums=(0, 3, 4))
-    gradients = jax.jit(_gradients, static_argnums=(0, 8, 9, 10))
+    gradients = jax.jit(_gradients, static_argnums=(0, 7, 8, 9))
     embed_gradients = jax.jit(_embed_gradients, static_argnums=(0, 5))
     accumulate = jax.jit(lambda total, grads: jax.tree.map(jax.numpy.add, total, grads))
     apply = jax.jit(lambda params, grads, state: optax.apply_updates(params, tx.update(grads, state, params)[0]))
 
-    def prepared(members, parts, widths):
+    flat = [(i, s) for i in range(batch) for s in range(samples)]  # sample j is group i's sample s
+
+    def prepared(micro_rows, rows, per_row, widths):
+        """Device micro-batches of (group, sample) rows, as the trainer packs them (``pack_micro_batch``)."""
+        completions = Completions(*(np.stack([getattr(groups[i], f)[s] for i, s in flat])
+                                    for f in ("tokens", "mask", "logprobs", "advantages")))
         out = []
-        for part in parts:  # (member, sample) pairs; a group's example is its prompt's index
-            stack = lambda field: jax.numpy.asarray(np.stack([getattr(members[i], field)[s] for i, s in part]))  # noqa
-            batch_ = Completions(*(stack(f) for f in ("tokens", "mask", "logprobs", "advantages")))
-            width = width_index(max(int(members[i].mask[s].sum()) for i, s in part), widths)
-            rows = jax.numpy.asarray([members[i].example for i, _ in part], jax.numpy.int32)
-            out.append((rows, batch_, jax.numpy.int32(width)))
+        for part in micro_rows:
+            layout, batch_, longest = pack_micro_batch(host, completions, np.array([i for i, _ in flat], np.int32),
+                                                       [[[flat.index(pair) for pair in row] for row in part]], rows,
+                                                       per_row)
+            out.append((jax.tree.map(jax.numpy.asarray, layout), jax.tree.map(jax.numpy.asarray, batch_),
+                        jax.numpy.int32(width_index(longest, widths))))
         return out
 
-    whole_groups = [[(i, s) for i in range(m, batch, micro) for s in range(samples)] for m in range(micro)]
-    arrangements = {"padded": (prepared(groups, whole_groups, (new_tokens,)), (new_tokens,)),
-                    "bucketed": (prepared(*micro_batches(groups, 0, 1, micro), completion_widths(new_tokens)),
-                                 completion_widths(new_tokens))}
+    rows = batch * samples // micro  # a micro-batch's rows: one sample each, padded
+    whole_groups = [[[(i, s)] for i in range(m, batch, micro) for s in range(samples)] for m in range(micro)]
+    packed, _ = micro_batches(groups, host.attention_mask.sum(1), ids.shape[1], micro, completion_widths(new_tokens))
+    arrangements = {"padded": (prepared(whole_groups, rows, 1, (new_tokens,)), (new_tokens,)),
+                    "packed": (prepared([part[0] for part in packed], rows, PACK_SAMPLES,
+                                        completion_widths(new_tokens)), completion_widths(new_tokens))}
     results, updated, computed = {}, {}, {}
     for name, (parts, widths) in arrangements.items():
         state = tx.init(params)
@@ -443,8 +457,8 @@ def bench_train_longtail(config: str | None, overrides: list[str], runs: int, ba
         def run(parts=parts, widths=widths, state=state, name=name):
             embedded = embed(graphdef, params, prompts, micro, None)
             total = d_total = None
-            for rows, batch_, width in parts:
-                grads, d, _, _ = gradients(graphdef, params, embedded, prompts, rows, batch_, totals, False,
+            for layout, batch_, width in parts:
+                grads, d, _, _ = gradients(graphdef, params, embedded, layout, batch_, totals, False,
                                            grpo.LossConfig(), 1.0, widths, width)
                 total = grads if total is None else accumulate(total, grads)
                 d_total = d if d_total is None else accumulate(d_total, d)
@@ -452,21 +466,22 @@ def bench_train_longtail(config: str | None, overrides: list[str], runs: int, ba
             updated[name] = jax.block_until_ready(apply(params, total, state))
 
         results[name] = _timed(run, runs)
-        computed[name] = sum(b.tokens.shape[0] * (ids.shape[1] + widths[int(w)]) for _, b, w in parts)
+        computed[name] = sum(layout.ids.shape[0] * (ids.shape[1] + widths[int(w)]) for layout, _, w in parts)
     drift = max(float(jax.numpy.abs(a - b).max()) for a, b in zip(
-        jax.tree.leaves(updated["padded"]), jax.tree.leaves(updated["bucketed"]), strict=True))
+        jax.tree.leaves(updated["padded"]), jax.tree.leaves(updated["packed"]), strict=True))
     useful = int(batch * samples * ids.shape[1] + lengths.sum())
-    widths = [widths[int(w)] for _, _, w in arrangements["bucketed"][0]]
+    widths = [widths[int(w)] for _, _, w in arrangements["packed"][0]]
     print(f"bench train --lengths longtail: {param_count(model) / 1e6:.1f}M params, {batch} prompts x G={samples} "
           f"(one {image_size}x{image_size} image, {ids.shape[1]} prompt tokens each), {micro} micro-batches, "
           f"completion lengths lognormal (median {new_tokens // 4} = max/4, log-std {LONGTAIL_SIGMA}, capped at "
           f"{new_tokens}): mean {lengths.mean():.0f}, p90 {np.percentile(lengths, 90):.0f}, longest per group "
-          f"{sorted(lengths.max(1).tolist())}; bucketed widths {widths}; jax on {jax.devices()[0].platform}")
+          f"{sorted(lengths.max(1).tolist())}; packed: {len(widths)} micro-batches of widths {widths}; "
+          f"{image_rows} vision rows per image ({frames * gh * gw} patches); jax on {jax.devices()[0].platform}")
     for name, (seconds, times) in results.items():
         print(f"  {name:<9} update: {useful / seconds:8.1f} useful tokens/s, {computed[name]} tokens computed "
               f"(median of {runs}: {', '.join(f'{x:.2f}s' for x in times)})")
-    ratio = results["padded"][0] / results["bucketed"][0]
-    print(f"  ratio bucketed / padded: {ratio:.2f}x  (tokens computed: {computed['padded'] / computed['bucketed']:.2f}x"
+    ratio = results["padded"][0] / results["packed"][0]
+    print(f"  ratio packed / padded: {ratio:.2f}x  (tokens computed: {computed['padded'] / computed['packed']:.2f}x"
           f" fewer); the two updates agree to max|delta param| {drift:.1e}")
     return dict(ratio=ratio, computed=computed, drift=drift)
 
@@ -570,7 +585,7 @@ def main(argv=None) -> None:
     sampler.add_argument("--prompt-tokens", type=int, default=256, help="longtail: tokens per text prompt")
     sampler.add_argument("--slots", type=int, default=0, help="longtail: continuous slots (0: the default)")
     train = kind("train", "one GRPO update step vs transformers forward + backward (--lengths longtail: padded vs "
-                          "length-bucketed micro-batches)")
+                          "packed, width-bucketed micro-batches)")
     model_flags(train)
     train.add_argument("--lengths", choices=("fixed", "longtail"), default="fixed",
                        help="fixed: every completion has --new-tokens; longtail: long-tailed lengths, G per prompt")

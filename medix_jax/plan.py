@@ -320,7 +320,7 @@ def build_programs(cfg, mesh, images: int, image_rows: int | None) -> tuple[list
     from medix_jax import parallel
     from medix_jax.models.qwen2_5_vl.model import ModelInputs, abstract_model, param_count
     from medix_jax.models.qwen2_5_vl.vision import VisionInputs, window_rows
-    from medix_jax.rl import grpo, sampler, trainer
+    from medix_jax.rl import grpo, packing, sampler, trainer
 
     model_cfg, train, rollout, buckets = cfg.model, cfg.train, cfg.rollout, cfg.buckets
     rules = {**parallel.DEFAULT_RULES, **cfg.sharding_rules}
@@ -383,9 +383,17 @@ def build_programs(cfg, mesh, images: int, image_rows: int | None) -> tuple[list
         return trainer.Completions(batch((n, new), jnp.int32), batch((n, new), bool), batch((n, new), jnp.float32),
                                    batch((n,), jnp.float32), batch((n, new), jnp.float32) if with_ref else None)
 
+    # An update micro-batch: as many packed rows as a micro-batch has samples (rl/packing.py), several samples a row
+    # unless the decoder's attention is cuDNN (Trainer.samples_per_row).
+    per_row = packing.samples_per_row(model_cfg.attention, mesh.devices.flat[0].platform)
+    update_rows = micro * g
+    layout = packing.Layout(*(batch(shape, jnp.int32, axis=int(len(shape) == 3))
+                              for shape in packing.shapes(update_rows, length, new, per_row)))
+
     scalar = lambda dtype: sds((), dtype, sharding=replicated)  # noqa: E731
     params_b, opt_b = _per_chip(params), _per_chip(opt_state)
-    micro_inputs = _per_chip(completions(micro * g, kl))  # Trainer.update keeps the prompts on the host until used
+    # Trainer.update keeps the prompts on the host until used
+    micro_inputs = _per_chip(completions(update_rows * per_row, kl)) + _per_chip(layout)
     copy = {} if cast is None else {"rollout weights copy": _per_chip(rollout_params)}
     others = {"other micro-batches' completions": micro_inputs * (parts - 1)} if parts > 1 else {}
     reference = {"reference params": params_b} if kl else {}
@@ -450,16 +458,15 @@ def build_programs(cfg, mesh, images: int, image_rows: int | None) -> tuple[list
         {**update_resident, **others}))
 
     gradients = jax.jit(functools.partial(trainer._gradients, param_shardings=param_shardings, mesh=mesh),
-                        static_argnums=(0, 8, 9, 10))
+                        static_argnums=(0, 7, 8, 9))
     totals = grpo.Totals(scalar(jnp.float32), scalar(jnp.float32))
-    rows_of = batch((micro * g,), jnp.int32)  # each completion's prompt within its batch shard
     # At the full completion width: the trainer's narrower branches (trainer.completion_widths) need less.
-    grad_args = (graphdef, params, embedded, prompts(mini), rows_of, completions(micro * g, kl), totals, scalar(bool),
+    grad_args = (graphdef, params, embedded, layout, completions(update_rows * per_row, kl), totals, scalar(bool),
                  train.loss, rollout.temperature, (new,), scalar(jnp.int32))
     accumulator = {"gradient accumulator": params_b} if train.micro_batches > 1 else {}
     programs.append(Program(
-        "update", f"rl.trainer._gradients: micro-batch of {micro * g} completions x ({length} + {new}) tokens on "
-        f"{mini} embedded prompts", gradients, grad_args, train.ppo_epochs * parts,
+        "update", f"rl.trainer._gradients: micro-batch of {update_rows} packed rows x ({length} + {new}) tokens "
+        f"(up to {per_row} samples a row) on {mini} embedded prompts", gradients, grad_args, train.ppo_epochs * parts,
         "ppo_epochs x mini_batches x micro_batches", {**update_resident, **accumulator, **others, **held}))
     embed_gradients = jax.jit(functools.partial(trainer._embed_gradients, param_shardings=param_shardings,
                                                 mesh=mesh), static_argnums=(0, 5), donate_argnums=(4,))
@@ -471,11 +478,11 @@ def build_programs(cfg, mesh, images: int, image_rows: int | None) -> tuple[list
 
     if runs:
         why = " and ".join(w for w, on in (("reference (kl_coef > 0)", kl), ("old (recompute)", recompute)) if on)
-        logprobs = jax.jit(trainer._logprobs, static_argnums=(0, 6, 7, 8))
+        logprobs = jax.jit(trainer._logprobs, static_argnums=(0, 5, 6, 7))
         programs.append(Program(
-            "logprobs", f"rl.trainer._logprobs ({why}): {micro * g} rows x ({length} + {new}) tokens", logprobs,
-            (graphdef, params, embedded, prompts(mini), rows_of, completions(micro * g, False), rollout.temperature,
-             mesh, (new,), scalar(jnp.int32)), runs * train.micro_batches,
+            "logprobs", f"rl.trainer._logprobs ({why}): {update_rows} packed rows x ({length} + {new}) tokens",
+            logprobs, (graphdef, params, embedded, layout, completions(update_rows * per_row, False),
+                       rollout.temperature, mesh, (new,), scalar(jnp.int32)), runs * train.micro_batches,
             "once per micro-batch per step" + (" for the reference" if kl else "")
             + (", and for old log-probs of every mini-batch but the first" if recompute else ""),
             {"Adam state": opt_b, **({"the other parameter copy": params_b} if kl else {}), **copy, **others,

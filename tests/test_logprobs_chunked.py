@@ -127,59 +127,86 @@ def test_chunked_logprobs_entropy_and_gradients_equal_full_logits(tied):
     assert none is None and close(alone, ref_logp)
 
 
-def trainer_gradients(graphdef, params, prompts, rows, batch, totals, own, mesh=None, param_shardings=None,
+def packed(prompts, batch, prompt_of, shards, rows, per_row=4):
+    """(the device ``Layout`` and completions of a micro-batch -- ``shards``: per batch shard, rows of sample
+    indices into ``batch`` --, the sample in each slot or None) as ``Trainer._device_batch`` packs them."""
+    host = jax.tree.map(np.asarray, prompts)
+    layout, slotted, _ = trainer.pack_micro_batch(host, jax.tree.map(np.asarray, batch), np.asarray(prompt_of),
+                                                  shards, rows, per_row)
+    slots = [row[j] if j < len(row) else None for shard in shards for row in shard + [[]] * (rows - len(shard))
+             for j in range(per_row)]
+    return layout, slotted, slots
+
+
+def in_slots(a, slots):
+    """Per-sample rows of ``a`` in slot order (zeros in empty slots)."""
+    a = np.asarray(a)
+    return np.stack([np.zeros_like(a[0]) if i is None else a[i] for i in slots])
+
+
+def trainer_gradients(graphdef, params, prompts, layout, batch, totals, own, mesh=None, param_shardings=None,
                       chunks=1):
     """The trainer's gradient of one micro-batch, as ``Trainer.update`` computes it: the prompts embedded
-    (``_embed``), the micro-batch's gradient with the embeddings' cotangent (``_gradients``), the chain rule through
-    the embedding (``_embed_gradients``)."""
+    (``_embed``), the packed micro-batch's gradient with the embeddings' cotangent (``_gradients``), the chain rule
+    through the embedding (``_embed_gradients``)."""
     embedded = jax.jit(trainer._embed, static_argnums=(0, 3, 4))(graphdef, params, prompts, chunks, mesh)
     grads, d_embedded, metrics, logp = jax.jit(functools.partial(
-        trainer._gradients, param_shardings=param_shardings, mesh=mesh), static_argnums=(0, 8, 9))(
-        graphdef, params, embedded, prompts, rows, batch, totals, own, LOSS, TEMPERATURE)
+        trainer._gradients, param_shardings=param_shardings, mesh=mesh), static_argnums=(0, 7, 8))(
+        graphdef, params, embedded, layout, batch, totals, own, LOSS, TEMPERATURE)
     grads = jax.jit(functools.partial(trainer._embed_gradients, param_shardings=param_shardings, mesh=mesh),
                     static_argnums=(0, 5))(graphdef, params, prompts, d_embedded, grads, chunks)
     return grads, metrics, logp, embedded
 
 
 def test_trainer_gradients_and_logprobs_equal_full_logits(monkeypatch):
-    """The trainer's own programs (chunks of 3 tokens, mesh or none; completions in any order, each gathering its
-    prompt's embedding) against the pre-chunking loss with every prompt embedded per completion: gradients (the
-    embedding's share through ``_embed_gradients``), loss, entropy and every other metric, and the old/reference
-    log-probabilities."""
+    """The trainer's own programs (chunks of 3 tokens, mesh or none; completions packed several to a row, in any
+    order, each gathering its prompt's embedding) against the pre-chunking loss with every prompt embedded per
+    completion, one completion per row: gradients (the embedding's share through ``_embed_gradients``), loss,
+    entropy and every other metric, and the old/reference log-probabilities."""
     monkeypatch.setattr(trainer, "LOGPROB_CHUNK", 3)
     graphdef, params = tiny_model(tied=False)
-    prompts, batch = batch_for(nnx.merge(graphdef, params).config)
+    prompts, batch = batch_for(nnx.merge(graphdef, params).config, length=24)
     totals = grpo.totals(batch.mask)
     own = jnp.asarray(False)
     ref_grads, (ref_metrics, ref_logp) = jax.jit(jax.grad(reference_loss, has_aux=True), static_argnums=(1, 5, 6))(
         params, graphdef, prompts, batch, totals, 2, TEMPERATURE)
-    order = np.random.default_rng(1).permutation(8)  # completions in any order: e.g. sorted by length
-    shuffled = jax.tree.map(lambda a: a[order], batch)
-    rows = repeated(2)[order]
-    grads, metrics, logp, embedded = trainer_gradients(graphdef, params, prompts, rows, shuffled, totals, own,
+    mask = np.asarray(batch.mask)
+    # rows of 9 + 24 tokens (prompts of 8, 6, 6, 4 tokens; completions of 5, 15, 13, 1, 23, 18, 8, 1): three
+    # samples (of two prompts) in a row, two in another, and rows with one sample
+    assert np.asarray(batch.mask).sum(1).tolist() == [5, 15, 13, 1, 23, 18, 8, 1]
+    shards = [[[3, 7, 6], [0, 2], [1], [4], [5]]]
+    layout, slotted, slots = packed(prompts, batch, np.repeat(np.arange(4), 2), shards, rows=6)
+    grads, metrics, logp, embedded = trainer_gradients(graphdef, params, prompts, layout, slotted, totals, own,
                                                        chunks=2)  # the vision tower over two chunks of prompts
-    assert max_diff(grads, ref_grads) <= 1e-6 and close(logp, ref_logp[order])
+    ref_slots, mask_slots = in_slots(ref_logp, slots), in_slots(mask, slots)
+    assert max_diff(grads, ref_grads) <= 1e-6
+    assert close(np.where(mask_slots, logp, 0), np.where(mask_slots, ref_slots, 0))
     assert metrics.keys() == ref_metrics.keys() and float(ref_metrics["entropy"]) > 1.0
     assert close(metrics, ref_metrics), (metrics, ref_metrics)
     mesh = parallel.make_mesh({}, jax.devices()[:1])
-    logprobs = jax.jit(trainer._logprobs, static_argnums=(0, 6, 7))
-    assert close(logprobs(graphdef, params, embedded, prompts, rows, shuffled, TEMPERATURE, mesh), ref_logp[order])
+    logprobs = jax.jit(trainer._logprobs, static_argnums=(0, 5, 6))
+    again = logprobs(graphdef, params, embedded, layout, slotted, TEMPERATURE, mesh)
+    assert close(np.where(mask_slots, again, 0), np.where(mask_slots, ref_slots, 0))
     # An 8-device mesh (data 2, fsdp 2, tensor 2): activations and each chunk's logits pinned by the rules; each of
-    # the 4 batch shards holds one prompt and its two completions (row 0 within the shard).
+    # the 4 batch shards holds one prompt and its two completions, in two rows or packed into one.
     mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     shardings = parallel.param_shardings(params, mesh)
     flat = dict(nnx.to_flat_state(jax.tree.map(lambda a: a, params)))  # fresh Variables
     for path, variable in flat.items():
         variable.set_value(jax.device_put(variable[...], shardings[path]))
     sharded = nnx.from_flat_state(flat)
-    place = lambda tree: jax.tree.map(lambda a: parallel.batch_array(np.asarray(a), mesh), tree)  # noqa: E731
-    placed, local_rows = parallel.shard_prompts(prompts, mesh), place(np.zeros(8, np.int32))
+    shards = [[[0], [1]], [[2], [3]], [[4], [5]], [[6, 7]]]  # the last shard's two completions fit one row
+    layout, slotted, slots = packed(prompts, batch, np.zeros(8, np.int32), shards, rows=2)
+    place = lambda tree, axis=0: jax.tree.map(  # noqa: E731
+        lambda a: parallel.batch_array(np.asarray(a), mesh, axis=int(np.ndim(a) == 3) * axis), tree)
+    placed, layout, slotted = parallel.shard_prompts(prompts, mesh), place(layout, 1), place(slotted)
     grads, metrics, logp, embedded = trainer_gradients(
-        graphdef, sharded, placed, local_rows, place(batch), totals, own, mesh, jax.tree.map(lambda a: a.sharding,
-                                                                                          sharded))
-    assert max_diff(grads, ref_grads) <= 1e-5 and close(logp, ref_logp, 1e-5) and close(metrics, ref_metrics, 1e-5)
-    assert close(logprobs(graphdef, sharded, embedded, placed, local_rows, place(batch), TEMPERATURE, mesh), ref_logp,
-                 1e-5)
+        graphdef, sharded, placed, layout, slotted, totals, own, mesh, jax.tree.map(lambda a: a.sharding, sharded))
+    ref_slots, mask_slots = in_slots(ref_logp, slots), in_slots(mask, slots)
+    assert max_diff(grads, ref_grads) <= 1e-5 and close(metrics, ref_metrics, 1e-5)
+    assert close(np.where(mask_slots, logp, 0), np.where(mask_slots, ref_slots, 0), 1e-5)
+    again = logprobs(graphdef, sharded, embedded, layout, slotted, TEMPERATURE, mesh)
+    assert close(np.where(mask_slots, again, 0), np.where(mask_slots, ref_slots, 0), 1e-5)
 
 
 def test_gradient_temporaries_do_not_scale_with_tokens_times_vocab(monkeypatch):
@@ -192,9 +219,10 @@ def test_gradient_temporaries_do_not_scale_with_tokens_times_vocab(monkeypatch):
     prompts, batch = batch_for(nnx.merge(graphdef, params).config, prompts=2, length=length)
     totals = grpo.totals(batch.mask)
     embedded = jax.eval_shape(functools.partial(trainer._embed, graphdef, chunks=1, mesh=None), params, prompts)
-    chunked = jax.jit(trainer._gradients, static_argnums=(0, 8, 9)).lower(
-        graphdef, params, embedded, prompts, repeated(2, prompts=2), batch, totals, jnp.asarray(False), LOSS,
-        TEMPERATURE).compile()
+    layout, slotted, _ = packed(prompts, batch, np.repeat(np.arange(2), 2), [[[0], [1], [2], [3]]], rows=4,
+                                per_row=1)
+    chunked = jax.jit(trainer._gradients, static_argnums=(0, 7, 8)).lower(
+        graphdef, params, embedded, layout, slotted, totals, jnp.asarray(False), LOSS, TEMPERATURE).compile()
     full = jax.jit(jax.grad(reference_loss, has_aux=True), static_argnums=(1, 5, 6)).lower(
         params, graphdef, prompts, batch, totals, 2, TEMPERATURE).compile()
     sizes = {name: program.memory_analysis().temp_size_in_bytes for name, program in

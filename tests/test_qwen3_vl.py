@@ -207,3 +207,36 @@ def test_two_grpo_steps_of_a_tiny_moe_through_the_cli_log_routing_metrics(tmp_pa
         loads = [s[f"router_load_e{e}"] for e in range(4)]
         assert abs(sum(loads) - 1.0) < 1e-4 and all(0 < x < 1 for x in loads)
         assert s["router_imbalance"] >= 1.0 and s["router_aux_loss"] > 0
+
+
+def test_packed_rows_give_each_sample_its_own_logprobs(checkpoint, rng):
+    """Samples packed into shared update rows (rl/packing.py) -- a prompt's two samples in one row, then a two-image
+    prompt's sample after them, its DeepStack features and 3-D positions at an offset -- get the log-probabilities
+    they get one to a row (trainer.completion_hidden); the router sees the same real tokens."""
+    from medix_jax.rl import trainer
+
+    _, path = checkpoint
+    ours = load_hf(path)
+    ids, mask, pixels, grids = mixed_batch(rng)  # prompts of 34 (two images), 9 (text) and 19 (one image) tokens
+    inputs = prepare_inputs(ours.config, ids, mask, pixels, grids)
+    t, lengths = 12, np.array([12, 7, 3, 1, 5, 9])  # two samples per prompt
+    tokens = rng.integers(0, 500, (6, t)).astype(np.int32)
+    completions = trainer.Completions(tokens, np.arange(t)[None] < lengths[:, None], np.zeros((6, t), np.float32),
+                                      np.zeros(6, np.float32))
+    prompt_of = np.repeat(np.arange(3), 2).astype(np.int32)
+    layout, _, _ = trainer.pack_micro_batch(jax.tree.map(np.asarray, inputs), completions, prompt_of,
+                                            [[[2, 3, 4], [0], [1], [5]]], rows=4, per_row=4)
+    slots = {0: 2, 1: 3, 2: 4, 4: 0, 8: 1, 12: 5}
+    embedded = ours.embed(inputs)
+    assert embedded[1] is not None  # DeepStack features
+    hidden, targets, router = trainer.packed_hidden(ours, embedded, jax.tree.map(jax.numpy.asarray, layout))
+    logp = np.asarray(trainer.unpack(trainer.completion_logprobs(ours, hidden, targets, 1.0)[0], layout))
+    alone, alone_router = trainer.completion_hidden(ours, inputs, tokens, completions.mask, prompt_of)
+    ref = np.asarray(trainer.completion_logprobs(ours, alone, tokens, 1.0)[0])
+    assert np.abs(ref).max() > 1.0
+    for slot, sample in slots.items():
+        n = lengths[sample]
+        assert np.abs(logp[slot, :n] - ref[sample, :n]).max() <= 1e-5, (slot, sample)
+    if router is not None:
+        assert float(router.rows) == float(alone_router.rows)
+        np.testing.assert_allclose(np.asarray(router.load()), np.asarray(alone_router.load()), atol=1e-6)

@@ -183,13 +183,15 @@ class SupervisedStage:
         zeros = np.zeros(len(tokens), np.float32)
         groups = [Group(ex, tokens[i:i + 1], mask[i:i + 1], zeros[i:i + 1, None] * mask[i:i + 1], zeros[i:i + 1],
                         zeros[i:i + 1]) for i, ex in enumerate(batch.examples)]
-        parts = [(trainer._host_prompts(part), trainer._device_batch(part, [(i, 0) for i in range(len(part))])[1])
+        stack = lambda part, field: parallel.batch_array(  # noqa: E731
+            np.concatenate([getattr(grp, field) for grp in part]), trainer.mesh)
+        parts = [(trainer._host_prompts(part), stack(part, "tokens"), stack(part, "mask"))
                  for part in (groups[m::cfg.micro_batches] for m in range(cfg.micro_batches))]
-        totals = grpo.totals(jnp.concatenate([b.mask for _, b in parts]))
+        totals = grpo.totals(jnp.concatenate([mask for _, _, mask in parts]))
         grads, sums = None, {}
-        for prompts, b in parts:  # at the full width (the cold start's targets are short and alike)
+        for prompts, tokens_, mask_ in parts:  # at the full width (the cold start's targets are short and alike)
             grad, m = self._gradients(trainer.graphdef, trainer.params, parallel.shard_prompts(prompts, trainer.mesh),
-                                      b.tokens, b.mask, totals)
+                                      tokens_, mask_, totals)
             grads = grad if grads is None else trainer._accumulate(grads, grad)
             for key, value in m.items():  # mini-batch means add up over the micro-batches
                 sums[key] = sums.get(key, 0.0) + float(value)

@@ -20,14 +20,16 @@ One step (``Trainer.step``):
    gradient is accumulated over ``micro_batches`` micro-batches (``grpo.Totals`` keeps the mini-batch denominators,
    so accumulation is exact). Mini-batch k holds the groups m, m + n, m + 2n, ... of the step for its micro-batch
    strides m (n = mini x micro). Its prompts are embedded once (``_embed``: vision tower and token embeddings); its
-   micro-batches are its *samples* sorted by completion length and cut in order, within each batch shard
-   (``micro_batches``), and each is computed only up to its longest completion, rounded up to a width bucket
-   (``completion_widths``; one program, a branch per width: ``_at_width``). A micro-batch's completions gather their
-   prompts' embeddings on their own chip (``parallel.take_rows``), and its gradient comes with the cotangent of
-   those embeddings; the mini-batch's summed cotangent then goes back through the embedding once
-   (``_embed_gradients``): the vision tower runs once per prompt, however its G samples are spread over
-   micro-batches. The policy's log-probabilities come from one forward pass over prompt + completion
-   (``completion_hidden``). The vocabulary projection, log-softmax and entropy run chunk by chunk along the completion
+   *samples* are packed several to a row -- each its prompt's real tokens, then its completion, told apart by
+   segment ids and keeping its own M-RoPE positions (``rl/packing.py``, EasyR1's ``padding_free``) -- within each
+   batch shard, and the rows cut into micro-batches of as many rows as a micro-batch had samples
+   (``micro_batches``): fewer micro-batches where samples are short, each computed only up to its fullest row,
+   rounded up to a width bucket (``completion_widths``; one program, a branch per width: ``_at_width``). A row's
+   prompt tokens are gathered from their prompts' embeddings on their own chip (``parallel.take_rows``), and a
+   micro-batch's gradient comes with the cotangent of those embeddings; the mini-batch's summed cotangent then goes
+   back through the embedding once (``_embed_gradients``): the vision tower runs once per prompt, however its G
+   samples are spread over micro-batches. The policy's log-probabilities come from one forward pass over the packed
+   rows (``packed_hidden``). The vocabulary projection, log-softmax and entropy run chunk by chunk along the completion
    (``completion_logprobs``, rematerialised in the backward pass), so no program holds ``[N, T, vocab]`` logits. Old
    log-probabilities are recomputed by the trainer's own forward before the update (as the reference always does)
    whenever the compute dtype is not float32 -- the sampler's KV-cache decode in bf16 differs from the full forward
@@ -48,7 +50,7 @@ its own rows of every prompt batch (``data.rows``), samples them as part of one 
 own reward pool and keeps its own groups. An update's global micro-batch is every process's micro-batch m.
 Strided micro-batches make this the same computation as one process running the whole batch, given two things:
 each process's rows are one block (GPU nodes, CPUs), and ``mini_batches`` divides them. Otherwise a mini-batch
-is another, equally random, subset of the step. (Samples are sorted into micro-batches within each batch shard, so
+is another, equally random, subset of the step. (Samples are packed into micro-batches within each batch shard, so
 the micro-batches differ from one process's, not their sum.) DAPO filtering fills each process's share of the step
 separately. Step metrics are combined across processes (``_combine``): counts add up, and rates and means are
 averaged over the processes. A step in which a large share of the samples has no judge reward prints one warning
@@ -78,7 +80,7 @@ from medix_jax.models.moe import RouterStats, router_terms
 from medix_jax.models.qwen2_5_vl.language import Segments
 from medix_jax.models.qwen2_5_vl.model import ModelInputs, Qwen2_5_VL
 from medix_jax.rewards.pool import judge_warning
-from medix_jax.rl import grpo
+from medix_jax.rl import grpo, packing
 from medix_jax.rl.sampler import Buckets, SampleOutput, Sampler, SamplingConfig
 
 
@@ -223,11 +225,44 @@ def _activations(mesh):
     return contextlib.nullcontext() if mesh is None else parallel.activation_sharding(mesh)
 
 
-def _loss(params, embedded, graphdef, prompts, rows, batch: Completions, totals: grpo.Totals, own_old,
+def packed_hidden(model: Qwen2_5_VL, embedded, layout: packing.Layout) -> tuple[jax.Array, jax.Array,
+                                                                             RouterStats | None]:
+    """(final-norm hidden states ``[R, T, hidden]`` of each packed row's completion tokens one after the other --
+    state (r, c) predicts token (r, c) --, those tokens ``[R, T]``, the routing statistics or None) of the rows
+    ``layout`` (``packing.Layout``) over the embedded prompts ``embedded`` (``_embed``: ``[M, P, hidden]`` and
+    DeepStack features or None). A prompt token is gathered from its prompt's embedding on its own chip
+    (``parallel.take_rows``), a completion token embedded from its id; each sample keeps its own M-RoPE positions
+    and attends only within its segment, so it sees exactly what it sees alone (``completion_hidden``)."""
+    prompt_embeds, deepstack = embedded
+    m, p = prompt_embeds.shape[:2]
+    r, length = layout.ids.shape
+    source = jnp.maximum(layout.source, 0).reshape(-1)
+    from_prompt = (layout.source >= 0)[..., None]
+
+    def gather(a, axis):  # [.., M, P, ..] at axis -> [.., R, L, ..]: each position's prompt token
+        flat = a.reshape(a.shape[:axis] + (m * p,) + a.shape[axis + 2:])
+        out = parallel.take_rows(flat, source, axis)
+        return out.reshape(a.shape[:axis] + (r, length) + a.shape[axis + 2:])
+
+    embeds = jnp.where(from_prompt, gather(prompt_embeds, 0), model.model.embed_tokens(layout.ids))
+    deepstack = None if deepstack is None else jnp.where(from_prompt[None], gather(deepstack, 1), 0)
+    segments = Segments(layout.segments, layout.segments)
+    hidden, _, router = model.decode(embeds, layout.positions, segments, deepstack=deepstack)
+    hidden = jnp.take_along_axis(hidden, layout.predict[..., None], axis=1)
+    return hidden, jnp.take_along_axis(layout.ids, layout.predict + 1, axis=1), router
+
+
+def unpack(a: jax.Array, layout: packing.Layout) -> jax.Array:
+    """Per-token values of the packed rows ``[R, T]`` (``packed_hidden``'s order) -> per sample slot ``[S, T]``."""
+    index = layout.slot_row * a.shape[1] + layout.slot_col
+    return parallel.take_rows(a.reshape(-1), index.reshape(-1)).reshape(index.shape)
+
+
+def _loss(params, embedded, graphdef, layout: packing.Layout, batch: Completions, totals: grpo.Totals, own_old,
           loss_cfg: grpo.LossConfig, temperature: float):
     model = nnx.merge(graphdef, params)
-    hidden, router = completion_hidden(model, prompts, batch.tokens, batch.mask, rows, embedded)
-    logp, token_entropy = completion_logprobs(model, hidden, batch.tokens, temperature)
+    hidden, targets, router = packed_hidden(model, embedded, layout)
+    logp, token_entropy = (unpack(a, layout) for a in completion_logprobs(model, hidden, targets, temperature))
     old = jnp.where(own_old, jax.lax.stop_gradient(logp), batch.old_logprobs)
     loss, metrics = grpo.policy_loss(logp, old, batch.advantages, batch.mask, loss_cfg, totals, batch.ref_logprobs)
     metrics["entropy"] = grpo.entropy(token_entropy, batch.mask, totals)
@@ -254,27 +289,27 @@ def width_index(length: int, widths: tuple[int, ...]) -> int:
     return next(i for i, w in enumerate(widths) if w >= length)
 
 
-def _at_width(widths: tuple[int, ...] | None, index, run, batch: Completions, *args):
-    """``run(batch trimmed to widths[index] columns, *args)``, its ``[N, w]`` last output padded back to the batch's
-    width (``widths`` None: the batch's own, untrimmed). One program holds a branch per width (``lax.switch``) and
-    only the chosen one runs: the update's work follows the micro-batch's longest completion without a program per
-    length. Trimming changes nothing else: columns past every row's completion are masked out of the loss, and
-    attention never reaches them."""
+def _at_width(widths: tuple[int, ...] | None, index, run, batch: Completions, layout: packing.Layout, *args):
+    """``run(batch, layout, *args)`` with both trimmed to completion width ``widths[index]`` (their last
+    ``T - width`` columns dropped: every row's tokens and every sample's completion lie before them), its ``[N,
+    w]`` last output padded back to the batch's width T (``widths`` None: T itself). One program holds a branch
+    per width (``lax.switch``) and only the chosen one runs: the update's work follows the micro-batch's fullest
+    row without a program per length."""
     t = batch.tokens.shape[1]
     widths = widths or (t,)
 
     def branch(w):
-        def trimmed(batch, *args):
-            cut = lambda a: None if a is None else a[:, :w]  # noqa: E731
+        def trimmed(batch, layout, *args):
+            cut = lambda a: None if a is None else a[..., :a.shape[-1] - (t - w)]  # noqa: E731
             out = run(batch._replace(tokens=cut(batch.tokens), mask=cut(batch.mask),
                                      old_logprobs=cut(batch.old_logprobs), ref_logprobs=cut(batch.ref_logprobs)),
-                      *args)
+                      packing.Layout(*map(cut, layout)), *args)
             return (*out[:-1], jnp.pad(out[-1], ((0, 0), (0, t - w))))
         return trimmed
 
     if len(widths) == 1:
-        return branch(widths[0])(batch, *args)
-    return jax.lax.switch(index, [branch(w) for w in widths], batch, *args)
+        return branch(widths[0])(batch, layout, *args)
+    return jax.lax.switch(index, [branch(w) for w in widths], batch, layout, *args)
 
 
 def _chunks(a, axis: int, chunks: int, split: int):
@@ -320,24 +355,24 @@ def _embed(graphdef, params, prompts, chunks: int, mesh):
         return _per_embedding(lambda a, axis: _unchunk(a, axis, split), out)
 
 
-def _gradients(graphdef, params, embedded, prompts, rows, batch, totals, own_old, loss_cfg, temperature,
-               widths=None, width=0, param_shardings=None, mesh=None):
+def _gradients(graphdef, params, embedded, layout, batch, totals, own_old, loss_cfg, temperature, widths=None,
+               width=0, param_shardings=None, mesh=None):
     """(gradients, the cotangent of ``embedded``, metrics, per-token log-probabilities) of one micro-batch:
-    completions ``batch`` of the prompts ``rows`` (``completion_hidden``), whose embeddings ``embedded``
-    (``_embed``) are an input: the vision tower's share of the gradient is ``_embed_gradients``, once per
+    completions ``batch`` packed into rows as ``layout`` says (``packed_hidden``), over the prompt embeddings
+    ``embedded`` (``_embed``), an input: the vision tower's share of the gradient is ``_embed_gradients``, once per
     mini-batch. Computed at completion width ``widths[width]`` (``_at_width``; None: the batch's own). ``own_old``
     (a boolean array): the old log-probabilities are this forward's own -- exact for a mini-batch the parameters
     have not moved on since sampling, where a second program's bf16 forward would differ in the last bits. With
     ``param_shardings`` the gradients keep the parameters' shardings and the log-probabilities are split over the
     mesh's batch axes; with ``mesh`` the model's activations are pinned to it (``parallel.activation_sharding``)."""
-    def run(batch, params, embedded, prompts, rows, totals, own_old):
+    def run(batch, layout, params, embedded, totals, own_old):
         (grads, d_embedded), (metrics, logp) = jax.grad(_loss, argnums=(0, 1), has_aux=True)(
-            params, embedded, graphdef, prompts, rows, batch, totals, own_old, loss_cfg, temperature)
+            params, embedded, graphdef, layout, batch, totals, own_old, loss_cfg, temperature)
         return grads, d_embedded, metrics, logp
 
     with _activations(mesh):
-        grads, d_embedded, metrics, logp = _at_width(widths, width, run, batch, params, embedded, prompts, rows,
-                                                     totals, own_old)
+        grads, d_embedded, metrics, logp = _at_width(widths, width, run, batch, layout, params, embedded, totals,
+                                                     own_old)
     if param_shardings is not None:
         grads = jax.lax.with_sharding_constraint(grads, param_shardings)
         logp = _split_batch(logp, mesh)
@@ -368,18 +403,17 @@ def _split_batch(a, mesh):
         a, NamedSharding(mesh, parallel.logical_spec(("batch",) + (None,) * (a.ndim - 1), a.shape, mesh)))
 
 
-def _logprobs(graphdef, params, embedded, prompts, rows, batch: Completions, temperature, mesh, widths=None,
-              width=0):
-    """Per-token log-probabilities ``[N, T]`` of the completions under ``params`` (old or reference policy;
-    ``embedded`` its ``_embed`` of the prompts), at completion width ``widths[width]`` (``_at_width``; None: the
-    batch's own), split over the batch axes like the completions."""
-    def run(batch, params, embedded, prompts, rows):
+def _logprobs(graphdef, params, embedded, layout, batch: Completions, temperature, mesh, widths=None, width=0):
+    """Per-token log-probabilities ``[N, T]`` of the completions ``batch`` packed as ``layout`` says, under
+    ``params`` (old or reference policy; ``embedded`` its ``_embed`` of the prompts), at completion width
+    ``widths[width]`` (``_at_width``; None: the batch's own), split over the batch axes like the completions."""
+    def run(batch, layout, params, embedded):
         model = nnx.merge(graphdef, params)
-        hidden, _ = completion_hidden(model, prompts, batch.tokens, batch.mask, rows, embedded)
-        return completion_logprobs(model, hidden, batch.tokens, temperature, with_entropy=False)[:1]
+        hidden, targets, _ = packed_hidden(model, embedded, layout)
+        return (unpack(completion_logprobs(model, hidden, targets, temperature, with_entropy=False)[0], layout),)
 
     with _activations(mesh):
-        (logp,) = _at_width(widths, width, run, batch, params, embedded, prompts, rows)
+        (logp,) = _at_width(widths, width, run, batch, layout, params, embedded)
     return _split_batch(logp, mesh)
 
 
@@ -463,14 +497,15 @@ class Trainer:
         # Gradients and their running sum keep the parameters' shardings (else XLA may replicate them).
         self._embed = jax.jit(_embed, static_argnums=(0, 3, 4))
         self._gradients = jax.jit(functools.partial(_gradients, param_shardings=param_shardings, mesh=mesh),
-                                  static_argnums=(0, 8, 9, 10))
+                                  static_argnums=(0, 7, 8, 9))
         self._embed_gradients = jax.jit(functools.partial(_embed_gradients, param_shardings=param_shardings,
                                                           mesh=mesh), static_argnums=(0, 5), donate_argnums=(4,))
         self._accumulate = jax.jit(lambda total, grads: jax.tree.map(jnp.add, total, grads), donate_argnums=(0,),
                                    out_shardings=param_shardings)
         self._add = jax.jit(lambda total, more: jax.tree.map(jnp.add, total, more), donate_argnums=(0,))
-        self._logprobs = jax.jit(_logprobs, static_argnums=(0, 6, 7, 8))
+        self._logprobs = jax.jit(_logprobs, static_argnums=(0, 5, 6, 7))
         self.widths = completion_widths(rollout.max_new_tokens)
+        self.samples_per_row = packing.samples_per_row(model.config.attention, mesh.devices.flat[0].platform)
         self._extra_compiles = []  # other stages' jitted functions (rl/sft.py), counted in compile_count
 
     def set_reference(self, params=None) -> None:
@@ -626,18 +661,23 @@ class Trainer:
         at_least = parallel.host_max(sizes(examples, self.model_cfg))
         return collate(examples, self.model_cfg, self.buckets, at_least).inputs
 
-    def _device_batch(self, members: list[Group], samples: list[tuple[int, int]]) -> tuple[jax.Array, Completions,
-                                                                                            int]:
-        """This process's ``samples`` (member, sample index) of a micro-batch -> (the global micro-batch: each
-        row's prompt within its batch shard (``parallel.take_rows``), its completions; the index of its
-        completion width in ``self.widths``, the same on every process)."""
-        per_shard = len(members) * jax.process_count() // parallel.batch_split(self.mesh)
-        rows = np.array([i % per_shard for i, _ in samples], np.int32)
-        stack = lambda field: np.stack([getattr(members[i], field)[s] for i, s in samples])  # noqa: E731
-        batch = Completions(*(parallel.batch_array(stack(field), self.mesh)
-                              for field in ("tokens", "mask", "logprobs", "advantages")))
-        longest = parallel.host_max(max(int(members[i].mask[s].sum()) for i, s in samples))
-        return parallel.batch_array(rows, self.mesh), batch, width_index(int(longest), self.widths)
+    def _device_batch(self, members: list[Group], prompts: ModelInputs, micro: list[list[list[tuple[int, int]]]],
+                      rows: int) -> tuple[packing.Layout, Completions, int]:
+        """This process's part of a micro-batch (``micro_batches``: packed rows of (member, sample) per batch
+        shard; ``prompts`` the members' host prompts) -> the global micro-batch (``pack_micro_batch``) and the index
+        of its completion width in ``self.widths``, the same on every process."""
+        samples = [pair for shard in micro for row in shard for pair in row]
+        where = {pair: j for j, pair in enumerate(samples)}
+        fields = ("tokens", "mask", "logprobs", "advantages")
+        completions = Completions(*(np.stack([getattr(members[i], f)[s] for i, s in samples] or [getattr(
+            members[0], f)[0]])[:len(samples)] for f in fields))
+        per_shard = len(members) // len(micro)
+        layout, batch, longest = pack_micro_batch(
+            prompts, completions, np.array([i % per_shard for i, _ in samples], np.int32),
+            [[[where[pair] for pair in row] for row in shard] for shard in micro], rows, self.samples_per_row)
+        return (packing.Layout(*(parallel.batch_array(a, self.mesh, axis=int(a.ndim == 3)) for a in layout)),
+                Completions(*(parallel.batch_array(a, self.mesh) for a in batch[:4])),
+                width_index(int(parallel.host_max(longest)), self.widths))
 
     def update(self, groups: list[Group]) -> dict:
         t = self.train
@@ -646,12 +686,18 @@ class Trainer:
         shards = parallel.batch_split(self.mesh) // jax.process_count()  # this process's
         minis = []  # (host prompts, micro-batches, denominators) per mini-batch that has something to learn from
         for k in range(t.mini_batches):
-            members, parts = micro_batches(groups, k, t.mini_batches, t.micro_batches, shards)
-            chunk = [self._device_batch(members, part) for part in parts]
+            members = mini_batch(groups, k, t.mini_batches, t.micro_batches)
+            prompts = self._host_prompts(members)
+            parts, rows = micro_batches(members, prompts.attention_mask.sum(1), prompts.input_ids.shape[1],
+                                        t.micro_batches, self.widths, shards, self.samples_per_row)
+            parts += [[[]] * shards] * (int(parallel.host_max(len(parts))) - len(parts))  # as many on every process
+            chunk = [self._device_batch(members, prompts, part, rows) for part in parts]
+            if not chunk:  # only masked filler
+                continue
             mask = jnp.concatenate([b.mask for _, b, _ in chunk])  # the mini-batch's, over all processes
             signal = jnp.concatenate([b.mask.any(1) & (b.advantages != 0) for _, b, _ in chunk])
             if bool(signal.any()) or (t.loss.kl_coef > 0 and bool(mask.any())):
-                minis.append((self._host_prompts(members), chunk, grpo.totals(mask)))
+                minis.append((prompts, chunk, grpo.totals(mask)))
         # Old and reference log-probabilities: once per step, before any update. The first mini-batch's old ones come
         # from its own first gradient pass (the parameters have not moved yet); later ones from a forward pass now.
         mismatch = np.zeros(3)  # sum, count, max of |sampler - trainer| log-probs over completion tokens
@@ -666,12 +712,12 @@ class Trainer:
                                                       ("ref", self.ref_params, self.ref_params is not None)) if on]
             for name, params in policies:
                 embedded = self._embed(self.graphdef, params, placed, t.micro_batches, self.mesh)
-                for i, (rows, batch, width) in enumerate(chunk):
-                    logp = self._logprobs(self.graphdef, params, embedded, placed, rows, batch, temperature,
-                                          self.mesh, self.widths, jnp.int32(width))
+                for i, (layout, batch, width) in enumerate(chunk):
+                    logp = self._logprobs(self.graphdef, params, embedded, layout, batch, temperature, self.mesh,
+                                          self.widths, jnp.int32(width))
                     if name == "old":
                         measure(batch.old_logprobs, logp, batch.mask)
-                    chunk[i] = (rows, batch._replace(**{f"{name}_logprobs": logp}), width)
+                    chunk[i] = (layout, batch._replace(**{f"{name}_logprobs": logp}), width)
         per_update: list[dict[str, float]] = []
         norms = []
         for epoch in range(t.ppo_epochs):
@@ -681,13 +727,13 @@ class Trainer:
                 embedded = self._embed(self.graphdef, self.params, placed, t.micro_batches, self.mesh)
                 grads = d_embedded = None
                 sums: dict[str, float] = {}
-                for i, (rows, batch, width) in enumerate(chunk):
-                    grad, d, m, logp = self._gradients(self.graphdef, self.params, embedded, placed, rows, batch,
-                                                       totals, jnp.asarray(own), t.loss, temperature, self.widths,
+                for i, (layout, batch, width) in enumerate(chunk):
+                    grad, d, m, logp = self._gradients(self.graphdef, self.params, embedded, layout, batch, totals,
+                                                       jnp.asarray(own), t.loss, temperature, self.widths,
                                                        jnp.int32(width))
                     if own:  # later epochs reuse these old log-probabilities
                         measure(batch.old_logprobs, logp, batch.mask)
-                        chunk[i] = (rows, batch._replace(old_logprobs=logp), width)
+                        chunk[i] = (layout, batch._replace(old_logprobs=logp), width)
                     grads = grad if grads is None else self._accumulate(grads, grad)
                     d_embedded = d if d_embedded is None else self._add(d_embedded, d)
                     for key, value in m.items():  # per-token means over the mini-batch add up over its parts
@@ -744,30 +790,70 @@ class Trainer:
                 "services (e.g. rewards.judge.url) and resume: the run saved its state")
 
 
-def micro_batches(groups: list[Group], k: int, mini_batches: int, micro_batches: int,
-                  shards: int = 1) -> tuple[list[Group], list[list[tuple[int, int]]]]:
-    """Mini-batch ``k``: (its groups -- m, m + n, m + 2n, ... of the step for its micro-batch strides m, n = mini x
-    micro --, its micro-batches as (group, sample) pairs). The groups are split into ``shards`` blocks, one per batch
-    shard of this process (``Trainer._host_prompts`` places them so); within each block the samples are sorted by
-    completion length and cut into ``micro_batches`` equal parts, and micro-batch j is every block's part j. So
-    each micro-batch's width bucket (``width_index``) is as narrow as its own samples allow, not their groups'
-    longest, and every sample is on the chip that holds its prompt. The gradient is the sum over the mini-batch's
-    samples, so the arrangement changes nothing else."""
+def mini_batch(groups: list[Group], k: int, mini_batches: int, micro_batches: int) -> list[Group]:
+    """Mini-batch ``k``'s groups: m, m + n, m + 2n, ... of the step for its micro-batch strides m (n = mini x
+    micro)."""
     parts = mini_batches * micro_batches
-    members = [grp for m in range(k * micro_batches, (k + 1) * micro_batches) for grp in groups[m::parts]]
-    per_block, g = len(members) // shards, len(members[0].mask)
+    return [grp for m in range(k * micro_batches, (k + 1) * micro_batches) for grp in groups[m::parts]]
+
+
+def pack_micro_batch(prompts: ModelInputs, completions: Completions, prompt_of: np.ndarray,
+                     shards: list[list[list[int]]], rows: int, per_row: int) -> tuple[packing.Layout, Completions, int]:
+    """(``packing.Layout``, the completions one per sample slot -- an empty slot is masked --, the completion width
+    the fullest row needs) of a micro-batch on the host: ``shards[b]`` batch shard b's rows (at most ``rows``) of
+    sample indices into ``completions`` (numpy ``[n, T]``), sample i continuing prompt ``prompt_of[i]`` of its
+    shard's part of ``prompts`` (the host ``ModelInputs``, the shards' prompts one after the other)."""
+    p, t = prompts.input_ids.shape[1], completions.tokens.shape[1]
+    lengths = [completion_length(m) for m in completions.mask]
+    prompt_tokens = np.asarray(prompts.attention_mask).sum(1)
+    per_shard = len(prompt_tokens) // len(shards)
+    padded = [shard + [[]] * (rows - len(shard)) for shard in shards]
+    slots = [row[j] if j < len(row) else None for shard in padded for row in shard for j in range(per_row)]
+    layout = packing.layout(prompts.attention_mask, prompts.positions, prompts.rope_delta,
+                            [[[(prompt_of[i], completions.tokens[i, :lengths[i]]) for i in row] for row in shard]
+                             for shard in padded], rows, per_row, t)
+    longest = max(packing.need([(int(prompt_tokens[b * per_shard + prompt_of[i]]), lengths[i]) for i in row], p)
+                  for b, shard in enumerate(padded) for row in shard)
+
+    def take(a):  # one row per sample slot, zeros in an empty one
+        a = np.asarray(a)
+        return np.stack([np.zeros(a.shape[1:], a.dtype) if i is None else a[i] for i in slots])
+
+    return layout, Completions(*(None if a is None else take(a) for a in completions)), int(longest)
+
+
+def completion_length(mask: np.ndarray) -> int:
+    """The number of completion tokens of a sample's ``mask`` ``[T]``, which must be a prefix (the sampler's)."""
+    n = int(mask.sum())
+    if not mask[:n].all():
+        raise ValueError("a completion mask with holes: the update packs each sample's first mask.sum() tokens")
+    return n
+
+
+def micro_batches(members: list[Group], prompt_tokens, prompt_width: int, micro_batches: int,
+                  widths: tuple[int, ...], shards: int = 1, per_row: int = packing.PACK_SAMPLES
+                  ) -> tuple[list[list[list[list[tuple[int, int]]]]], int]:
+    """(the mini-batch's micro-batches -- each a list per batch shard of packed rows of samples (member, sample)
+    --, rows per shard in a micro-batch). The members are split into ``shards`` blocks, one per batch shard of this
+    process (``Trainer._host_prompts`` places them so); each block's samples with a completion (the others add
+    nothing) are packed into rows of ``prompt_width`` + a width of ``widths`` (``packing.arrange``;
+    ``prompt_tokens[i]``: member i's real prompt tokens), and its rows, fullest first, are cut into micro-batches
+    of as many rows as a micro-batch of one sample per row had (the memory the plan budgets). So the update
+    computes on real tokens: fewer micro-batches than ``micro_batches`` where samples are short, the last ones
+    narrower. The gradient is the sum over the mini-batch's samples, so the arrangement changes nothing else."""
+    per_block, (g, _) = len(members) // shards, members[0].mask.shape
     if len(members) % shards or per_block * g % micro_batches:
         raise ValueError(f"{len(members)} groups of {g} samples do not split into {shards} batch shards x "
                          f"{micro_batches} micro-batches")
-    micro: list[list[tuple[int, int]]] = [[] for _ in range(micro_batches)]
-    for b in range(shards):
-        block = range(b * per_block, (b + 1) * per_block)
-        samples = sorted(((i, s) for i in block for s in range(len(members[i].mask))),
-                         key=lambda pair: int(members[pair[0]].mask[pair[1]].sum()))
-        per = len(samples) // micro_batches
-        for j in range(micro_batches):
-            micro[j] += samples[j * per:(j + 1) * per]
-    return members, micro
+    rows = per_block * g // micro_batches
+    samples = [[(i, s) for i in range(b * per_block, (b + 1) * per_block) for s in range(g)
+                if members[i].mask[s].any()] for b in range(shards)]
+    lengths = [[(int(prompt_tokens[i]), completion_length(members[i].mask[s])) for i, s in block]
+               for block in samples]
+    packed = packing.arrange(lengths, prompt_width, widths, rows, per_row)
+    blocks = [[[block[j] for j in row] for row in part] for block, part in zip(samples, packed, strict=True)]
+    count = max(-(-len(block) // rows) for block in blocks)
+    return [[block[c * rows:(c + 1) * rows] for block in blocks] for c in range(count)], rows
 
 
 def _combine(key: str, values: list[float], over: str = "batches") -> float:
