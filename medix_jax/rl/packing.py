@@ -74,18 +74,22 @@ def pack(lengths: list[tuple[int, int]], prompt_width: int, widths: tuple[int, .
     bucket the row's first sample needs (short samples fill the gaps of long ones' rows, and no row gets wider) --;
     rows in decreasing ``need``."""
     rows: list[list[int]] = []
+    sums: list[list[int]] = []  # per row: tokens, completion tokens, the width bucket it may grow to
     for i in sorted(range(len(lengths)), key=lambda i: -sum(lengths[i])):
-        if need([lengths[i]], prompt_width) > widths[-1]:
+        p, c = lengths[i]
+        alone = need([lengths[i]], prompt_width)
+        if alone > widths[-1]:
             raise ValueError(f"pack: a sample of {lengths[i]} (prompt, completion) tokens does not fit a row of "
                              f"{prompt_width} + {widths[-1]} tokens")
-        for row in rows:
-            grown = need([lengths[j] for j in row + [i]], prompt_width)
-            room = _bucket(need([lengths[row[0]]], prompt_width), widths) if limit is None else limit
-            if len(row) < per_row and grown <= min(room, widths[-1]):
+        for row, filled in zip(rows, sums, strict=True):
+            tokens, completion, room = filled
+            if len(row) < per_row and max(completion + c, tokens + p + c - prompt_width) <= room:
                 row.append(i)
+                filled[:2] = [tokens + p + c, completion + c]
                 break
         else:
             rows.append([i])
+            sums.append([p + c, c, min(_bucket(alone, widths) if limit is None else limit, widths[-1])])
     return sorted(rows, key=lambda row: -need([lengths[j] for j in row], prompt_width))
 
 
