@@ -9,7 +9,7 @@ The host decides everything here (numpy); the device only gathers (``trainer.pac
 * ``layout`` writes where each token of a micro-batch's rows comes from (``Layout``): prompt tokens from the
   mini-batch's embedded prompts, completion tokens from their ids; each sample's M-RoPE positions are those of its
   own unpacked sequence, so attention within a segment sees exactly what it sees unpacked, and a sample's
-  log-probabilities are the same packed or not (``tests/test_packing.py``).
+  log-probabilities are the same packed or not (``tests/test_logprobs_chunked.py``, ``tests/test_qwen3_vl.py``).
 
 A micro-batch of R rows of ``P + T`` tokens (P the prompt bucket, T the completion width) holds at most
 ``R x per_row`` samples: its completions ``[R x per_row, T]`` keep one row per sample slot, so the loss
