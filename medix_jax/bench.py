@@ -429,16 +429,17 @@ def bench_train_longtail(config: str | None, overrides: list[str], runs: int, ba
     accumulate = jax.jit(lambda total, grads: jax.tree.map(jax.numpy.add, total, grads))
     apply = jax.jit(lambda params, grads, state: optax.apply_updates(params, tx.update(grads, state, params)[0]))
 
-    flat = [(i, s) for i in range(batch) for s in range(samples)]  # sample j is group i's sample s
+    # sample i * G + s is group i's sample s, continuing prompt i
+    completions = Completions(*(np.concatenate([getattr(grp, f) for grp in groups])
+                                for f in ("tokens", "mask", "logprobs", "advantages")))
+    prompt_of = np.repeat(np.arange(batch, dtype=np.int32), samples)
 
     def prepared(micro_rows, rows, per_row, widths):
         """Device micro-batches of (group, sample) rows, as the trainer packs them (``pack_micro_batch``)."""
-        completions = Completions(*(np.stack([getattr(groups[i], f)[s] for i, s in flat])
-                                    for f in ("tokens", "mask", "logprobs", "advantages")))
         out = []
         for part in micro_rows:
-            layout, batch_, longest = pack_micro_batch(host, completions, np.array([i for i, _ in flat], np.int32),
-                                                       [[[flat.index(pair) for pair in row] for row in part]], rows,
+            layout, batch_, longest = pack_micro_batch(host, completions, prompt_of,
+                                                       [[[i * samples + s for i, s in row] for row in part]], rows,
                                                        per_row)
             out.append((jax.tree.map(jax.numpy.asarray, layout), jax.tree.map(jax.numpy.asarray, batch_),
                         jax.numpy.int32(width_index(longest, widths))))

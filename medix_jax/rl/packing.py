@@ -62,8 +62,9 @@ def need(lengths: list[tuple[int, int]], prompt_width: int) -> int:
     return max(sum(c for _, c in lengths), sum(p + c for p, c in lengths) - prompt_width, 0)
 
 
-def _bucket(n: int, widths: tuple[int, ...]) -> int:
-    return next(w for w in widths if w >= n)
+def width_index(length: int, widths: tuple[int, ...]) -> int:
+    """The narrowest of ``widths`` that holds ``length`` completion tokens."""
+    return next(i for i, w in enumerate(widths) if w >= length)
 
 
 def pack(lengths: list[tuple[int, int]], prompt_width: int, widths: tuple[int, ...], per_row: int,
@@ -89,7 +90,7 @@ def pack(lengths: list[tuple[int, int]], prompt_width: int, widths: tuple[int, .
                 break
         else:
             rows.append([i])
-            sums.append([p + c, c, min(_bucket(alone, widths) if limit is None else limit, widths[-1])])
+            sums.append([p + c, c, min(widths[width_index(alone, widths)] if limit is None else limit, widths[-1])])
     return sorted(rows, key=lambda row: -need([lengths[j] for j in row], prompt_width))
 
 
@@ -104,8 +105,8 @@ def arrange(shards: list[list[tuple[int, int]]], prompt_width: int, widths: tupl
         needs = [[need([lengths[i] for i in row], prompt_width) for row in shard_rows]
                  for lengths, shard_rows in zip(shards, packed, strict=True)]
         count = max(-(-len(n) // rows) for n in needs)
-        return sum(prompt_width + _bucket(max(n[j * rows] for n in needs if len(n) > j * rows), widths)
-                   for j in range(count))
+        widest = (max(n[j * rows] for n in needs if len(n) > j * rows) for j in range(count))
+        return sum(prompt_width + widths[width_index(n, widths)] for n in widest)
 
     candidates = [[pack(lengths, prompt_width, widths, per_row, limit) for lengths in shards]
                   for limit in (*widths, None)]

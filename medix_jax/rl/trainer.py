@@ -81,6 +81,7 @@ from medix_jax.models.qwen2_5_vl.language import Segments
 from medix_jax.models.qwen2_5_vl.model import ModelInputs, Qwen2_5_VL
 from medix_jax.rewards.pool import judge_warning
 from medix_jax.rl import grpo, packing
+from medix_jax.rl.packing import width_index
 from medix_jax.rl.sampler import Buckets, SampleOutput, Sampler, SamplingConfig
 
 
@@ -282,11 +283,6 @@ def completion_widths(max_new_tokens: int) -> tuple[int, ...]:
     4096)."""
     halves = {-(-max_new_tokens // (8 * 2**k)) * 8 for k in range(1, COMPLETION_BUCKETS)}  # ceil(n / 2^k / 8) * 8
     return tuple(sorted({max_new_tokens} | {w for w in halves if MIN_WIDTH <= w < max_new_tokens}))
-
-
-def width_index(length: int, widths: tuple[int, ...]) -> int:
-    """The narrowest of ``widths`` that holds ``length`` completion tokens."""
-    return next(i for i, w in enumerate(widths) if w >= length)
 
 
 def _at_width(widths: tuple[int, ...] | None, index, run, batch: Completions, layout: packing.Layout, *args):
@@ -669,8 +665,8 @@ class Trainer:
         samples = [pair for shard in micro for row in shard for pair in row]
         where = {pair: j for j, pair in enumerate(samples)}
         fields = ("tokens", "mask", "logprobs", "advantages")
-        completions = Completions(*(np.stack([getattr(members[i], f)[s] for i, s in samples] or [getattr(
-            members[0], f)[0]])[:len(samples)] for f in fields))
+        completions = Completions(*(np.stack([getattr(members[i], f)[s] for i, s in samples]) if samples
+                                    else getattr(members[0], f)[:0] for f in fields))
         per_shard = len(members) // len(micro)
         layout, batch, longest = pack_micro_batch(
             prompts, completions, np.array([i % per_shard for i, _ in samples], np.int32),
