@@ -54,10 +54,12 @@ from PIL import Image
 
 from medix_jax.config import load_config
 from medix_jax.data.image import preprocess_images
-from medix_jax.models.qwen2_5_vl import init_model, param_count
-from medix_jax.models.qwen2_5_vl.hf_io import save_hf
-from medix_jax.rl.continuous import default_slots
-from medix_jax.rl.sampler import Buckets, Sampler, SamplingConfig, prepare_prompts
+from medix_jax.models.qwen_vl import init_model, param_count
+from medix_jax.models.qwen_vl.hf_io import save_hf
+from medix_jax.generate.continuous import default_slots
+from medix_jax.data.buckets import Buckets, prepare_prompts
+from medix_jax.generate.sampler import Sampler
+from medix_jax.generate.sampling import SamplingConfig
 
 LONGTAIL_SIGMA = 0.8  # log-std of the long-tail response lengths (bench sampler --lengths longtail)
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "bench" / "small.yaml"
@@ -389,7 +391,7 @@ def bench_train_longtail(config: str | None, overrides: list[str], runs: int, ba
     import optax
     from flax import nnx
 
-    from medix_jax.models.qwen2_5_vl.vision import rows_per_frame
+    from medix_jax.models.qwen_vl.vision import rows_per_frame
     from medix_jax.rl import grpo
     from medix_jax.rl.packing import PACK_SAMPLES
     from medix_jax.rl.trainer import (
@@ -498,7 +500,7 @@ def bench_data(runs: int, records: int, batch: int, image_size: int) -> dict:
     from medix_jax.data.prompts import MEDIX_PROMPT, token_ids, user_content
     from medix_jax.data.synthetic import synthetic_records, write_synthetic
     from medix_jax.data.tokenizer import train_tokenizer
-    from medix_jax.models.qwen2_5_vl.config import preset
+    from medix_jax.models.qwen_vl.families import preset
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-data-"))
     write_synthetic(tmp / "src", "parquet", train=records, test=0, image_size=(image_size, image_size))

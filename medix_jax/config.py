@@ -5,7 +5,7 @@ checked against the dataclass it lands in: an unknown key or a value of the wron
 names the dotted key. Values on the command line are parsed as YAML scalars (``2`` is an int, ``true`` a bool,
 ``[16,24,24]`` a list).
 
-The ``model`` section may name a base with ``preset: NAME`` (see ``models.qwen2_5_vl.config.PRESETS``) or
+The ``model`` section may name a base with ``preset: NAME`` (see ``models.qwen_vl.families.PRESETS``) or
 ``hf_config: PATH`` (a Hugging Face ``config.json`` or its directory); other keys in the section override the base.
 A top-level ``checkpoint: DIR`` (weights and tokenizer to start from) implies ``model.hf_config: DIR``.
 """
@@ -21,10 +21,12 @@ from typing import Any, Literal
 import yaml
 
 from medix_jax.data.pipeline import DataConfig
-from medix_jax.models.qwen2_5_vl.config import ModelConfig, model_config_from_hf, preset
+from medix_jax.models.qwen_vl.config import ModelConfig
+from medix_jax.models.qwen_vl.families import model_config_from_hf, preset
 from medix_jax.parallel import DistributedConfig
 from medix_jax.rewards.pool import RewardsConfig
-from medix_jax.rl.sampler import Buckets, SamplingConfig
+from medix_jax.data.buckets import Buckets
+from medix_jax.generate.sampling import SamplingConfig
 from medix_jax.rl.sft import SFTConfig
 from medix_jax.rl.trainer import TrainConfig
 

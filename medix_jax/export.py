@@ -45,7 +45,7 @@ def run_config(run_dir: Path, meta: dict):
 def tokenizer_dir(run_dir: Path, meta: dict) -> Path:
     """The run's tokenizer directory: ``RUN_DIR/tokenizer`` (found relative to the run, wherever it now lies); runs
     that predate it name an absolute ``aux_dir``. A ``FileNotFoundError`` saying what to do when there is none."""
-    from medix_jax.models.qwen2_5_vl.hf_io import has_tokenizer
+    from medix_jax.models.qwen_vl.hf_io import has_tokenizer
 
     candidates = [Path(run_dir) / meta.get("tokenizer", "tokenizer")]
     if "aux_dir" in meta:
@@ -64,7 +64,7 @@ def restore_model(run_dir: Path, step: int, dtype: str | None = None):
     import orbax.checkpoint as ocp
     from flax import nnx
 
-    from medix_jax.models.qwen2_5_vl.model import abstract_model
+    from medix_jax.models.qwen_vl.model import abstract_model
 
     directory = run_dir.absolute() / "checkpoints"
     manager = ocp.CheckpointManager(directory)
@@ -110,7 +110,7 @@ def verify(model, out_dir: Path) -> float:
     import torch
     from transformers import AutoModelForImageTextToText
 
-    from medix_jax.models.qwen2_5_vl.model import forward
+    from medix_jax.models.qwen_vl.model import forward
 
     ids, mask, pixels, grids = probe_inputs(model.config)
     ours = np.asarray(forward(model, ids, mask, pixels, grids))
@@ -126,7 +126,7 @@ def verify(model, out_dir: Path) -> float:
 def export(checkpoint: str | Path, out: str | Path, base: str | Path | None = None, dtype: str | None = None,
            check: bool = False) -> tuple[Path, float | None]:
     from medix_jax.data.image import processor_config
-    from medix_jax.models.qwen2_5_vl.hf_io import save_hf
+    from medix_jax.models.qwen_vl.hf_io import save_hf
 
     run_dir, step = resolve(checkpoint)
     model, meta = restore_model(run_dir, step)

@@ -8,8 +8,8 @@ the real TPU compiler for it on this CPU machine. Every program one training ste
 every argument an abstract ``ShapeDtypeStruct`` carrying the sharding the real code gives it, so no array is ever
 allocated. The programs are the functions the trainer itself runs, imported, not re-implemented:
 
-* ``rl.sampler._prefill`` -- ``data.batch_size`` prompts at the largest prompt and image buckets -> KV cache;
-* ``rl.sampler._decode`` -- the whole sampling ``while_loop`` over the donated cache (batch x G rows);
+* ``generate.static.prefill`` -- ``data.batch_size`` prompts at the largest prompt and image buckets -> KV cache;
+* ``generate.static.decode`` -- the whole sampling ``while_loop`` over the donated cache (batch x G rows);
 * ``rl.trainer._embed`` (``vision``) -- a mini-batch's prompts through the vision tower and embeddings (it also
   runs inside prefill);
 * ``rl.trainer._gradients`` -- one update micro-batch on the embedded prompts, jitted as ``Trainer.__init__`` jits
@@ -318,9 +318,10 @@ def build_programs(cfg, mesh, images: int, image_rows: int | None) -> tuple[list
     from jax.sharding import NamedSharding, PartitionSpec
 
     from medix_jax import parallel
-    from medix_jax.models.qwen2_5_vl.model import ModelInputs, abstract_model, param_count
-    from medix_jax.models.qwen2_5_vl.vision import VisionInputs, window_rows
-    from medix_jax.rl import grpo, packing, sampler, trainer
+    from medix_jax.models.qwen_vl.model import ModelInputs, abstract_model, param_count
+    from medix_jax.models.qwen_vl.vision import VisionInputs, window_rows
+    from medix_jax.generate import static
+    from medix_jax.rl import grpo, packing, trainer
 
     model_cfg, train, rollout, buckets = cfg.model, cfg.train, cfg.rollout, cfg.buckets
     rules = {**parallel.DEFAULT_RULES, **cfg.sharding_rules}
@@ -416,8 +417,8 @@ def build_programs(cfg, mesh, images: int, image_rows: int | None) -> tuple[list
             1, "once per step (after the step's updates)", {"Adam state": opt_b, **reference}))
     prefill_args = (graphdef, rollout_params, prompts(cfg.data.batch_size), new, g, mesh)
     programs.append(Program(
-        "prefill", f"rl.sampler._prefill: {cfg.data.batch_size} prompts x {length} tokens{image_text} -> KV cache "
-        f"{cfg.data.batch_size * g} x {length + new}", sampler._prefill, prefill_args, train.rollout_batches,
+        "prefill", f"generate.static.prefill: {cfg.data.batch_size} prompts x {length} tokens{image_text} -> KV cache "
+        f"{cfg.data.batch_size * g} x {length + new}", static.prefill, prefill_args, train.rollout_batches,
         at_least, sampling_resident))
 
     weights_step = shapes["parameters"] * jnp.dtype(model_cfg.dtype).itemsize / mesh.shape["tensor"]
@@ -430,8 +431,8 @@ def build_programs(cfg, mesh, images: int, image_rows: int | None) -> tuple[list
     def decode_program(prefill_out):
         args = (graphdef, rollout_params, *prefill_out, rollout, length, ends,
                 sds(key.shape, key.dtype, sharding=replicated), batch((cfg.data.batch_size * g,), jnp.int32), mesh)
-        return Program("decode", f"rl.sampler._decode: {cfg.data.batch_size * g} rows x {new} new tokens (while "
-                       f"loop, cache donated)", sampler._decode, args, train.rollout_batches, at_least,
+        return Program("decode", f"generate.static.decode: {cfg.data.batch_size * g} rows x {new} new tokens (while "
+                       f"loop, cache donated)", static.decode, args, train.rollout_batches, at_least,
                        sampling_resident, while_trips=new,
                        notes=[f"FLOPs: the while loop's body x {new} steps (an upper bound: rows stop at end tokens)",
                               *(["the static sampler, compiled as the bound: rollout.batching continuous (the "

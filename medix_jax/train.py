@@ -41,7 +41,7 @@ from medix_jax.config import Config, ConfigError, load_config, to_dict
 from medix_jax.data.image import processor_config
 from medix_jax.data.pipeline import NotPrepared, check_prepared
 from medix_jax.metrics import MetricsWriter
-from medix_jax.models.qwen2_5_vl.hf_io import AUX_FILES, has_tokenizer
+from medix_jax.models.qwen_vl.hf_io import AUX_FILES, has_tokenizer
 from medix_jax.plot import plot_run
 
 ROOT = Path(__file__).resolve().parent.parent  # the project: configs/ beside the package
@@ -128,15 +128,15 @@ def _checkpoint_dir(cfg: Config) -> Path | None:
 def build_model(cfg: Config, model_cfg, mesh):
     from flax import nnx
 
-    from medix_jax.models.qwen2_5_vl import Qwen2_5_VL
-    from medix_jax.models.qwen2_5_vl.hf_io import load_hf
+    from medix_jax.models.qwen_vl import QwenVL
+    from medix_jax.models.qwen_vl.hf_io import load_hf
 
     rules = {**parallel.DEFAULT_RULES, **cfg.sharding_rules}
     checkpoint = _checkpoint_dir(cfg)
     if checkpoint:
         return load_hf(checkpoint, model_cfg.dtype, model_cfg.param_dtype, mesh, rules, tokens=model_cfg.tokens,
                        remat=model_cfg.remat, scan_layers=model_cfg.scan_layers, attention=model_cfg.attention)
-    return parallel.init_sharded(lambda: Qwen2_5_VL(model_cfg, rngs=nnx.Rngs(cfg.seed)), mesh, rules)
+    return parallel.init_sharded(lambda: QwenVL(model_cfg, rngs=nnx.Rngs(cfg.seed)), mesh, rules)
 
 
 def run(cfg: Config, rewards=None) -> Path:
@@ -145,7 +145,7 @@ def run(cfg: Config, rewards=None) -> Path:
     ``rewards``: anything with the reward pool's ``score(completions, solutions) -> RewardBatch`` (default:
     ``RewardPool(cfg.rewards)``)."""
     from medix_jax.data.pipeline import PromptBatches, data_source
-    from medix_jax.models.qwen2_5_vl.hf_io import save_hf
+    from medix_jax.models.qwen_vl.hf_io import save_hf
     from medix_jax.rewards.pool import RewardPool
     from medix_jax.rl.sft import SupervisedStage, label_sets
     from medix_jax.rl.trainer import Trainer

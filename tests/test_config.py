@@ -8,12 +8,8 @@ from pathlib import Path
 import pytest
 
 from medix_jax.config import Config, ConfigError, load_config, to_dict
-from medix_jax.models.qwen2_5_vl.config import (
-    generation_config_to_hf,
-    model_config_from_hf,
-    model_config_to_hf,
-    preset,
-)
+from medix_jax.models.qwen_vl.config import generation_config_to_hf
+from medix_jax.models.qwen_vl.families import model_config_from_hf, model_config_to_hf, preset
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 

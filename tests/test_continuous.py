@@ -8,9 +8,11 @@ import pytest
 
 from medix_jax import parallel
 from medix_jax.models import attention
-from medix_jax.models.qwen2_5_vl.hf_io import load_hf
-from medix_jax.rl import continuous
-from medix_jax.rl.sampler import Sampler, SamplingConfig, prepare_prompts
+from medix_jax.models.qwen_vl.hf_io import load_hf
+from medix_jax.generate import continuous
+from medix_jax.data.buckets import prepare_prompts
+from medix_jax.generate.sampler import Sampler
+from medix_jax.generate.sampling import SamplingConfig
 from tests.test_sampler import BUCKETS, mixed_batch
 
 

@@ -21,8 +21,8 @@ from medix_jax.data.prepare import main as prepare_main
 from medix_jax.data.prompts import MEDIX_PROMPT, token_ids, user_content
 from medix_jax.data.synthetic import synthetic_records, write_jsonl, write_synthetic
 from medix_jax.data.tokenizer import train_tokenizer
-from medix_jax.models.qwen2_5_vl.config import preset
-from medix_jax.rl.sampler import Buckets
+from medix_jax.models.qwen_vl.families import preset
+from medix_jax.data.buckets import Buckets
 
 MIN_PIXELS, MAX_PIXELS = 28 * 28, 168 * 168
 BUCKETS = Buckets(prompt_lengths=(192, 208, 224, 256), images=(1, 2), rows_per_image=(64, 128, 256))

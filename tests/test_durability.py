@@ -7,8 +7,8 @@ import pytest
 
 from medix_jax import checkpoint
 from medix_jax.checkpoint import Checkpoints
-from medix_jax.models.qwen2_5_vl import hf_io, init_model, preset
-from medix_jax.models.qwen2_5_vl.hf_io import load_hf, save_hf
+from medix_jax.models.qwen_vl import hf_io, init_model, preset
+from medix_jax.models.qwen_vl.hf_io import load_hf, save_hf
 
 
 def kernel(model):

@@ -32,9 +32,9 @@ from medix_jax.evaluate import (
     medix_task,
     parse_score,
 )
-from medix_jax.models.qwen2_5_vl import init_model
-from medix_jax.models.qwen2_5_vl.config import preset
-from medix_jax.models.qwen2_5_vl.hf_io import load_hf, save_hf
+from medix_jax.models.qwen_vl import init_model
+from medix_jax.models.qwen_vl.families import preset
+from medix_jax.models.qwen_vl.hf_io import load_hf, save_hf
 from medix_jax.rewards.judge import JudgeConfig
 from medix_jax.rewards.pool import RewardPool, RewardsConfig
 from medix_jax.rewards.rules import MEDIX_MODALITY_TAGS, parse_solution

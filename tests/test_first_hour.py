@@ -51,8 +51,10 @@ def test_the_default_export_loads_with_the_auto_classes_and_generates_our_tokens
     from transformers import AutoTokenizer
 
     from medix_jax.data.prompts import token_ids
-    from medix_jax.models.qwen2_5_vl.hf_io import load_hf
-    from medix_jax.rl.sampler import Buckets, Sampler, SamplingConfig, prepare_prompts
+    from medix_jax.models.qwen_vl.hf_io import load_hf
+    from medix_jax.data.buckets import Buckets, prepare_prompts
+    from medix_jax.generate.sampler import Sampler
+    from medix_jax.generate.sampling import SamplingConfig
 
     hf_dir, result = default_run / "hf", tmp_path / "hf.npz"
     subprocess.run([str(VLLM_PYTHON), str(ROOT / "tests" / "hf_auto_generate.py"), str(hf_dir), str(result), "16"],
@@ -226,7 +228,7 @@ def test_prepare_prints_our_own_lines_not_the_tfds_banner(tmp_path, capsys):
 
 
 CLIS = ["medix_jax.train", "medix_jax.export", "medix_jax.evaluate", "medix_jax.evaluate.fetch", "medix_jax.plot",
-        "medix_jax.plan", "medix_jax.data.prepare", "medix_jax.models.qwen2_5_vl", "medix_jax.bench",
+        "medix_jax.plan", "medix_jax.data.prepare", "medix_jax.models.qwen_vl", "medix_jax.bench",
         "medix_jax.bench sampler", "medix_jax.bench train", "medix_jax.bench rewards", "medix_jax.bench data"]
 
 

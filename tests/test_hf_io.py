@@ -11,8 +11,8 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 from transformers import Qwen2_5_VLForConditionalGeneration
 
-from medix_jax.models.qwen2_5_vl import forward, init_model, preset
-from medix_jax.models.qwen2_5_vl.hf_io import CheckpointMismatch, load_hf, save_hf
+from medix_jax.models.qwen_vl import forward, init_model, preset
+from medix_jax.models.qwen_vl.hf_io import CheckpointMismatch, load_hf, save_hf
 from tests.helpers import hf_logits, left_pad, tokens_for
 
 

@@ -114,7 +114,8 @@ def test_processor_config_families():
 
 def test_pipeline_normalises_with_the_model_family(monkeypatch, reference, rng):
     from medix_jax.data import pipeline
-    from medix_jax.models.qwen2_5_vl.config import ModelConfig, preset
+    from medix_jax.models.qwen_vl.config import ModelConfig
+    from medix_jax.models.qwen_vl.families import preset
 
     tiny = preset("tiny")
     model_cfg = ModelConfig(family="qwen3_vl", text=dataclasses.replace(tiny.text, qkv_bias=False, qk_norm=True),

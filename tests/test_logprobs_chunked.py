@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 from medix_jax import parallel
-from medix_jax.models.qwen2_5_vl.config import preset
-from medix_jax.models.qwen2_5_vl.model import init_model, prepare_inputs
+from medix_jax.models.qwen_vl.families import preset
+from medix_jax.models.qwen_vl.model import init_model, prepare_inputs
 from medix_jax.rl import grpo, trainer
 from medix_jax.rl.trainer import Completions, completion_hidden, completion_logprobs
 

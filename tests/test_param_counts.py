@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from medix_jax.models.qwen2_5_vl import abstract_model, param_count, preset
+from medix_jax.models.qwen_vl import abstract_model, param_count, preset
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def test_qwen3_vl_parameter_counts_equal_transformers_on_the_meta_device(name, c
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from medix_jax.models.qwen2_5_vl.config import model_config_to_hf
+    from medix_jax.models.qwen_vl.families import model_config_to_hf
 
     cfg = preset(name)
     hf = model_config_to_hf(cfg, "bfloat16")

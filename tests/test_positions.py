@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from medix_jax.models.qwen2_5_vl.rope import mrope_positions
+from medix_jax.models.qwen_vl.rope import mrope_positions
 from tests.helpers import IMAGE, left_pad, tokens_for
 
 

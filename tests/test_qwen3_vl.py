@@ -19,11 +19,13 @@ from transformers import (
 )
 
 from medix_jax import parallel
-from medix_jax.models.qwen2_5_vl import forward, prepare_inputs
-from medix_jax.models.qwen2_5_vl.hf_io import load_hf, save_hf
-from medix_jax.models.qwen2_5_vl.language import Segments
-from medix_jax.models.qwen2_5_vl.rope import mrope_axes
-from medix_jax.rl.sampler import Buckets, Sampler, SamplingConfig, prepare_prompts
+from medix_jax.models.qwen_vl import forward, prepare_inputs
+from medix_jax.models.qwen_vl.hf_io import load_hf, save_hf
+from medix_jax.models.qwen_vl.language import Segments
+from medix_jax.models.qwen_vl.rope import mrope_axes
+from medix_jax.data.buckets import Buckets, prepare_prompts
+from medix_jax.generate.sampler import Sampler
+from medix_jax.generate.sampling import SamplingConfig
 from tests.helpers import BOS, EOS, IMAGE, PAD, VIDEO, VISION_END, VISION_START, VOCAB, hf_logits, left_pad, tokens_for
 
 TOL = 1e-4

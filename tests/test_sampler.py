@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from medix_jax import parallel
-from medix_jax.models.qwen2_5_vl import forward
-from medix_jax.models.qwen2_5_vl.hf_io import load_hf
-from medix_jax.rl.sampler import Buckets, Sampler, SamplingConfig, choose_tokens, prepare_prompts
+from medix_jax.models.qwen_vl import forward
+from medix_jax.models.qwen_vl.hf_io import load_hf
+from medix_jax.data.buckets import Buckets, prepare_prompts
+from medix_jax.generate.sampler import Sampler
+from medix_jax.generate.sampling import SamplingConfig, choose_tokens
 from tests.helpers import EOS, IMAGE, PAD, left_pad, tokens_for
 
 BUCKETS = Buckets(prompt_lengths=(64, 128), images=(2, 4), rows_per_image=(512,))

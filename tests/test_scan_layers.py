@@ -10,8 +10,8 @@ from jax.sharding import PartitionSpec as P
 from transformers import Qwen2_5_VLForConditionalGeneration
 
 from medix_jax import parallel
-from medix_jax.models.qwen2_5_vl import prepare_inputs
-from medix_jax.models.qwen2_5_vl.hf_io import load_hf, save_hf
+from medix_jax.models.qwen_vl import prepare_inputs
+from medix_jax.models.qwen_vl.hf_io import load_hf, save_hf
 from tests.helpers import hf_logits, left_pad, tokens_for
 
 

@@ -17,7 +17,7 @@ import pytest
 
 from medix_jax import parallel
 from medix_jax.data.pipeline import collate
-from medix_jax.models.qwen2_5_vl import forward
+from medix_jax.models.qwen_vl import forward
 from medix_jax.rl import grpo
 from medix_jax.rl.sft import SFTConfig, SupervisedStage, label_sets
 from medix_jax.rl.trainer import OptimConfig

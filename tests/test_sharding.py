@@ -11,9 +11,9 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from medix_jax import parallel
-from medix_jax.models.qwen2_5_vl import Qwen2_5_VL, init_model, prepare_inputs, preset
-from medix_jax.models.qwen2_5_vl.hf_io import load_hf
-from medix_jax.models.qwen2_5_vl.model import _apply
+from medix_jax.models.qwen_vl import QwenVL, init_model, prepare_inputs, preset
+from medix_jax.models.qwen_vl.hf_io import load_hf
+from medix_jax.models.qwen_vl.model import _apply
 from tests.helpers import left_pad, tokens_for
 
 
@@ -76,7 +76,7 @@ def test_sharded_load_and_forward_match_single_device(tiny_checkpoint, mesh, rng
 
 def test_init_sharded_creates_parameters_in_place(mesh):
     cfg = preset("tiny")
-    model = parallel.init_sharded(lambda: Qwen2_5_VL(cfg, rngs=nnx.Rngs(3)), mesh)
+    model = parallel.init_sharded(lambda: QwenVL(cfg, rngs=nnx.Rngs(3)), mesh)
     reference = init_model(cfg, seed=3)
     kernel = model.model.layers[1].mlp.down_proj.kernel[...]
     assert kernel.sharding.spec == P("tensor", "fsdp")
@@ -115,7 +115,7 @@ def _compiled_update(devices: int):
     from medix_jax.rl import grpo, packing, trainer
 
     mesh = parallel.make_mesh({"data": 1, "fsdp": devices, "tensor": 1}, jax.devices()[:devices])
-    model = parallel.init_sharded(lambda: Qwen2_5_VL(preset("tiny"), rngs=nnx.Rngs(0)), mesh)
+    model = parallel.init_sharded(lambda: QwenVL(preset("tiny"), rngs=nnx.Rngs(0)), mesh)
     graphdef, params = nnx.split(model, nnx.Param)
     shardings = jax.tree.map(lambda a: a.sharding, params)
     rows, p, t = 8, 256, 256

@@ -23,10 +23,12 @@ from PIL import Image
 from medix_jax.data.image import preprocess_image
 from medix_jax.data.prompts import prompt_ids, token_ids, user_content
 from medix_jax.data.tokenizer import train_tokenizer
-from medix_jax.models.qwen2_5_vl import init_model
-from medix_jax.models.qwen2_5_vl.config import preset
-from medix_jax.models.qwen2_5_vl.hf_io import save_hf
-from medix_jax.rl.sampler import Buckets, Sampler, SamplingConfig, prepare_prompts
+from medix_jax.models.qwen_vl import init_model
+from medix_jax.models.qwen_vl.families import preset
+from medix_jax.models.qwen_vl.hf_io import save_hf
+from medix_jax.data.buckets import Buckets, prepare_prompts
+from medix_jax.generate.sampler import Sampler
+from medix_jax.generate.sampling import SamplingConfig
 from tests.tiny_chat import VLLM_PYTHON, ServedModel
 
 pytestmark = [

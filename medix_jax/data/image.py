@@ -31,7 +31,7 @@ QWEN3_VL_STD = (0.5, 0.5, 0.5)
 QWEN3_VL_PATCH_SIZE = 16
 QWEN3_VL_MIN_PIXELS = 65536
 QWEN3_VL_MAX_PIXELS = 16777216
-# family (models.qwen2_5_vl.config.FAMILIES) -> (mean, std, default patch size, transformers processor class)
+# family (models.qwen_vl.config.FAMILIES) -> (mean, std, default patch size, transformers processor class)
 _FAMILIES = {
     "qwen2_5_vl": (CLIP_MEAN, CLIP_STD, 14, "Qwen2_5_VLProcessor"),
     "qwen3_vl": (QWEN3_VL_MEAN, QWEN3_VL_STD, QWEN3_VL_PATCH_SIZE, "Qwen3VLProcessor"),

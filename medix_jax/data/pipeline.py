@@ -5,7 +5,7 @@ every global batch of ``data.batch_size`` consecutive records (``rows``; all of 
 order of the records is the same whatever the number of processes) -> ``Preprocess`` (in ``num_workers`` worker
 processes when > 0: decode, ``smart_resize`` with ``data.min_pixels`` / ``data.max_pixels``, patchify, prompt
 rendering and tokenisation) -> in this process: over-long prompts (and other unusable records) dropped and
-counted, the process's prompts gathered and padded to the buckets (``rl.sampler.prepare_prompts``: prompt length,
+counted, the process's prompts gathered and padded to the buckets (``data.buckets.prepare_prompts``: prompt length,
 images per prompt, rows per image; 3-D M-RoPE positions) -> ``PromptBatch``. The processes of a job agree on the
 buckets, and on stopping when any of them runs out, before every batch (``parallel.host_max``).
 
@@ -29,9 +29,9 @@ from PIL import Image
 from medix_jax import parallel
 from medix_jax.data.image import BadImage, decode_image, image_settings, preprocess_images, smart_resize, to_rgb
 from medix_jax.data.prompts import MEDIX_PROMPT, check_template, prompt_ids
-from medix_jax.models.qwen2_5_vl.model import ModelInputs
-from medix_jax.models.qwen2_5_vl.vision import rows_per_frame
-from medix_jax.rl.sampler import Buckets, prepare_prompts, prompt_sizes
+from medix_jax.models.qwen_vl.model import ModelInputs
+from medix_jax.models.qwen_vl.vision import rows_per_frame
+from medix_jax.data.buckets import Buckets, prepare_prompts, prompt_sizes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +133,7 @@ def collate(examples: list[dict], model_cfg, buckets: Buckets, at_least=(0, 0, 0
 
 
 def sizes(examples: list[dict], model_cfg) -> np.ndarray:
-    """What ``examples`` need of the buckets (``rl.sampler.prompt_sizes``, the maximum over them)."""
+    """What ``examples`` need of the buckets (``data.buckets.prompt_sizes``, the maximum over them)."""
     return np.max([prompt_sizes(model_cfg.vision, len(e["input_ids"]), e.get("image_grid_thw"))
                    for e in examples], axis=0)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from medix_jax.models.qwen2_5_vl.config import TokenIds, end_tokens
+from medix_jax.models.qwen_vl.config import TokenIds, end_tokens
 
 MEDIX_PROMPT = (
     "You are a Medical AI Assistant with advanced reasoning capabilities\n"

@@ -393,7 +393,8 @@ class SamplerGenerator:
 
     def __init__(self, model, tokenizer, max_tokens: int, prompt: str | None = None,
                  min_pixels: int = 262144, max_pixels: int = 4194304, mesh=None):
-        from medix_jax.rl.sampler import Sampler, SamplingConfig
+        from medix_jax.generate.sampler import Sampler
+        from medix_jax.generate.sampling import SamplingConfig
 
         self.model, self.tokenizer, self.prompt, self.mesh = model, tokenizer, prompt, mesh
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
@@ -421,8 +422,8 @@ class SamplerGenerator:
         import jax
 
         from medix_jax import parallel
-        from medix_jax.models.qwen2_5_vl.vision import rows_per_frame
-        from medix_jax.rl.sampler import Buckets, prepare_prompts
+        from medix_jax.models.qwen_vl.vision import rows_per_frame
+        from medix_jax.data.buckets import Buckets, prepare_prompts
 
         cfg = self.model.config
         prepared = {}
@@ -559,7 +560,7 @@ def make_generator(spec: str, model_name: str | None, max_tokens: int, prompt: s
         data = run_config(run_dir, meta).data
         return SamplerGenerator(model, tokenizer, max_tokens, prompt or data.prompt, data.min_pixels, data.max_pixels)
     from medix_jax.data.prompts import token_ids
-    from medix_jax.models.qwen2_5_vl.hf_io import load_hf
+    from medix_jax.models.qwen_vl.hf_io import load_hf
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     model = load_hf(path, tokens=token_ids(tokenizer, path))

@@ -26,7 +26,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec
 
 from medix_jax import parallel
-from medix_jax.models.qwen2_5_vl.layers import Dense, param
+from medix_jax.models.qwen_vl.layers import Dense, param
 
 
 class RouterStats(NamedTuple):

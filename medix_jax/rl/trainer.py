@@ -77,12 +77,14 @@ from jax.sharding import NamedSharding, PartitionSpec
 from medix_jax import parallel
 from medix_jax.data.pipeline import PromptBatch, collate, sizes
 from medix_jax.models.moe import RouterStats, router_terms
-from medix_jax.models.qwen2_5_vl.language import Segments
-from medix_jax.models.qwen2_5_vl.model import ModelInputs, Qwen2_5_VL
+from medix_jax.models.qwen_vl.language import Segments
+from medix_jax.models.qwen_vl.model import ModelInputs, QwenVL
 from medix_jax.rewards.pool import judge_warning
 from medix_jax.rl import grpo, packing
 from medix_jax.rl.packing import width_index
-from medix_jax.rl.sampler import Buckets, SampleOutput, Sampler, SamplingConfig
+from medix_jax.data.buckets import Buckets
+from medix_jax.generate.sampler import Sampler
+from medix_jax.generate.sampling import SampleOutput, SamplingConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,7 +161,7 @@ class Completions(NamedTuple):
 LOGPROB_CHUNK = 512  # completion tokens per step of the log-probability scan (``completion_logprobs``)
 
 
-def completion_hidden(model: Qwen2_5_VL, prompts: ModelInputs, tokens: jax.Array, mask: jax.Array, rows=None,
+def completion_hidden(model: QwenVL, prompts: ModelInputs, tokens: jax.Array, mask: jax.Array, rows=None,
                       embedded=None) -> tuple[jax.Array, RouterStats | None]:
     """(final-norm hidden states ``[N, T, hidden]`` that predict completion tokens ``[N, T]`` -- state t predicts
     token t --, the mixture of experts' routing statistics or None). Completion n continues prompt ``rows[n]`` of
@@ -189,7 +191,7 @@ def token_logprobs(logits: jax.Array, tokens: jax.Array, temperature: float) -> 
     return jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tokens[..., None], axis=-1)[..., 0]
 
 
-def completion_logprobs(model: Qwen2_5_VL, hidden: jax.Array, tokens: jax.Array, temperature: float,
+def completion_logprobs(model: QwenVL, hidden: jax.Array, tokens: jax.Array, temperature: float,
                         with_entropy: bool = True, chunk: int | None = None) -> tuple[jax.Array, jax.Array | None]:
     """(``token_logprobs`` ``[N, T]``, per-token entropies of ``softmax(logits / T)`` ``[N, T]`` or None) of
     ``hidden`` ``[N, T, hidden]`` (``completion_hidden``), without ever holding ``[N, T, vocab]`` logits.
@@ -226,7 +228,7 @@ def _activations(mesh):
     return contextlib.nullcontext() if mesh is None else parallel.activation_sharding(mesh)
 
 
-def packed_hidden(model: Qwen2_5_VL, embedded, layout: packing.Layout) -> tuple[jax.Array, jax.Array,
+def packed_hidden(model: QwenVL, embedded, layout: packing.Layout) -> tuple[jax.Array, jax.Array,
                                                                              RouterStats | None]:
     """(final-norm hidden states ``[R, T, hidden]`` of each packed row's completion tokens one after the other --
     state (r, c) predicts token (r, c) --, those tokens ``[R, T]``, the routing statistics or None) of the rows
@@ -457,7 +459,7 @@ def _mismatch(sampler, trainer, mask):
 class Trainer:
     """Holds the policy (``graphdef`` + ``params``), optimizer state and step; ``step()`` runs one GRPO step."""
 
-    def __init__(self, model: Qwen2_5_VL, tokenizer, data, rewards, train: TrainConfig, rollout: SamplingConfig,
+    def __init__(self, model: QwenVL, tokenizer, data, rewards, train: TrainConfig, rollout: SamplingConfig,
                  buckets: Buckets, mesh=None, seed: int = 0):
         if mesh is None:
             mesh = parallel.make_mesh({}, jax.devices()[:1])
@@ -534,11 +536,11 @@ class Trainer:
         self._rollout_params = None
 
     @property
-    def model(self) -> Qwen2_5_VL:
+    def model(self) -> QwenVL:
         return nnx.merge(self.graphdef, self.params)
 
     @property
-    def rollout_model(self) -> Qwen2_5_VL:
+    def rollout_model(self) -> QwenVL:
         """The policy the sampler runs: the current parameters, or (``rollout.weights_dtype``) their copy in that
         dtype, in the parameters' shardings, cast on first use after the parameters last changed."""
         if self._cast is None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from medix_jax.models.qwen2_5_vl.config import ModelConfig, TextConfig, TokenIds, VisionConfig
+from medix_jax.models.qwen_vl.config import ModelConfig, TextConfig, TokenIds, VisionConfig
 
 _QWEN3_TEXT = dict(vocab_size=151936, rope_theta=5_000_000.0, mrope_section=(24, 20, 20), mrope_interleaved=True,
                    qkv_bias=False, qk_norm=True, head_size=128, max_position_embeddings=262144)

@@ -26,10 +26,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from medix_jax.models.qwen2_5_vl.config import VisionConfig
-from medix_jax.models.qwen2_5_vl.layers import Dense, LayerNorm, param, run_layers, stack_layers
-from medix_jax.models.qwen2_5_vl.rope import vision_cos_sin
-from medix_jax.models.qwen2_5_vl.vision import ROWS, VisionAttention, VisionInputs
+from medix_jax.models.qwen_vl.config import VisionConfig
+from medix_jax.models.qwen_vl.layers import Dense, LayerNorm, param, run_layers, stack_layers
+from medix_jax.models.qwen_vl.rope import vision_cos_sin
+from medix_jax.models.qwen_vl.vision import ROWS, VisionAttention, VisionInputs
 from medix_jax.parallel import constrain
 
 

@@ -5,7 +5,7 @@ Two layers of API:
 * ``prepare_inputs`` (host, numpy) turns what the Hugging Face processor gives -- ``input_ids``,
   ``attention_mask``, ``pixel_values``, ``image_grid_thw`` -- into fixed-shape ``ModelInputs``: 3-D M-RoPE
   positions, ``rope_delta`` and each prompt's vision window layout, optionally padded to buckets.
-* ``Qwen2_5_VL.__call__(inputs)`` (jit-able) returns logits ``[B, S, vocab]``. ``forward`` does both steps, under
+* ``QwenVL.__call__(inputs)`` (jit-able) returns logits ``[B, S, vocab]``. ``forward`` does both steps, under
   ``jax.jit``, for callers that hold processor outputs.
 
 Image features replace the embeddings of image placeholder tokens in row-major order (transformers
@@ -23,11 +23,12 @@ import numpy as np
 from flax import nnx
 
 from medix_jax.models import moe  # a module, not its names: moe itself imports layers from this package
-from medix_jax.models.qwen2_5_vl.config import ModelConfig
-from medix_jax.models.qwen2_5_vl.language import HIDDEN, KVCache, Segments, TextModel
-from medix_jax.models.qwen2_5_vl.layers import Dense
-from medix_jax.models.qwen2_5_vl.rope import mrope_cos_sin, mrope_positions
-from medix_jax.models.qwen2_5_vl.vision import VisionInputs, VisionTower, vision_inputs
+from medix_jax.models.qwen_vl.config import ModelConfig
+from medix_jax.models.qwen_vl.language import HIDDEN, KVCache, Segments, TextModel
+from medix_jax.models.qwen_vl.layers import Dense
+from medix_jax.models.qwen_vl.rope import mrope_cos_sin, mrope_positions
+from medix_jax.models.qwen2_5_vl.vision import VisionTower, vision_inputs
+from medix_jax.models.qwen_vl.vision import VisionInputs
 from medix_jax.models.qwen3_vl import vision as qwen3_vision
 from medix_jax.models.qwen3_vl.vision import vision_inputs as qwen3_vision_inputs
 from medix_jax.parallel import constrain
@@ -118,7 +119,7 @@ class Decoded(NamedTuple):
     router: moe.RouterStats | None  # mixture of experts: routing statistics summed over the layers
 
 
-class Qwen2_5_VL(nnx.Module):
+class QwenVL(nnx.Module):
     """Qwen2.5-VL, and Qwen3-VL (dense and MoE) by ``config.family``: the families differ in the vision tower
     (``qwen3_vl.vision``: DeepStack features for the decoder's first layers) and in decoder options of
     ``TextConfig`` (q/k norm, interleaved M-RoPE, experts).
@@ -183,7 +184,7 @@ def _apply(graphdef, state, inputs: ModelInputs) -> jax.Array:
     return nnx.merge(graphdef, state)(inputs)
 
 
-def forward(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None) -> jax.Array:
+def forward(model: QwenVL, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None) -> jax.Array:
     """Logits for Hugging Face processor outputs; positions and the vision layout are computed here.
 
     >>> logits = forward(model, **processor(text=..., images=..., return_tensors="np"))  # doctest: +SKIP
@@ -193,15 +194,15 @@ def forward(model: Qwen2_5_VL, input_ids, attention_mask=None, pixel_values=None
     return _apply(graphdef, state, inputs)
 
 
-def init_model(cfg: ModelConfig, seed: int = 0) -> Qwen2_5_VL:
+def init_model(cfg: ModelConfig, seed: int = 0) -> QwenVL:
     """A randomly initialised model (unsharded; see ``medix_jax.parallel.init_sharded`` for a mesh)."""
-    return Qwen2_5_VL(cfg, rngs=nnx.Rngs(seed))
+    return QwenVL(cfg, rngs=nnx.Rngs(seed))
 
 
-def abstract_model(cfg: ModelConfig) -> Qwen2_5_VL:
+def abstract_model(cfg: ModelConfig) -> QwenVL:
     """The model with ``ShapeDtypeStruct`` leaves: shapes and logical axes, no memory allocated."""
-    return nnx.eval_shape(lambda: Qwen2_5_VL(cfg, rngs=nnx.Rngs(0)))
+    return nnx.eval_shape(lambda: QwenVL(cfg, rngs=nnx.Rngs(0)))
 
 
-def param_count(model: Qwen2_5_VL) -> int:
+def param_count(model: QwenVL) -> int:
     return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

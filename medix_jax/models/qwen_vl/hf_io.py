@@ -36,13 +36,9 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from medix_jax.data.image import processor_config
-from medix_jax.models.qwen2_5_vl.config import (
-    ModelConfig,
-    generation_config_to_hf,
-    model_config_from_hf,
-    model_config_to_hf,
-)
-from medix_jax.models.qwen2_5_vl.model import Qwen2_5_VL, abstract_model
+from medix_jax.models.qwen_vl.config import ModelConfig, generation_config_to_hf
+from medix_jax.models.qwen_vl.families import model_config_from_hf, model_config_to_hf
+from medix_jax.models.qwen_vl.model import QwenVL, abstract_model
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +201,7 @@ def load_hf(
     mesh: jax.sharding.Mesh | None = None,
     rules: dict | None = None,
     **overrides,
-) -> Qwen2_5_VL:
+) -> QwenVL:
     """Load a Hugging Face Qwen2.5-VL checkpoint directory into our model.
 
     ``dtype`` is the compute dtype and (unless ``param_dtype`` is given) the parameter dtype. With a ``mesh``,
@@ -262,7 +258,7 @@ def _hub_shape(key: str, ours: tuple[int, ...], cfg: ModelConfig) -> tuple[int, 
 # Saving
 
 
-def hub_tensors(model: Qwen2_5_VL, dtype: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
+def hub_tensors(model: QwenVL, dtype: str | None = None) -> Iterator[tuple[str, np.ndarray]]:
     """(hub key, host array) for every parameter, one at a time, in hub layout. A parameter split across
     processes is gathered (``process_allgather``: every process must iterate in step)."""
     from jax.experimental import multihost_utils
@@ -280,7 +276,7 @@ def hub_tensors(model: Qwen2_5_VL, dtype: str | None = None) -> Iterator[tuple[s
 
 
 def save_hf(
-    model: Qwen2_5_VL,
+    model: QwenVL,
     out_dir: str | Path,
     base_dir: str | Path | None = None,
     dtype: str | None = None,

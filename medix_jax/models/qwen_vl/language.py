@@ -20,8 +20,8 @@ from medix_jax.models import (
     attention,
     moe,  # a module, not its names: moe itself imports layers from this package
 )
-from medix_jax.models.qwen2_5_vl.config import TextConfig
-from medix_jax.models.qwen2_5_vl.layers import Dense, Embed, RMSNorm, SwiGLU, apply_rotary, run_layers, stack_layers
+from medix_jax.models.qwen_vl.config import TextConfig
+from medix_jax.models.qwen_vl.layers import Dense, Embed, RMSNorm, SwiGLU, apply_rotary, run_layers, stack_layers
 from medix_jax.parallel import constrain
 
 HIDDEN = ("batch", "length", "act_embed")  # logical axes of activations (parallel.constrain)

@@ -1,4 +1,4 @@
-"""``python -m medix_jax.models.qwen2_5_vl [--config FILE] [--hf DIR] [key=value ...]``: one forward pass.
+"""``python -m medix_jax.models.qwen_vl [--config FILE] [--hf DIR] [key=value ...]``: one forward pass.
 
 Builds the configured model (random weights, or a Hugging Face checkpoint with ``--hf``) on the configured mesh,
 runs a synthetic image+text prompt through it, and prints parameter count, logits shape and timings.
@@ -15,14 +15,14 @@ from PIL import Image
 from medix_jax import parallel
 from medix_jax.config import load_config
 from medix_jax.data.image import preprocess_image
-from medix_jax.models.qwen2_5_vl import Qwen2_5_VL, forward, param_count
-from medix_jax.models.qwen2_5_vl.hf_io import load_hf
+from medix_jax.models.qwen_vl import QwenVL, forward, param_count
+from medix_jax.models.qwen_vl.hf_io import load_hf
 
 
 def main(argv=None) -> None:
     from medix_jax import cli
 
-    parser = cli.parser("medix_jax.models.qwen2_5_vl", __doc__)
+    parser = cli.parser("medix_jax.models.qwen_vl", __doc__)
     parser.add_argument("--config", help="YAML config (default: the embedded tiny config)")
     parser.add_argument("--hf", help="Hugging Face checkpoint directory to load instead of random weights")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.text.num_layers=2")
@@ -35,7 +35,7 @@ def main(argv=None) -> None:
         model = load_hf(args.hf, dtype=cfg.model.dtype, param_dtype=cfg.model.param_dtype, mesh=mesh,
                         rules=cfg.sharding_rules)
     else:
-        model = parallel.init_sharded(lambda: Qwen2_5_VL(cfg.model, rngs=nnx.Rngs(cfg.seed)), mesh, cfg.sharding_rules)
+        model = parallel.init_sharded(lambda: QwenVL(cfg.model, rngs=nnx.Rngs(cfg.seed)), mesh, cfg.sharding_rules)
     print(f"model: {param_count(model):,} parameters on mesh {dict(mesh.shape)} "
           f"({time.perf_counter() - start:.1f}s to build)")
 

@@ -1,9 +1,9 @@
 """Continuous batching: a fixed number of decode slots, each refilled with the next waiting sample when its row ends.
 
-The static sampler (``sampler._decode``) runs every row until the batch's longest one ends, over a cache of
+The static sampler (``static.decode``) runs every row until the batch's longest one ends, over a cache of
 ``prompt + max_new_tokens`` for every row. Here (vLLM's scheduling idea, in compiled JAX programs):
 
-* **Prefill, shared by the G samples** (``sampler._prefill`` with no completion room): each prompt's keys/values,
+* **Prefill, shared by the G samples** (``static.prefill`` with no completion room): each prompt's keys/values,
   last logits and next M-RoPE position, once per prompt, into a pool ``[layers, B, P, kv_heads, head_dim]``.
 * **Slots**: a contiguous KV cache ``[layers, S, P + max_new_tokens, ...]`` for ``S`` slots (``rollout.slots``).
   ``_admit`` copies a waiting sample's prompt from the pool into a free slot (its completion part needs no
@@ -17,7 +17,7 @@ The static sampler (``sampler._decode``) runs every row until the batch's longes
   step's cost follows the slot count, not the live rows. When at most half the slots are live, the host moves them
   into half as many slots (``shrink_levels``: down to an eighth, no fewer than ``MIN_SLOTS``).
 * **Outputs** are written straight into ``[B*G, max_new_tokens]`` buffers at (sample id, step), so the result is
-  laid out exactly as the static sampler's. Randomness is ``sampler.sample_keys`` (sample id, step): the same
+  laid out exactly as the static sampler's. Randomness is ``sampling.sample_keys`` (sample id, step): the same
   samples come out for any slot count, and as from the static sampler.
 
 All shapes are fixed by (prompt bucket, batch, G, slots, max_new_tokens): a round and a compaction per slot level
@@ -39,22 +39,22 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from medix_jax import parallel
-from medix_jax.models.qwen2_5_vl.language import KVCache, Segments
-from medix_jax.models.qwen2_5_vl.model import ModelInputs
-from medix_jax.rl.sampler import (
+from medix_jax.generate.sampling import (
     SampleOutput,
     SamplingConfig,
-    _batch_axes,
-    _cache_axes,
-    _constrain,
-    _prefill,
+    batch_axes,
+    cache_axes,
     choose_tokens,
+    constrain,
     sample_keys,
 )
+from medix_jax.generate.static import prefill
+from medix_jax.models.qwen_vl.language import KVCache, Segments
+from medix_jax.models.qwen_vl.model import ModelInputs
 
 
 class Pool(NamedTuple):
-    """The prefilled prompts, one row each (``sampler._prefill`` with no completion room)."""
+    """The prefilled prompts, one row each (``static.prefill`` with no completion room)."""
 
     cache: KVCache  # [layers, B, P, kv_heads, head_dim]
     logits: jax.Array  # [B, vocab] float32: the first completion token's
@@ -79,10 +79,10 @@ def _done_axes(a):
 
 
 def _constrain_slots(slots: Slots, mesh: Mesh | None) -> Slots:
-    rows = _constrain((slots.logits, slots.position, slots.kv, slots.step, slots.sample, slots.limit), mesh,
-                      _batch_axes)
-    return Slots(_constrain(slots.cache, mesh, _cache_axes), *rows, _constrain(slots.done, mesh, _done_axes),
-                 _constrain(slots.out, mesh, _batch_axes))
+    rows = constrain((slots.logits, slots.position, slots.kv, slots.step, slots.sample, slots.limit), mesh,
+                      batch_axes)
+    return Slots(constrain(slots.cache, mesh, cache_axes), *rows, constrain(slots.done, mesh, _done_axes),
+                 constrain(slots.out, mesh, batch_axes))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 3, 4, 5, 6))
@@ -200,7 +200,7 @@ def generate(graphdef, state, prompts: ModelInputs, key, limits, sampling: Sampl
     g = sampling.num_samples
     samples = b * g
     num_slots = sampling.slots or default_slots(samples, g, mesh)
-    cache, logits, position, valid = _prefill(graphdef, state, prompts, 0, 1, mesh)
+    cache, logits, position, valid = prefill(graphdef, state, prompts, 0, 1, mesh)
     pool = Pool(cache, logits, position, valid)
     slots = _empty(graphdef, state, num_slots, p, samples, sampling.max_new_tokens, mesh)
     free = np.ones(num_slots, bool)
@@ -229,4 +229,4 @@ def generate(graphdef, state, prompts: ModelInputs, key, limits, sampling: Sampl
             keep = np.argsort(free, kind="stable")[: smaller[0]]  # live slots first
             slots, free, num_slots = _compact(slots, jnp.asarray(keep, jnp.int32), mesh), free[keep], smaller.pop(0)
     out = slots.out
-    return out._replace(lengths=_constrain(out.mask.sum(1).astype(jnp.int32), mesh, _batch_axes))
+    return out._replace(lengths=constrain(out.mask.sum(1).astype(jnp.int32), mesh, batch_axes))

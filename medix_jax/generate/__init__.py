@@ -1,0 +1,1 @@
+"""Generation: the sampling settings, the static and continuous samplers, and the helpers they share."""
