@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from medix_jax.evaluate import evaluate, load_items, load_tasks
 from medix_jax.evaluate.fetch import SOURCES, build_parser, fetch, main
+from medix_jax.evaluate.harness import evaluate
+from medix_jax.evaluate.tasks import load_items, load_tasks
 
 SUBJECTS = ("clinical_knowledge", "college_biology", "college_medicine", "medical_genetics", "professional_medicine")
 

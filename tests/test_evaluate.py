@@ -17,21 +17,12 @@ from medix_jax.data.prepare import prepare
 from medix_jax.data.prompts import MEDIX_PROMPT, token_ids
 from medix_jax.data.synthetic import draw_example, png_bytes, write_synthetic
 from medix_jax.data.tokenizer import train_tokenizer
-from medix_jax.evaluate import (
-    DEFAULT_PROMPT,
-    Judge,
-    OpenAIGenerator,
-    SamplerGenerator,
-    Task,
-    evaluate,
-    exact_match,
-    load_items,
-    load_tasks,
-    main,
-    make_generator,
-    medix_task,
-    parse_score,
-)
+from medix_jax.evaluate.cli import main
+from medix_jax.evaluate.generators import OpenAIGenerator, SamplerGenerator, make_generator
+from medix_jax.evaluate.harness import evaluate
+from medix_jax.evaluate.judging import EvalJudge, parse_score
+from medix_jax.evaluate.scoring import exact_match
+from medix_jax.evaluate.tasks import DEFAULT_PROMPT, Task, load_items, load_tasks, medix_task
 from medix_jax.models.qwen_vl import init_model
 from medix_jax.models.qwen_vl.families import preset
 from medix_jax.models.qwen_vl.hf_io import load_hf, save_hf
@@ -95,7 +86,7 @@ def test_end_to_end_through_an_openai_endpoint_with_resume_and_outage(registry, 
     total = sum(len(load_items(t)) for t in tasks)
     with JudgeServer(default="echo") as model_server, JudgeServer(default="500") as judge_server:
         generator = OpenAIGenerator(model_server.url, "echo", max_tokens=64)
-        down = Judge(JudgeConfig(url=judge_server.url, model="judge", max_retries=1, backoff_s=0.01))
+        down = EvalJudge(JudgeConfig(url=judge_server.url, model="judge", max_retries=1, backoff_s=0.01))
         first = evaluate(tasks, generator, down, tmp_path)  # the judge is down: generations kept, nothing scored
         assert first["counts"] == {"generations_new": total, "judgements_missing": total,
                                    "judgements_missing_connection": total}
@@ -124,7 +115,7 @@ def test_malformed_judge_json_is_retried_then_reported_per_sample(registry, tmp_
     tasks = load_tasks(registry, only=["report"])  # one sample: the script below hits it alone
     with JudgeServer(default="echo") as model_server, \
             JudgeServer(default="score", script=["badjson", "badjson", "badjson"]) as judge_server:
-        judge = Judge(JudgeConfig(url=judge_server.url, model="judge"))
+        judge = EvalJudge(JudgeConfig(url=judge_server.url, model="judge"))
         generator = OpenAIGenerator(model_server.url, "echo", 64)
         first = evaluate(tasks, generator, judge, tmp_path)  # round 1: invalid twice -> the sample is missing
         assert first["tasks"]["report"]["missing"] == 1 and judge.stats["eval_invalid_replies"] == 2
@@ -144,11 +135,12 @@ def says(text):
 
 
 def test_report_rubric_is_the_mean_of_the_three_rounds(registry, tmp_path):
-    tasks = load_tasks(registry, only=["report"])  # REFERENCE §1: 0-5 rubric / 5; rounds 5, 4, 0: 3/5, not median 4/5
+    # docs/reference.md#evaluation-protocol: 0-5 rubric / 5; rounds 5, 4, 0: 3/5, not median 4/5
+    tasks = load_tasks(registry, only=["report"])
     with JudgeServer(default="echo") as model_server, \
             JudgeServer(script=[says(json.dumps({"score": s})) for s in (5, 4, 0)]) as judge_server:
         summary = evaluate(tasks, OpenAIGenerator(model_server.url, "echo", 64),
-                           Judge(JudgeConfig(url=judge_server.url, model="judge")), tmp_path)
+                           EvalJudge(JudgeConfig(url=judge_server.url, model="judge")), tmp_path)
     assert summary["tasks"]["report"]["score"] == pytest.approx(0.6) and summary["overall"] == pytest.approx(0.6)
     lines = [json.loads(x) for x in (tmp_path / "cache" / "report.jsonl").read_text().splitlines()]
     assert lines[-1]["judgement"]["rounds"] == [5, 4, 0]
@@ -162,11 +154,11 @@ def test_a_missing_judgement_counts_as_wrong_and_is_reported(registry, tmp_path)
 
     with JudgeServer(default="echo") as model_server, JudgeServer(default=unsure) as judge_server:
         generator = OpenAIGenerator(model_server.url, "echo", 64)
-        first = evaluate(tasks, generator, Judge(JudgeConfig(url=judge_server.url, model="judge")), tmp_path)
+        first = evaluate(tasks, generator, EvalJudge(JudgeConfig(url=judge_server.url, model="judge")), tmp_path)
         assert first["tasks"]["mcq"] == {"kind": "mcq", "samples": 4, "judged": 3, "missing": 1, "score": 0.75}
         assert first["overall"] == 0.75 and "| mcq | mcq | 75.0 | 1 / 4 |" in (tmp_path / "results.md").read_text()
         judge_server.default = "score"  # the missing one is judged again on the next run, the others are kept
-        second = evaluate(tasks, generator, Judge(JudgeConfig(url=judge_server.url, model="judge")), tmp_path)
+        second = evaluate(tasks, generator, EvalJudge(JudgeConfig(url=judge_server.url, model="judge")), tmp_path)
     assert second["tasks"]["mcq"]["score"] == 1.0 and second["tasks"]["mcq"]["missing"] == 0
     assert second["counts"] == {"generations_reused": 4, "judgements_reused": 3, "judgements_new": 1}
 
@@ -185,14 +177,14 @@ def test_structured_outputs_when_the_judge_takes_them_else_a_fenced_reply(regist
     fenced = says('Verdict:\n```json\n{"score": 1}\n```')
     with JudgeServer(default="echo") as model_server, JudgeServer(default="score") as judge_server:
         generator = OpenAIGenerator(model_server.url, "echo", 64)
-        taken = evaluate(tasks, generator, Judge(JudgeConfig(url=judge_server.url, model="judge")), tmp_path / "a")
+        taken = evaluate(tasks, generator, EvalJudge(JudgeConfig(url=judge_server.url, model="judge")), tmp_path / "a")
         formats = [r.get("response_format") for r in judge_server.requests]
         assert len(formats) == 15 and all(f and f["type"] == "json_schema" for f in formats)
         assert {tuple(f["json_schema"]["schema"]["properties"]["score"]["enum"]) for f in formats} == \
             {(0, 1), (0, 1, 2, 3, 4, 5)}
         assert taken["tasks"]["mcq"]["score"] == 1.0
         with JudgeServer(default=fenced, reject_response_format=True) as plain:
-            judge = Judge(JudgeConfig(url=plain.url, model="judge"))
+            judge = EvalJudge(JudgeConfig(url=plain.url, model="judge"))
             summary = evaluate(tasks, generator, judge, tmp_path / "b")
     assert {n: (r["score"], r["missing"]) for n, r in summary["tasks"].items()} == {"mcq": (1.0, 0), "report": (0.2, 0)}
     assert sum("response_format" in r for r in plain.requests) == 1  # found out once in the run, not per request
@@ -242,7 +234,7 @@ class InterruptedAfter:
 def test_an_interrupted_run_resumes_without_redoing_finished_samples(registry, tmp_path):
     tasks = load_tasks(registry, only=["mcq"])
     with JudgeServer(default="echo") as model_server, JudgeServer(default="score") as judge_server:
-        judge = Judge(JudgeConfig(url=judge_server.url, model="judge"))
+        judge = EvalJudge(JudgeConfig(url=judge_server.url, model="judge"))
         generator = OpenAIGenerator(model_server.url, "echo", 64)
         with pytest.raises(KeyboardInterrupt):
             evaluate(tasks, InterruptedAfter(generator, 1), judge, tmp_path, batch_size=2)
@@ -256,7 +248,7 @@ def test_a_training_run_is_evaluated_from_its_newest_checkpoint(trained_run, reg
     generator = make_generator(str(trained_run), None, max_tokens=4)
     assert generator.model.config.tokens.image_token_id < 512  # the run's tokenizer ids, not the preset's
     with JudgeServer(default="score") as judge_server:
-        judge = Judge(JudgeConfig(url=judge_server.url, model="judge"))
+        judge = EvalJudge(JudgeConfig(url=judge_server.url, model="judge"))
         summary = evaluate(load_tasks(registry, only=["vqa"]), generator, judge, tmp_path)
     assert summary["tasks"]["vqa"]["judged"] == 2 and summary["counts"]["generations_new"] == 2
 
@@ -323,7 +315,7 @@ def test_a_medix_split_is_scored_without_a_judge_by_the_training_rewards(medix_d
     texts = [medix_completion(it) for it in items]
     pool = RewardPool(RewardsConfig(judge=JudgeConfig()))
     try:
-        batch = pool.score([t for t in texts if t], [it.reference for it, t in zip(items, texts) if t])
+        batch = pool.score([t for t in texts if t], [it.reference for it, t in zip(items, texts, strict=True) if t])
     finally:
         pool.close()
     assert result["embed"] == pytest.approx(batch.components["embed"].sum() / n)
@@ -350,7 +342,7 @@ def test_a_medix_split_is_scored_without_a_judge_by_the_training_rewards(medix_d
 def test_a_medix_split_with_a_judge_scores_by_the_llm_reward(medix_data, tmp_path):
     task = medix_task("heldout", str(medix_data))
     with JudgeServer(default="judge") as judge_server:  # YES when the answer equals the truth (case-insensitive)
-        judge = Judge(JudgeConfig(url=judge_server.url, model="judge"))
+        judge = EvalJudge(JudgeConfig(url=judge_server.url, model="judge"))
         summary = evaluate([task], Scripted(), judge, tmp_path)
         asked = [r["messages"][-1]["content"] for r in judge_server.requests]
     result = summary["tasks"]["heldout"]
@@ -401,9 +393,9 @@ def test_the_cli_without_a_judge_on_mixed_kinds(registry, medix_data, tiny_hf, t
     generator = make_generator(str(tiny_hf), None, max_tokens=4)
     medix_item = load_items(medix_task("h", str(medix_data), limit=1))[0]
     plain = dataclasses.replace(medix_item, prompt=DEFAULT_PROMPT)
-    assert len(generator._prepare(medix_item)[0]) > len(generator._prepare(plain)[0]) + 50
-    assert OpenAIGenerator("http://x", "m", 4)._message(medix_item)["content"][0]["text"].startswith("You are a")
-    forced = OpenAIGenerator("http://x", "m", 4, prompt=DEFAULT_PROMPT)._message(medix_item)["content"]
+    assert len(generator.prepare(medix_item)[0]) > len(generator.prepare(plain)[0]) + 50
+    assert OpenAIGenerator("http://x", "m", 4).message(medix_item)["content"][0]["text"].startswith("You are a")
+    forced = OpenAIGenerator("http://x", "m", 4, prompt=DEFAULT_PROMPT).message(medix_item)["content"]
     assert forced[0]["type"] == "image_url" and forced[1]["text"] == medix_item.question
 
 
@@ -414,7 +406,7 @@ def test_the_sampler_generates_under_a_mesh_as_without_one(registry, tiny_hf):
     mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     sharded = load_hf(tiny_hf, tokens=token_ids(tokenizer), mesh=mesh)
     generator = SamplerGenerator(sharded, tokenizer, 4, mesh=mesh)
-    assert generator._rows_multiple() == 4 and generator.sampler.mesh is mesh
+    assert generator.rows_multiple() == 4 and generator.sampler.mesh is mesh
     texts = generator.generate(items)
     assert texts == make_generator(str(tiny_hf), None, max_tokens=4).generate(items)
     assert all(isinstance(t, str) for t in texts)
@@ -441,7 +433,7 @@ def test_an_openai_model_is_sent_every_greedy_sampling_parameter(registry):
     assert not {"top_k", "min_p", "repetition_penalty"} & set(plain)
 
 
-REFERENCE_TASKS = {  # REFERENCE §1: the 17 tasks
+REFERENCE_TASKS = {  # docs/reference.md#evaluation-protocol: the 17 tasks
     "mmlu_clinical_knowledge", "mmlu_college_biology", "mmlu_college_medicine", "mmlu_medical_genetics",
     "mmlu_professional_medicine", "mmlu_anatomy", "medmcqa", "medqa_4options", "usmle_self_assessment", "pubmedqa",
     "mimic_cxr_summarization", "slake", "vqa_rad", "pathvqa", "pmc_vqa", "pmc_vqa_hard", "mimic_cxr_report_generation"}
@@ -528,7 +520,7 @@ def test_several_models_are_evaluated_side_by_side(registry, tmp_path, capsys):
 
 
 def test_a_medix_generation_is_judged_by_its_answer():
-    from medix_jax.evaluate import judged_text
+    from medix_jax.evaluate.scoring import judged_text
 
     text = "<X_RAY>< thinking >The kidney filters.</thinking>\n< answer > Kidney </answer>"
     assert judged_text(text) == "Kidney" and exact_match(judged_text(text), "Kidney") == 1.0
@@ -539,7 +531,7 @@ def test_a_medix_generation_is_judged_by_its_answer():
 def test_medix_rewards_and_their_missing_reasons_are_cached_per_sample(medix_data, tmp_path):
     task = medix_task("heldout", str(medix_data), limit=3)
     with JudgeServer(default="500") as judge_server:
-        judge = Judge(JudgeConfig(url=judge_server.url, model="judge", max_retries=0))
+        judge = EvalJudge(JudgeConfig(url=judge_server.url, model="judge", max_retries=0))
         # Answers that differ from the truth, so the judge is asked (and fails) for each.
         summary = evaluate([task], Scripted(lambda it: f"{parse_solution(it.reference)[0]}<thinking>t</thinking>"
                                                        "<answer>banana</answer>"), judge, tmp_path)
@@ -556,7 +548,7 @@ def test_every_flag_has_help_and_the_usage_names_the_module(capsys):
     help_text = capsys.readouterr().out
     assert help_text.startswith("usage: python -m medix_jax.evaluate ") and "``" not in help_text
     assert "(default: configs/eval/tasks.yaml)" in help_text and "--no-judge-check" in help_text
-    from medix_jax.evaluate import build_parser
+    from medix_jax.evaluate.cli import build_parser
 
     parser = build_parser()
     assert all(a.help for a in parser._actions), [a.dest for a in parser._actions if not a.help]
@@ -574,10 +566,10 @@ def test_a_training_run_is_asked_with_its_own_prompt_and_config_wherever_it_lies
     assert generator.model.config.text.hidden_size < 512 and generator.model.config.tokens.image_token_id < 512
     assert generator.prompt == "<image>{question}" and (generator.min_pixels, generator.max_pixels) == (3136, 12544)
     medix_item = load_items(medix_task("h", str(medix_data), limit=1))[0]  # asked with MEDIX_PROMPT elsewhere
-    assert len(generator._prepare(medix_item)[0]) == len(generator._prepare(
+    assert len(generator.prepare(medix_item)[0]) == len(generator.prepare(
         dataclasses.replace(medix_item, prompt="<image>{question}"))[0])
     assert make_generator(str(moved), None, 4, prompt=MEDIX_PROMPT).prompt == MEDIX_PROMPT  # --prompt still wins
     step = make_generator(str(moved / "1"), None, max_tokens=4)  # one step of the run
-    from medix_jax.evaluate import model_label
+    from medix_jax.evaluate.generators import model_label
 
     assert step.prompt == "<image>{question}" and model_label(str(moved / "1")) == "moved-step1"

@@ -1,7 +1,7 @@
-"""``python -m medix_jax.evaluate``: see ``medix_jax.evaluate``."""
+"""``python -m medix_jax.evaluate``: see ``medix_jax.evaluate.cli``."""
 
 import sys
 
-from medix_jax.evaluate import main
+from medix_jax.evaluate.cli import main
 
 sys.exit(main())
