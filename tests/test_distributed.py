@@ -121,12 +121,12 @@ def test_two_processes_train_like_one_process_with_eight_devices(tmp_path):
 
 
 def test_a_checkpoint_of_two_processes_resumes_only_with_two():
-    from medix_jax.train import _this_process
+    from medix_jax.train import this_process_state
 
     states = [{"grain": {"next_index": 4}}, {"grain": {"next_index": 6}}]
     with pytest.raises(RuntimeError, match=r"written by 2 process\(es\).*resume it with 2 \(this job has 1\)"):
-        _this_process(states, 7, Path("/runs/x/checkpoints"))
-    assert _this_process(states[:1], 7, Path("/runs/x/checkpoints")) == states[0]
+        this_process_state(states, 7, Path("/runs/x/checkpoints"))
+    assert this_process_state(states[:1], 7, Path("/runs/x/checkpoints")) == states[0]
 
 
 def test_interleaved_processes_get_their_own_rows_and_back():

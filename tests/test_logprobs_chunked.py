@@ -1,4 +1,4 @@
-"""Chunked log-probabilities and entropy (trainer.completion_logprobs): the same values and gradients as full
+"""Chunked log-probabilities and entropy (forward.completion_logprobs): the same values and gradients as full
 [N, T, vocab] logits, and a gradient program whose temporaries do not grow like N x T x vocab."""
 
 import dataclasses
@@ -13,8 +13,9 @@ from flax import nnx
 from medix_jax import parallel
 from medix_jax.models.qwen_vl.families import preset
 from medix_jax.models.qwen_vl.model import init_model, prepare_inputs
-from medix_jax.rl import grpo, trainer
-from medix_jax.rl.trainer import Completions, completion_hidden, completion_logprobs
+from medix_jax.rl import forward, grpo, programs
+from medix_jax.rl.forward import Completions, completion_hidden, completion_logprobs
+from medix_jax.rl.update import pack_micro_batch
 
 TEMPERATURE = 0.7
 LOSS = grpo.LossConfig(kl_coef=0.05, aggregation="token_mean")
@@ -129,9 +130,9 @@ def test_chunked_logprobs_entropy_and_gradients_equal_full_logits(tied):
 
 def packed(prompts, batch, prompt_of, shards, rows, per_row=4):
     """(the device ``Layout`` and completions of a micro-batch -- ``shards``: per batch shard, rows of sample
-    indices into ``batch`` --, the sample in each slot or None) as ``Trainer._device_batch`` packs them."""
+    indices into ``batch`` --, the sample in each slot or None) as ``PolicyUpdate.device_batch`` packs them."""
     host = jax.tree.map(np.asarray, prompts)
-    layout, slotted, _ = trainer.pack_micro_batch(host, jax.tree.map(np.asarray, batch), np.asarray(prompt_of),
+    layout, slotted, _ = pack_micro_batch(host, jax.tree.map(np.asarray, batch), np.asarray(prompt_of),
                                                   shards, rows, per_row)
     slots = [row[j] if j < len(row) else None for shard in shards for row in shard + [[]] * (rows - len(shard))
              for j in range(per_row)]
@@ -147,15 +148,22 @@ def in_slots(a, slots):
 def trainer_gradients(graphdef, params, prompts, layout, batch, totals, own, mesh=None, param_shardings=None,
                       chunks=1):
     """The trainer's gradient of one micro-batch, as ``Trainer.update`` computes it: the prompts embedded
-    (``_embed``), the packed micro-batch's gradient with the embeddings' cotangent (``_gradients``), the chain rule
-    through the embedding (``_embed_gradients``)."""
-    embedded = jax.jit(trainer._embed, static_argnums=(0, 3, 4))(graphdef, params, prompts, chunks, mesh)
+    (``programs.embed``), the packed micro-batch's gradient with the embeddings' cotangent (``programs.gradients``,
+    at the batch's own width), the chain rule through the embedding (``programs.embed_gradients``)."""
+    shard = dict(param_shardings=param_shardings, mesh=mesh)
+    embedded = jax.jit(functools.partial(programs.embed, graphdef, chunks=chunks, mesh=mesh))(params, prompts)
     grads, d_embedded, metrics, logp = jax.jit(functools.partial(
-        trainer._gradients, param_shardings=param_shardings, mesh=mesh), static_argnums=(0, 7, 8))(
-        graphdef, params, embedded, layout, batch, totals, own, LOSS, TEMPERATURE)
-    grads = jax.jit(functools.partial(trainer._embed_gradients, param_shardings=param_shardings, mesh=mesh),
-                    static_argnums=(0, 5))(graphdef, params, prompts, d_embedded, grads, chunks)
+        programs.gradients, graphdef, loss_cfg=LOSS, temperature=TEMPERATURE, widths=None, **shard))(
+        params, embedded, layout, batch, totals, own, jnp.int32(0))
+    grads = jax.jit(functools.partial(programs.embed_gradients, graphdef, chunks=chunks, **shard))(
+        params, prompts, d_embedded, grads)
     return grads, metrics, logp, embedded
+
+
+def trainer_logprobs(graphdef, params, embedded, layout, batch, mesh):
+    """The old / reference log-probabilities of a packed micro-batch (``programs.logprobs``, its own width)."""
+    return jax.jit(functools.partial(programs.logprobs, graphdef, temperature=TEMPERATURE, widths=None, mesh=mesh))(
+        params, embedded, layout, batch, jnp.int32(0))
 
 
 def test_trainer_gradients_and_logprobs_equal_full_logits(monkeypatch):
@@ -163,7 +171,7 @@ def test_trainer_gradients_and_logprobs_equal_full_logits(monkeypatch):
     order, each gathering its prompt's embedding) against the pre-chunking loss with every prompt embedded per
     completion, one completion per row: gradients (the embedding's share through ``_embed_gradients``), loss,
     entropy and every other metric, and the old/reference log-probabilities."""
-    monkeypatch.setattr(trainer, "LOGPROB_CHUNK", 3)
+    monkeypatch.setattr(forward, "LOGPROB_CHUNK", 3)
     graphdef, params = tiny_model(tied=False)
     prompts, batch = batch_for(nnx.merge(graphdef, params).config, length=24)
     totals = grpo.totals(batch.mask)
@@ -184,8 +192,7 @@ def test_trainer_gradients_and_logprobs_equal_full_logits(monkeypatch):
     assert metrics.keys() == ref_metrics.keys() and float(ref_metrics["entropy"]) > 1.0
     assert close(metrics, ref_metrics), (metrics, ref_metrics)
     mesh = parallel.make_mesh({}, jax.devices()[:1])
-    logprobs = jax.jit(trainer._logprobs, static_argnums=(0, 5, 6))
-    again = logprobs(graphdef, params, embedded, layout, slotted, TEMPERATURE, mesh)
+    again = trainer_logprobs(graphdef, params, embedded, layout, slotted, mesh)
     assert close(np.where(mask_slots, again, 0), np.where(mask_slots, ref_slots, 0))
     # An 8-device mesh (data 2, fsdp 2, tensor 2): activations and each chunk's logits pinned by the rules; each of
     # the 4 batch shards holds one prompt and its two completions, in two rows or packed into one.
@@ -205,7 +212,7 @@ def test_trainer_gradients_and_logprobs_equal_full_logits(monkeypatch):
     ref_slots, mask_slots = in_slots(ref_logp, slots), in_slots(mask, slots)
     assert max_diff(grads, ref_grads) <= 1e-5 and close(metrics, ref_metrics, 1e-5)
     assert close(np.where(mask_slots, logp, 0), np.where(mask_slots, ref_slots, 0), 1e-5)
-    again = logprobs(graphdef, sharded, embedded, layout, slotted, TEMPERATURE, mesh)
+    again = trainer_logprobs(graphdef, sharded, embedded, layout, slotted, mesh)
     assert close(np.where(mask_slots, again, 0), np.where(mask_slots, ref_slots, 0), 1e-5)
 
 
@@ -213,16 +220,17 @@ def test_gradient_temporaries_do_not_scale_with_tokens_times_vocab(monkeypatch):
     """vocab 16384, T = 64, N = 4: the compiled gradient program's temporaries with chunks of 8 tokens are several
     times smaller than with [N, T, vocab] logits, and smaller than one such float32 array (16 MiB here). (What is
     left grows with T like the tiny model's attention, the same for any vocabulary.)"""
-    monkeypatch.setattr(trainer, "LOGPROB_CHUNK", 8)
+    monkeypatch.setattr(forward, "LOGPROB_CHUNK", 8)
     vocab, length = 16384, 64
     graphdef, params = tiny_model(tied=True, vocab=vocab)
     prompts, batch = batch_for(nnx.merge(graphdef, params).config, prompts=2, length=length)
     totals = grpo.totals(batch.mask)
-    embedded = jax.eval_shape(functools.partial(trainer._embed, graphdef, chunks=1, mesh=None), params, prompts)
+    embedded = jax.eval_shape(functools.partial(programs.embed, graphdef, chunks=1, mesh=None), params, prompts)
     layout, slotted, _ = packed(prompts, batch, np.repeat(np.arange(2), 2), [[[0], [1], [2], [3]]], rows=4,
                                 per_row=1)
-    chunked = jax.jit(trainer._gradients, static_argnums=(0, 7, 8)).lower(
-        graphdef, params, embedded, layout, slotted, totals, jnp.asarray(False), LOSS, TEMPERATURE).compile()
+    chunked = jax.jit(functools.partial(programs.gradients, graphdef, loss_cfg=LOSS, temperature=TEMPERATURE,
+                                        widths=None, param_shardings=None, mesh=None)).lower(
+        params, embedded, layout, slotted, totals, jnp.asarray(False), jnp.int32(0)).compile()
     full = jax.jit(jax.grad(reference_loss, has_aux=True), static_argnums=(1, 5, 6)).lower(
         params, graphdef, prompts, batch, totals, 2, TEMPERATURE).compile()
     sizes = {name: program.memory_analysis().temp_size_in_bytes for name, program in

@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from medix_jax import parallel
-from medix_jax.plan import Program, count_flops, resolve_topology, verdict
+from medix_jax.aot import Program, count_flops, verdict
+from medix_jax.plan import resolve_topology
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--config", "configs/tiny.yaml", "data.batch_size=4", "rollout.max_new_tokens=8", "model.scan_layers=true",

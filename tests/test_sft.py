@@ -49,7 +49,7 @@ def test_the_loss_is_the_nll_of_completion_tokens_only(shared_run):  # noqa: F81
     n = int(mask.sum())
     prompts = collate([example], trainer.model_cfg, trainer.buckets).inputs
     totals = grpo.totals(mask)
-    _, metrics = sft._gradients(trainer.graphdef, trainer.params, prompts, tokens, mask, totals)
+    _, metrics = trainer.programs.sft_gradients(trainer.params, prompts, tokens, mask, totals)
     ids = np.concatenate([example["input_ids"], tokens[0, :n]])[None]
     logits = np.asarray(forward(trainer.model, ids, np.ones_like(ids), example["pixel_values"],
                                 example["image_grid_thw"]), np.float64)
@@ -59,7 +59,7 @@ def test_the_loss_is_the_nll_of_completion_tokens_only(shared_run):  # noqa: F81
     expected = -np.mean([logp[0, p - 1 + t, tokens[0, t]] for t in range(n)])
     assert abs(float(metrics["sft_loss"]) - expected) <= 1e-5, (float(metrics["sft_loss"]), expected)
     garbage = np.where(mask, tokens, 7)  # tokens past the completion's end are padding: they must not count
-    _, again = sft._gradients(trainer.graphdef, trainer.params, prompts, garbage, mask, totals)
+    _, again = trainer.programs.sft_gradients(trainer.params, prompts, garbage, mask, totals)
     assert float(again["sft_loss"]) == float(metrics["sft_loss"])
 
 

@@ -110,9 +110,10 @@ def test_a_batch_that_does_not_divide_is_an_error_a_parameter_is_kept_whole_with
 
 
 def _compiled_update(devices: int):
-    """The trainer's jitted update micro-batch (``_gradients``) of the tiny model, compiled for 8 packed rows of
+    """The trainer's jitted update micro-batch (``programs.gradients``) of the tiny model, compiled for 8 packed rows of
     256 prompt + 256 completion tokens on a mesh of ``devices`` (fsdp)."""
-    from medix_jax.rl import grpo, packing, trainer
+    from medix_jax.rl import grpo, packing, programs
+    from medix_jax.rl.forward import Completions
 
     mesh = parallel.make_mesh({"data": 1, "fsdp": devices, "tensor": 1}, jax.devices()[:devices])
     model = parallel.init_sharded(lambda: QwenVL(preset("tiny"), rngs=nnx.Rngs(0)), mesh)
@@ -122,17 +123,17 @@ def _compiled_update(devices: int):
     batch = lambda *shape, dtype=np.float32: jax.ShapeDtypeStruct(  # noqa: E731
         shape, dtype, sharding=NamedSharding(mesh, P(("data", "fsdp"), *([None] * (len(shape) - 1)))))
     slots = rows * packing.PACK_SAMPLES
-    completions = trainer.Completions(batch(slots, t, dtype=np.int32), batch(slots, t, dtype=bool), batch(slots, t),
+    completions = Completions(batch(slots, t, dtype=np.int32), batch(slots, t, dtype=bool), batch(slots, t),
                                       batch(slots))
     layout = packing.Layout(*(jax.ShapeDtypeStruct(shape, np.int32, sharding=NamedSharding(
         mesh, P(None, ("data", "fsdp"), None) if len(shape) == 3 else P(("data", "fsdp"), None)))
         for shape in packing.shapes(rows, p, t, packing.PACK_SAMPLES)))
     totals = grpo.Totals(*(jax.ShapeDtypeStruct((), np.float32) for _ in grpo.Totals._fields))
     embedded = (batch(rows, p, model.config.text.hidden_size), None)
-    step = jax.jit(functools.partial(trainer._gradients, param_shardings=shardings, mesh=mesh),
-                   static_argnums=(0, 7, 8))
-    return step.lower(graphdef, params, embedded, layout, completions, totals, jax.ShapeDtypeStruct((), bool),
-                      grpo.LossConfig(), 1.0).compile()
+    step = jax.jit(functools.partial(programs.gradients, graphdef, loss_cfg=grpo.LossConfig(), temperature=1.0,
+                                     widths=None, param_shardings=shardings, mesh=mesh))
+    return step.lower(params, embedded, layout, completions, totals, jax.ShapeDtypeStruct((), bool),
+                      jax.ShapeDtypeStruct((), np.int32)).compile()
 
 
 def test_update_activations_are_split_over_the_batch_axes(mesh):

@@ -26,7 +26,10 @@ from medix_jax.data.pipeline import PromptBatches, data_source
 from medix_jax.rewards.judge import JudgeConfig
 from medix_jax.rewards.pool import RewardBatch, RewardPool, RewardsConfig
 from medix_jax.rl import grpo
-from medix_jax.rl import trainer as trainer_module
+from medix_jax.rl import programs as programs_module
+from medix_jax.rl import update as update_module
+from medix_jax.rl.programs import StepPrograms
+from medix_jax.rl.rollout import ScoredNow
 from medix_jax.rl.trainer import Trainer
 from medix_jax.train import DEFAULT_CONFIG, build_model, main, prepare_embedded_data, tokenizer_and_model_config
 from tests.judge_server import JudgeServer
@@ -54,6 +57,7 @@ def make_trainer(shared_run, rewards, mesh=None, model_changes=None, rollout_cha
     mesh = mesh or parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
     data = PromptBatches(data_source(cfg.data), cfg.data, model_cfg, tokenizer, cfg.buckets, cfg.seed)
     train = dataclasses.replace(cfg.train, **train_changes)
+    rewards = rewards if isinstance(rewards, RewardPool) else ScoredNow(rewards)
     return Trainer(build_model(cfg, model_cfg, mesh), tokenizer, data, rewards, train, cfg.rollout, cfg.buckets,
                    mesh, cfg.seed)
 
@@ -99,7 +103,7 @@ def test_dynamic_filtering_drops_flat_groups_refills_and_masks_a_shortfall(share
     assert len(groups) == 8 and len(real) == metrics["groups_kept"] < 8  # the rest: masked filler
     assert all(not g.advantages.any() for g in groups if not g.mask.any())
     # mini-batches of filler only make no optimizer update (AdamW momentum and decay would still move weights)
-    short.train = dataclasses.replace(short.train, mini_batches=8)  # one group each
+    short.train = short.updater.train = dataclasses.replace(short.train, mini_batches=8)  # one group each
     assert short.update(groups)["optimizer_updates"] == len(real)
 
 
@@ -117,24 +121,24 @@ def flat_params(params):
 def micro_batch_gradients(trainer, groups, micro: int):
     """(the running sum of the gradients after each micro-batch, that micro-batch's metrics) of one mini-batch of
     ``groups`` cut into ``micro`` micro-batches, as ``Trainer.update`` computes them (the embedding's share through
-    ``_embed_gradients`` added to the sum at each point)."""
+    ``embed_gradients`` added to the sum at each point), every micro-batch at full width."""
     shards = parallel.batch_split(trainer.mesh) // jax.process_count()
-    members = trainer_module.mini_batch(groups, 0, 1, micro)
-    host = trainer._host_prompts(members)
-    parts, rows = trainer_module.micro_batches(members, host.attention_mask.sum(1), host.input_ids.shape[1], micro,
-                                               trainer.widths, shards, trainer.samples_per_row)
+    members = update_module.mini_batch(groups, 0, 1, micro)
+    updater, programs = trainer.updater, trainer.programs
+    host = updater.host_prompts(members)
+    parts, rows = update_module.micro_batches(members, host.attention_mask.sum(1), host.input_ids.shape[1], micro,
+                                              programs.widths, shards, updater.samples_per_row)
     prompts = parallel.shard_prompts(host, trainer.mesh)
-    embedded = trainer._embed(trainer.graphdef, trainer.params, prompts, micro, trainer.mesh)
+    embedded = programs.embed(trainer.params, prompts)
     out, grads, d_embedded = [], None, None
-    chunk = [trainer._device_batch(members, host, part, rows) for part in parts]
+    chunk = [updater.device_batch(members, host, part, rows) for part in parts]
     totals = grpo.totals(jnp.concatenate([batch.mask for _, batch, _ in chunk]))  # the mini-batch's denominators
+    full = jnp.int32(len(programs.widths) - 1)
     for layout, batch, _ in chunk:
-        g, d, m, _ = trainer._gradients(trainer.graphdef, trainer.params, embedded, layout, batch, totals,
-                                        np.asarray(False), trainer.train.loss, trainer.rollout.temperature)
-        grads = g if grads is None else trainer._accumulate(grads, g)
-        d_embedded = d if d_embedded is None else trainer._add(d_embedded, d)
-        out.append((trainer._embed_gradients(trainer.graphdef, trainer.params, prompts, d_embedded,
-                                             jax.tree.map(jnp.copy, grads), micro), m))
+        g, d, m, _ = programs.gradients(trainer.params, embedded, layout, batch, totals, np.asarray(False), full)
+        grads = g if grads is None else programs.accumulate(grads, g)
+        d_embedded = d if d_embedded is None else programs.add(d_embedded, d)
+        out.append((programs.embed_gradients(trainer.params, prompts, d_embedded, jax.tree.map(jnp.copy, grads)), m))
     return out
 
 
@@ -419,7 +423,7 @@ def test_rollout_weights_dtype_samples_from_a_cast_copy_refreshed_after_each_upd
     plain = make_trainer(shared_run, LetterReward())
     seen = spy(plain)
     plain.collect(jax.random.PRNGKey(0))
-    assert seen and all(same for _, _, same in seen) and plain._rollout_params is None  # no copy
+    assert seen and all(same for _, _, same in seen) and plain.rollout_params is None  # no copy
 
     bf16 = dataclasses.replace(cfg, rollout=dataclasses.replace(cfg.rollout, weights_dtype="bfloat16"))
     trainer = make_trainer((bf16, tokenizer, model_cfg), LetterReward())
@@ -436,7 +440,7 @@ def test_rollout_weights_dtype_samples_from_a_cast_copy_refreshed_after_each_upd
         assert all(np.array_equal(sampled[k], expected[k]) for k in expected)  # the current policy, cast
     (s1, p1, _), (s2, p2, _) = seen
     assert any(not np.array_equal(p1[k], p2[k]) for k in p1) and any(not np.array_equal(s1[k], s2[k]) for k in s1)
-    assert trainer._rollout_params is None  # dropped by the last update, cast again on the next rollout
+    assert trainer.rollout_params is None  # dropped by the last update, cast again on the next rollout
     copy = nnx.state(trainer.rollout_model, nnx.Param)
     pairs = list(zip(jax.tree.leaves(copy), jax.tree.leaves(trainer.params), strict=True))
     assert all(c.dtype == jnp.bfloat16 and c.sharding.is_equivalent_to(p.sharding, p.ndim) for c, p in pairs)
@@ -471,21 +475,21 @@ def test_only_the_running_mini_batch_holds_its_pixels_on_the_device(shared_run):
     trainer = make_trainer(shared_run, LetterReward(), micro_batches=2, rollout_batches=2, mini_batches=2)
     groups, _ = trainer.collect(jax.random.PRNGKey(3))
     patch_dim = trainer.model_cfg.vision.patch_dim
-    seen, gradients = [], trainer._gradients
+    seen, gradients = [], trainer.programs.gradients
 
     def counting(*args):
         seen.append(sum(a.ndim == 3 and a.shape[-1] == patch_dim for a in jax.live_arrays()))
         return gradients(*args)
 
-    trainer._gradients = counting
+    trainer.programs.gradients = counting
     trainer.update(groups)
     assert len(seen) >= 2 and max(seen) == 1, seen  # one or two (packed) micro-batches per mini-batch
 
 
 def test_completion_widths():
-    assert trainer_module.completion_widths(4096) == (512, 1024, 2048, 4096)
-    assert trainer_module.completion_widths(256) == (64, 128, 256)
-    assert trainer_module.completion_widths(100) == (100,)
+    assert programs_module.completion_widths(4096) == (512, 1024, 2048, 4096)
+    assert programs_module.completion_widths(256) == (64, 128, 256)
+    assert programs_module.completion_widths(100) == (100,)
 
 
 def test_a_length_bucketed_update_equals_the_padded_one_without_new_programs(shared_run):
@@ -494,8 +498,11 @@ def test_a_length_bucketed_update_equals_the_padded_one_without_new_programs(sha
     next time compile nothing new."""
     kw = dict(rollout_changes=dict(max_new_tokens=128), micro_batches=2)
     bucketed, padded = make_trainer(shared_run, LetterReward(), **kw), make_trainer(shared_run, LetterReward(), **kw)
-    assert bucketed.widths == (64, 128)
-    padded.widths, padded.samples_per_row = (128,), 1
+    assert bucketed.programs.widths == (64, 128)
+    padded.programs = padded.updater.programs = StepPrograms(  # every micro-batch at full width, one sample a row
+        padded.graphdef, padded.params, padded.mesh, micro_batches=2, loss=padded.train.loss, rollout=padded.rollout,
+        tx=padded.tx, widths=(128,))
+    padded.updater.samples_per_row = 1
     initial = flat_params(bucketed.params)
     groups, _ = bucketed.collect(jax.random.PRNGKey(0))
     rng = np.random.default_rng(0)
@@ -514,23 +521,24 @@ def test_a_length_bucketed_update_equals_the_padded_one_without_new_programs(sha
     calls, applied = {}, {}  # per trainer: (width, samples in its fullest row) per micro-batch; the gradient
 
     def record(trainer):
-        gradients, apply = trainer._gradients, trainer._apply
+        programs = trainer.programs
+        gradients, apply = programs.gradients, programs.apply
         calls[trainer] = []
 
-        def recording(graphdef, params, embedded, layout, *args):
-            calls[trainer].append((trainer.widths[int(args[-1])], int(np.asarray(layout.segments).max())))
-            return gradients(graphdef, params, embedded, layout, *args)
+        def recording(params, embedded, layout, *args):
+            calls[trainer].append((programs.widths[int(args[-1])], int(np.asarray(layout.segments).max())))
+            return gradients(params, embedded, layout, *args)
 
         def applying(params, state, grads):
             applied[trainer] = flat_params(grads)
             return apply(params, state, grads)
-        trainer._gradients, trainer._apply = recording, applying
+        programs.gradients, programs.apply = recording, applying
         return gradients, apply
 
     for trainer in (bucketed, padded):
         gradients, apply = record(trainer)
         trainer.update(first)
-        trainer._gradients, trainer._apply = gradients, apply
+        trainer.programs.gradients, trainer.programs.apply = gradients, apply
     assert calls[padded] == [(128, 1), (128, 1)]  # two micro-batches of one sample per row at full width
     work = {trainer: sum(width for width, _ in c) for trainer, c in calls.items()}  # rows x (prompt + width)
     assert work[bucketed] < work[padded] and max(n for _, n in calls[bucketed]) >= 2, calls[bucketed]

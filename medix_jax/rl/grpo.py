@@ -2,7 +2,7 @@
 
 Notation: G rollouts per prompt, rewards ``r``, per-token log-probabilities under the policy being trained
 (``logp``), the policy that sampled (``old``) and a frozen reference (``ref``); ``mask`` marks completion tokens of
-valid samples. Settings of the reference runs: REFERENCE §1.
+valid samples. Settings of the reference runs: docs/reference.md#reference-rl-settings.
 
 1. Group advantage (GRPO):  ``A_i = (r_i - mean_g r) / (std_g r + eps)``, unbiased std over the group's valid
    samples (``scale_by_std=False``: ``A_i = r_i - mean_g r``, Dr.GRPO). A group with fewer than two valid samples

@@ -24,7 +24,6 @@ the update) and scores them with the run's reward pool, so the reward curves run
 from __future__ import annotations
 
 import dataclasses
-import functools
 import random
 import re
 import string
@@ -34,22 +33,13 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from medix_jax import parallel
-from medix_jax.models.moe import router_terms
 from medix_jax.rewards.rules import MEDIX_MODALITY_TAGS, parse_solution
 from medix_jax.rl import grpo
-from medix_jax.rl.trainer import (
-    Group,
-    OptimConfig,
-    Trainer,
-    _activations,
-    _combine,
-    completion_hidden,
-    completion_logprobs,
-    make_optimizer,
-)
+from medix_jax.rl.policy import OptimConfig, make_optimizer
+from medix_jax.rl.rollout import Group, combine
+from medix_jax.rl.trainer import Trainer
 
 TEMPLATE = "{tag}<thinking>{thinking}</thinking><answer>{answer}</answer>"
 _ANSWER = re.compile(r"<answer>.*?</answer>", re.DOTALL)
@@ -85,25 +75,6 @@ def label_sets(source) -> tuple[list[str], list[str]]:
     return sorted({text(a) for a, _ in pairs}), sorted({text(t) for _, t in pairs})
 
 
-def sft_gradients(graphdef, params, prompts, tokens, mask, totals: grpo.Totals, param_shardings=None, mesh=None):
-    """(gradients, metrics) of eq. 6 for one micro-batch: prompts ``ModelInputs`` ``[B, P]``, target completions
-    ``tokens``/``mask`` ``[B, T]`` (one per prompt); ``totals`` the mini-batch's denominators. Gradients keep
-    ``param_shardings``; activations are pinned to ``mesh`` (as the GRPO gradient's)."""
-    def loss_fn(params):
-        model = nnx.merge(graphdef, params)
-        hidden, router = completion_hidden(model, prompts, tokens, mask)
-        logp, entropy = completion_logprobs(model, hidden, tokens, 1.0)
-        loss = grpo.sft_loss(logp, mask, totals)
-        balance, routing = router_terms(router, model.config.text.router_aux_loss_coef, mask.sum() / totals.tokens)
-        return loss + balance, {"sft_loss": loss, "entropy": grpo.entropy(entropy, mask, totals), **routing}
-
-    with _activations(mesh):
-        grads, metrics = jax.grad(loss_fn, has_aux=True)(params)
-    if param_shardings is not None:
-        grads = jax.lax.with_sharding_constraint(grads, param_shardings)
-    return grads, metrics
-
-
 class SupervisedStage:
     """The supervised stage of a run: ``step()`` runs one SFT step on ``trainer``'s parameters (its own optimizer
     state, ``opt_state``, checkpointed in place of GRPO's while the stage runs) and advances ``trainer.step_count``.
@@ -118,11 +89,7 @@ class SupervisedStage:
             raise ValueError(f"data.batch_size ({trainer.per_batch} prompts on this process) must divide into "
                              f"sft.micro_batches {cfg.micro_batches}")
         self.tx = make_optimizer(cfg.optim, cfg.steps)
-        self.opt_state, self._apply = trainer.optimizer(self.tx)
-        shardings = jax.tree.map(lambda a: a.sharding, trainer.params)
-        self._gradients = jax.jit(functools.partial(sft_gradients, param_shardings=shardings, mesh=trainer.mesh),
-                                  static_argnums=(0,))
-        trainer._extra_compiles += [self._gradients, self._apply]
+        self.opt_state, self.apply = trainer.optimizer(self.tx)
         self.width = trainer.rollout.max_new_tokens
         self.end = trainer.model_cfg.tokens.eos_token_id
         self.warned = False  # about targets cut to rollout.max_new_tokens
@@ -176,8 +143,9 @@ class SupervisedStage:
         metrics: dict[str, float] = {}
         if cfg.sample_every and step % cfg.sample_every == 0:  # rewards of the policy before this update
             g = trainer.rollout.num_samples
-            out, texts = trainer._sample(batch, jax.random.fold_in(jax.random.PRNGKey(trainer.seed), step))
-            scored = trainer._submit(texts, [s for s in batch.solutions for _ in range(g)]).result()
+            key = jax.random.fold_in(jax.random.PRNGKey(trainer.seed), step)
+            out, texts = trainer.rollouts.sample(trainer.rollout_model, batch, key)
+            scored = trainer.rollouts.rewards.submit(texts, [s for s in batch.solutions for _ in range(g)]).result()
             metrics.update(scored.metrics, response_length_mean=float(out.lengths.mean()))
         tokens, mask, cut = self.tokenize([self.target(ex, step) for ex in batch.examples])
         zeros = np.zeros(len(tokens), np.float32)
@@ -185,23 +153,23 @@ class SupervisedStage:
                         zeros[i:i + 1]) for i, ex in enumerate(batch.examples)]
         stack = lambda part, field: parallel.batch_array(  # noqa: E731
             np.concatenate([getattr(grp, field) for grp in part]), trainer.mesh)
-        parts = [(trainer._host_prompts(part), stack(part, "tokens"), stack(part, "mask"))
+        parts = [(trainer.updater.host_prompts(part), stack(part, "tokens"), stack(part, "mask"))
                  for part in (groups[m::cfg.micro_batches] for m in range(cfg.micro_batches))]
         totals = grpo.totals(jnp.concatenate([mask for _, _, mask in parts]))
         grads, sums = None, {}
         for prompts, tokens_, mask_ in parts:  # at the full width (the cold start's targets are short and alike)
-            grad, m = self._gradients(trainer.graphdef, trainer.params, parallel.shard_prompts(prompts, trainer.mesh),
-                                      tokens_, mask_, totals)
-            grads = grad if grads is None else trainer._accumulate(grads, grad)
+            grad, m = trainer.programs.sft_gradients(trainer.params, parallel.shard_prompts(prompts, trainer.mesh),
+                                                     tokens_, mask_, totals)
+            grads = grad if grads is None else trainer.programs.accumulate(grads, grad)
             for key, value in m.items():  # mini-batch means add up over the micro-batches
                 sums[key] = sums.get(key, 0.0) + float(value)
-        trainer.params, self.opt_state, norm = self._apply(trainer.params, self.opt_state, grads)
+        trainer.params, self.opt_state, norm = self.apply(trainer.params, self.opt_state, grads)
         trainer.step_count += 1
         metrics.update(sums, grad_norm=float(norm), sft_tokens=float(mask.sum()),
                        sft_truncated=float(cut), step_seconds=time.perf_counter() - start,
                        compile_count=float(trainer.compile_count))
         per_process = parallel.host_gather(metrics)
         if len(per_process) > 1:
-            metrics = {k: _combine(k, [m.get(k, np.nan) for m in per_process], over="processes")
+            metrics = {k: combine(k, [m.get(k, np.nan) for m in per_process], over="processes")
                        for k in per_process[0]}
         return metrics
