@@ -13,6 +13,7 @@ import re
 import sys
 import tempfile
 import time
+from typing import Any
 
 GIB = 1024**3
 
@@ -119,7 +120,7 @@ def _nbytes(aval) -> int:
 class Program:
     name: str
     what: str  # the function compiled and its shapes, one line
-    fn: object  # a jitted function
+    fn: Any  # a jitted function
     args: tuple
     count: float  # runs per training step (0: inside other programs)
     count_note: str = ""
@@ -127,7 +128,7 @@ class Program:
     while_trips: int | None = None
     notes: list[str] = dataclasses.field(default_factory=list)
     result: dict = dataclasses.field(default_factory=dict)
-    compiled: object = None
+    compiled: Any = None
 
 
 @contextlib.contextmanager
@@ -239,7 +240,7 @@ def verdict(program: Program, hbm: float | None) -> tuple[bool, str, str]:
         return True, f"compiled; {gib(need)} GiB per device with its resident state (cpu: no memory limit)", ""
     terms = {k: memory[k] for k in ("argument", "temporary", "output")}
     terms.update({f"resident {k}": v for k, v in r["resident"].items()})
-    big = max(terms, key=terms.get)
+    big = max(terms, key=lambda k: terms[k])
     biggest = f"biggest term {big} {gib(terms[big])} GiB"
     if need > hbm * GIB:
         return False, f"DOES NOT FIT: {gib(need)} GiB > {hbm} GiB HBM; {biggest}", f"{gib(need)} GiB; {biggest}"

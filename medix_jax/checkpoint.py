@@ -70,7 +70,7 @@ class Checkpoints:
         absl.setLevel(logging.ERROR)  # orbax warns that a PyTree item has no step-level metadata file of its own
         try:
             tree = ocp.PyTreeCheckpointer().metadata(self.directory / str(step) / "state").item_metadata.tree
-        except Exception:  # noqa: BLE001 -- a damaged checkpoint: restore_latest's own handling decides
+        except Exception:  # broad on purpose: for a damaged checkpoint, restore_latest's own handling decides
             return None
         finally:
             absl.setLevel(level)
@@ -101,7 +101,7 @@ class Checkpoints:
         if config is not None:
             try:
                 old = flat_leaves(self.meta(step).get("config", {}))
-            except Exception:  # noqa: BLE001 -- the tensors alone still say what is wrong
+            except Exception:  # broad on purpose: the tensors alone still say what is wrong
                 old = {}
             now = flat_leaves(config)
             changed = sorted((k for k in set(old) | set(now) if old.get(k) != now.get(k)),

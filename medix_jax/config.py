@@ -20,13 +20,13 @@ from typing import Any, Literal
 
 import yaml
 
+from medix_jax.data.buckets import Buckets
 from medix_jax.data.pipeline import DataConfig
+from medix_jax.generate.sampling import SamplingConfig
 from medix_jax.models.qwen_vl.config import ModelConfig
 from medix_jax.models.qwen_vl.families import model_config_from_hf, preset
 from medix_jax.parallel import DistributedConfig
 from medix_jax.rewards.pool import RewardsConfig
-from medix_jax.data.buckets import Buckets
-from medix_jax.generate.sampling import SamplingConfig
 from medix_jax.rl.sft import SFTConfig
 from medix_jax.rl.trainer import TrainConfig
 
@@ -109,7 +109,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if value not in args:
             raise ConfigError(f"{key}: {value!r} is not one of {list(args)}")
         return value
-    if dataclasses.is_dataclass(hint):
+    if isinstance(hint, type) and dataclasses.is_dataclass(hint):
         if isinstance(value, hint):
             return value
         if not isinstance(value, dict):
@@ -122,7 +122,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
         if len(args) != len(value):
             raise ConfigError(f"{key}: expected {len(args)} items, got {len(value)}")
-        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")
@@ -167,7 +167,7 @@ def build(cls: type, data: dict[str, Any], key: str = "", base: Any = None) -> A
         sub = f"{key}.{name}" if key else name
         hint = hints[name]
         nested_base = getattr(base, name) if base is not None else None
-        if dataclasses.is_dataclass(hint) and isinstance(value, dict):
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint) and isinstance(value, dict):
             values[name] = build(hint, value, sub, base=nested_base)
         else:
             values[name] = _coerce(value, hint, sub)
@@ -283,7 +283,9 @@ def load_config(path: str | Path | list | tuple | None = None, overrides: list[s
     for item in overrides:
         parts, value = parse_override(item)
         _set_dotted(raw, parts, value)
-    model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    model = raw.get("model")
+    if not isinstance(model, dict):
+        model = {}
     if raw.get("checkpoint") and "preset" not in model and "hf_config" not in model:
         raw["model"] = {**model, "hf_config": raw["checkpoint"]}  # the checkpoint's own architecture
     return build(cls, raw)

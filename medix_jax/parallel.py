@@ -20,6 +20,7 @@ import os
 import socket
 import time
 from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import jax
 import jax.experimental.mesh_utils
@@ -148,7 +149,7 @@ def initialize_distributed(cfg: DistributedConfig) -> bool:
           f"{address or 'the detected cluster'}; waiting up to {cfg.timeout_s}s for every process", flush=True)
     try:
         jax.distributed.initialize(address, count, index, initialization_timeout=cfg.timeout_s)
-    except Exception as e:  # noqa: BLE001 -- re-raised with the facts a user needs
+    except Exception as e:  # broad on purpose: re-raised with the facts a user needs
         raise RuntimeError(
             f"distributed: could not form the job within {cfg.timeout_s}s (coordinator {address or 'auto'}, process "
             f"{index} of {count}): {str(e).splitlines()[0][:300]}. Check that all {count} processes are started "
@@ -264,7 +265,10 @@ def param_shardings(state: nnx.State, mesh: Mesh, rules: Mapping | None = None) 
     return out
 
 
-def init_sharded(make: Callable[[], nnx.Module], mesh: Mesh, rules: Mapping | None = None) -> nnx.Module:
+ModuleT = TypeVar("ModuleT", bound=nnx.Module)
+
+
+def init_sharded(make: Callable[[], ModuleT], mesh: Mesh, rules: Mapping | None = None) -> ModuleT:
     """Build ``make()`` with every parameter created directly in its sharding (one jit with ``out_shardings``):
     no device ever holds the whole model."""
     graphdef, state = nnx.split(nnx.eval_shape(make))
@@ -290,7 +294,11 @@ def init_sharded(make: Callable[[], nnx.Module], mesh: Mesh, rules: Mapping | No
 
 def batch_split(mesh: Mesh | None) -> int:
     """Into how many shards the ``batch`` rule splits a batch dimension of ``mesh`` (1 without one)."""
-    return 1 if mesh is None else math.prod(mesh.shape[a] for a in DEFAULT_RULES["batch"])
+    if mesh is None:
+        return 1
+    axes = DEFAULT_RULES["batch"]
+    assert isinstance(axes, tuple)  # the batch rule names a tuple of mesh axes (a plain string would split by letter)
+    return math.prod(mesh.shape[a] for a in axes)
 
 
 def take_rows(a, rows, axis: int = 0):
@@ -324,8 +332,11 @@ def process_rows(mesh: Mesh | None, n: int) -> np.ndarray:
 def _process_spans(sharding: NamedSharding, shape: tuple[int, ...], axis: int) -> tuple[tuple[int, int], ...]:
     """This process's rows along ``axis`` as ascending, merged (start, stop) spans; an error unless every process
     holds rows of its own (an equal share)."""
-    spans = sorted({(index[axis].start or 0, shape[axis] if index[axis].stop is None else index[axis].stop)
-                    for index in sharding.addressable_devices_indices_map(shape).values()})
+    held = set()
+    for index in sharding.addressable_devices_indices_map(shape).values():
+        assert index is not None  # jax's annotation allows None, but an addressable device always holds an index
+        held.add((index[axis].start or 0, shape[axis] if index[axis].stop is None else index[axis].stop))
+    spans = sorted(held)
     merged: list[tuple[int, int]] = []
     for a, b in spans:
         if merged and a <= merged[-1][1]:
@@ -367,7 +378,8 @@ def local_rows(array, axis: int = 0) -> np.ndarray:
     out = np.empty((*array.shape[:axis], offsets[-1], *array.shape[axis + 1:]), array.dtype)
     for shard in array.addressable_shards:
         if any(i != axis and s != slice(None) for i, s in enumerate(shard.index)):
-            raise ValueError(f"local_rows: {array.sharding.spec} splits more than the batch axis {axis}")
+            where = array.sharding.spec if isinstance(array.sharding, NamedSharding) else array.sharding
+            raise ValueError(f"local_rows: {where} splits more than the batch axis {axis}")
         start = shard.index[axis].start or 0
         span = next(k for k, (a, b) in enumerate(spans) if a <= start < b)
         local = offsets[span] + start - spans[span][0]

@@ -341,7 +341,7 @@ def update_programs(cfg, a: Abstract, programs, opt_state, budget: Budget) -> li
     return out
 
 
-def prefill_outputs(program: Program, mesh):
+def prefill_outputs(program: Program, mesh) -> tuple:
     """The decode's inputs as the prefill returns them (its compiled output shardings; without a compiled prefill,
     the placements the sampler pins them to)."""
     import jax

@@ -77,7 +77,7 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None, keys: list[str]
     fig = Figure(figsize=(6 * ncols, 2.8 * nrows), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax, (key, (steps, values)) in zip(axes, series.items()):
+    for ax, (key, (steps, values)) in zip(axes[:len(series)], series.items(), strict=True):  # extra axes: hidden below
         ax.plot(steps, values, marker="." if len(steps) < 50 else None)  # markers keep isolated points visible
         ax.set_title(key)
         ax.set_xlabel("step")

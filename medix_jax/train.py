@@ -402,6 +402,7 @@ class HeldOut:
                 print("medix_jax.train: the held-out evaluation runs in single-process jobs only; evaluate this run "
                       f"afterwards: python -m medix_jax.evaluate --model {run_dir}", flush=True)
             return
+        assert cfg.data.data_dir is not None  # the job has resolved it (the embedded dataset by default)
         self.task = evaluate.medix_task("held_out", cfg.data.data_dir, cfg.eval.split, cfg.data.name,
                                         cfg.eval.max_samples)
         self.samples = len(evaluate.load_items(self.task))  # a missing split fails now, not after training
@@ -421,14 +422,15 @@ class HeldOut:
     def run(self, model, name: str, step: int) -> dict:
         from medix_jax import evaluate
 
-        d = self.cfg.data
+        d, task = self.cfg.data, self.task
+        assert task is not None  # catch_up evaluates only with a held-out split
         generator = evaluate.SamplerGenerator(model, self.tokenizer, self.cfg.rollout.max_new_tokens, d.prompt,
                                               d.min_pixels, d.max_pixels, mesh=self.mesh)
         print(f"medix_jax.train: evaluating {name} (step {step}) on {self.samples} held-out samples "
               f"({d.data_dir}, split {self.cfg.eval.split})", flush=True)
-        summary = evaluate.evaluate([self.task], generator, None, self._dir(step), self.cfg.eval.batch_size,
+        summary = evaluate.evaluate([task], generator, None, self._dir(step), self.cfg.eval.batch_size,
                                     pool=self.pool)
-        print(self.row(name, step, summary["tasks"][self.task.name]), flush=True)
+        print(self.row(name, step, summary["tasks"][task.name]), flush=True)
         return summary
 
     COLUMNS = ("format", "modality", "accuracy", "embed", "llm", "composite")

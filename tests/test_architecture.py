@@ -34,7 +34,8 @@ def imports(tree: ast.AST) -> list[tuple[str, str | None, str | None, int]]:
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            out += [(a.name, None, a.asname or a.name, node.lineno) for a in node.names if a.name.startswith("medix_jax")]
+            out += [(a.name, None, a.asname or a.name, node.lineno) for a in node.names
+                    if a.name.startswith("medix_jax")]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").startswith("medix_jax"):
             for a in node.names:
                 sub = f"{node.module}.{a.name}"

@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from medix_jax import parallel
-from medix_jax.models import attention
-from medix_jax.models.qwen_vl.hf_io import load_hf
-from medix_jax.generate import continuous
 from medix_jax.data.buckets import prepare_prompts
+from medix_jax.generate import continuous
 from medix_jax.generate.sampler import Sampler
 from medix_jax.generate.sampling import SamplingConfig
+from medix_jax.models import attention
+from medix_jax.models.qwen_vl.hf_io import load_hf
 from tests.test_sampler import BUCKETS, mixed_batch
 
 

@@ -14,6 +14,7 @@ import tensorflow_datasets as tfds
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
+from medix_jax.data.buckets import Buckets
 from medix_jax.data.builder import TEXT_FIELDS, MedixRL
 from medix_jax.data.pipeline import DataConfig, NotPrepared, Preprocess, PromptBatches, data_source
 from medix_jax.data.prepare import PrepareOptions, prepare, validate
@@ -22,7 +23,6 @@ from medix_jax.data.prompts import MEDIX_PROMPT, token_ids, user_content
 from medix_jax.data.synthetic import synthetic_records, write_jsonl, write_synthetic
 from medix_jax.data.tokenizer import train_tokenizer
 from medix_jax.models.qwen_vl.families import preset
-from medix_jax.data.buckets import Buckets
 
 MIN_PIXELS, MAX_PIXELS = 28 * 28, 168 * 168
 BUCKETS = Buckets(prompt_lengths=(192, 208, 224, 256), images=(1, 2), rows_per_image=(64, 128, 256))

@@ -50,11 +50,11 @@ def test_the_default_export_loads_with_the_auto_classes_and_generates_our_tokens
     environment, the one with torchvision (tests/hf_auto_generate.py)."""
     from transformers import AutoTokenizer
 
-    from medix_jax.data.prompts import token_ids
-    from medix_jax.models.qwen_vl.hf_io import load_hf
     from medix_jax.data.buckets import Buckets, prepare_prompts
+    from medix_jax.data.prompts import token_ids
     from medix_jax.generate.sampler import Sampler
     from medix_jax.generate.sampling import SamplingConfig
+    from medix_jax.models.qwen_vl.hf_io import load_hf
 
     hf_dir, result = default_run / "hf", tmp_path / "hf.npz"
     subprocess.run([str(VLLM_PYTHON), str(ROOT / "tests" / "hf_auto_generate.py"), str(hf_dir), str(result), "16"],

@@ -18,7 +18,7 @@ from tests.letter_reward import LetterReward
 
 SETTINGS = ["rollout.max_new_tokens=128", "rollout.num_samples=4", "rollout.batching=static", "data.batch_size=8",
             "sft.steps=0", "eval.split=null", "train.micro_batches=2", "train.loss.kl_coef=0.05",
-            "model.dtype=bfloat16", "mesh.fsdp=4", "mesh.tensor=2"]  # widths 64, 128; KL; old log-probs recomputed; 8 devices
+            "model.dtype=bfloat16", "mesh.fsdp=4", "mesh.tensor=2"]  # widths 64/128, KL, recomputed old log-probs
 
 
 def abstract(args):

@@ -19,13 +19,13 @@ from transformers import (
 )
 
 from medix_jax import parallel
+from medix_jax.data.buckets import Buckets, prepare_prompts
+from medix_jax.generate.sampler import Sampler
+from medix_jax.generate.sampling import SamplingConfig
 from medix_jax.models.qwen_vl import forward, prepare_inputs
 from medix_jax.models.qwen_vl.hf_io import load_hf, save_hf
 from medix_jax.models.qwen_vl.language import Segments
 from medix_jax.models.qwen_vl.rope import mrope_axes
-from medix_jax.data.buckets import Buckets, prepare_prompts
-from medix_jax.generate.sampler import Sampler
-from medix_jax.generate.sampling import SamplingConfig
 from tests.helpers import BOS, EOS, IMAGE, PAD, VIDEO, VISION_END, VISION_START, VOCAB, hf_logits, left_pad, tokens_for
 
 TOL = 1e-4
@@ -214,8 +214,10 @@ def test_two_grpo_steps_of_a_tiny_moe_through_the_cli_log_routing_metrics(tmp_pa
 def test_packed_rows_give_each_sample_its_own_logprobs(checkpoint, rng):
     """Samples packed into shared update rows (rl/packing.py) -- a prompt's two samples in one row, then a two-image
     prompt's sample after them, its DeepStack features and 3-D positions at an offset -- get the log-probabilities
-    they get one to a row (trainer.completion_hidden); the router sees the same real tokens."""
-    from medix_jax.rl import trainer
+    they get one to a row (forward.completion_hidden); the router sees the same real tokens."""
+    from medix_jax.rl import forward
+    from medix_jax.rl.forward import Completions
+    from medix_jax.rl.update import pack_micro_batch
 
     _, path = checkpoint
     ours = load_hf(path)
@@ -223,18 +225,18 @@ def test_packed_rows_give_each_sample_its_own_logprobs(checkpoint, rng):
     inputs = prepare_inputs(ours.config, ids, mask, pixels, grids)
     t, lengths = 12, np.array([12, 7, 3, 1, 5, 9])  # two samples per prompt
     tokens = rng.integers(0, 500, (6, t)).astype(np.int32)
-    completions = trainer.Completions(tokens, np.arange(t)[None] < lengths[:, None], np.zeros((6, t), np.float32),
-                                      np.zeros(6, np.float32))
+    completions = Completions(tokens, np.arange(t)[None] < lengths[:, None], np.zeros((6, t), np.float32),
+                              np.zeros(6, np.float32))
     prompt_of = np.repeat(np.arange(3), 2).astype(np.int32)
-    layout, _, _ = trainer.pack_micro_batch(jax.tree.map(np.asarray, inputs), completions, prompt_of,
-                                            [[[2, 3, 4], [0], [1], [5]]], rows=4, per_row=4)
+    layout, _, _ = pack_micro_batch(jax.tree.map(np.asarray, inputs), completions, prompt_of,
+                                    [[[2, 3, 4], [0], [1], [5]]], rows=4, per_row=4)
     slots = {0: 2, 1: 3, 2: 4, 4: 0, 8: 1, 12: 5}
     embedded = ours.embed(inputs)
     assert embedded[1] is not None  # DeepStack features
-    hidden, targets, router = trainer.packed_hidden(ours, embedded, jax.tree.map(jax.numpy.asarray, layout))
-    logp = np.asarray(trainer.unpack(trainer.completion_logprobs(ours, hidden, targets, 1.0)[0], layout))
-    alone, alone_router = trainer.completion_hidden(ours, inputs, tokens, completions.mask, prompt_of)
-    ref = np.asarray(trainer.completion_logprobs(ours, alone, tokens, 1.0)[0])
+    hidden, targets, router = forward.packed_hidden(ours, embedded, jax.tree.map(jax.numpy.asarray, layout))
+    logp = np.asarray(forward.unpack(forward.completion_logprobs(ours, hidden, targets, 1.0)[0], layout))
+    alone, alone_router = forward.completion_hidden(ours, inputs, tokens, completions.mask, prompt_of)
+    ref = np.asarray(forward.completion_logprobs(ours, alone, tokens, 1.0)[0])
     assert np.abs(ref).max() > 1.0
     for slot, sample in slots.items():
         n = lengths[sample]

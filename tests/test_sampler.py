@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from medix_jax import parallel
-from medix_jax.models.qwen_vl import forward
-from medix_jax.models.qwen_vl.hf_io import load_hf
 from medix_jax.data.buckets import Buckets, prepare_prompts
 from medix_jax.generate.sampler import Sampler
 from medix_jax.generate.sampling import SamplingConfig, choose_tokens
+from medix_jax.models.qwen_vl import forward
+from medix_jax.models.qwen_vl.hf_io import load_hf
 from tests.helpers import EOS, IMAGE, PAD, left_pad, tokens_for
 
 BUCKETS = Buckets(prompt_lengths=(64, 128), images=(2, 4), rows_per_image=(512,))

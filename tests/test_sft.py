@@ -19,8 +19,8 @@ from medix_jax import parallel
 from medix_jax.data.pipeline import collate
 from medix_jax.models.qwen_vl import forward
 from medix_jax.rl import grpo
+from medix_jax.rl.policy import OptimConfig
 from medix_jax.rl.sft import SFTConfig, SupervisedStage, label_sets
-from medix_jax.rl.trainer import OptimConfig
 from tests.letter_reward import LetterReward
 from tests.test_train import ROOT, final_state, flat_params, make_trainer, metric_lines, shared_run  # noqa: F401
 

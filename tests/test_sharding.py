@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 from medix_jax import parallel
 from medix_jax.models.qwen_vl import QwenVL, init_model, prepare_inputs, preset
 from medix_jax.models.qwen_vl.hf_io import load_hf
-from medix_jax.models.qwen_vl.model import _apply
+from medix_jax.models.qwen_vl.model import apply_split
 from tests.helpers import left_pad, tokens_for
 
 
@@ -60,7 +60,7 @@ def test_sharded_load_and_forward_match_single_device(tiny_checkpoint, mesh, rng
     inputs = prepare_inputs(single.config, ids, mask, pixels, grids)
 
     graphdef, state = nnx.split(single)
-    expected = np.asarray(_apply(graphdef, state, inputs))
+    expected = np.asarray(apply_split(graphdef, state, inputs))
 
     batch = NamedSharding(mesh, P(("data", "fsdp")))
     placed = inputs._replace(
@@ -70,7 +70,7 @@ def test_sharded_load_and_forward_match_single_device(tiny_checkpoint, mesh, rng
         rope_delta=jax.device_put(inputs.rope_delta, batch),
     )
     graphdef, state = nnx.split(sharded)
-    got = np.asarray(_apply(graphdef, state, placed))
+    got = np.asarray(apply_split(graphdef, state, placed))
     assert np.abs(got - expected)[mask.astype(bool)].max() <= 1e-5
 
 

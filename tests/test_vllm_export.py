@@ -20,15 +20,15 @@ import pytest
 from flax import nnx
 from PIL import Image
 
+from medix_jax.data.buckets import Buckets, prepare_prompts
 from medix_jax.data.image import preprocess_image
 from medix_jax.data.prompts import prompt_ids, token_ids, user_content
 from medix_jax.data.tokenizer import train_tokenizer
+from medix_jax.generate.sampler import Sampler
+from medix_jax.generate.sampling import SamplingConfig
 from medix_jax.models.qwen_vl import init_model
 from medix_jax.models.qwen_vl.families import preset
 from medix_jax.models.qwen_vl.hf_io import save_hf
-from medix_jax.data.buckets import Buckets, prepare_prompts
-from medix_jax.generate.sampler import Sampler
-from medix_jax.generate.sampling import SamplingConfig
 from tests.tiny_chat import VLLM_PYTHON, ServedModel
 
 pytestmark = [

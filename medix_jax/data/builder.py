@@ -1,13 +1,13 @@
 """The tensorflow-datasets builder for MediX-style RL data, written as ArrayRecord (random access, no TensorFlow).
 
-One record per example: the raw fields of ``MBZUAI/medix-rl-data`` (REFERENCE §1) -- ``id``, ``images`` (the
-encoded image files, byte for byte as in the source), ``source``, ``problem``, ``solution`` -- plus the parsed
-``modality`` tag and ``answer``, and ``completion``: a target completion for supervised fine-tuning taken from the
-source (e.g. a reasoning trace ``<TAG><thinking>...</thinking><answer>...</answer>``), "" where it has none. The
-builder only writes what it is given: reading and validating the source is ``prepare.py``'s job. tfds writes each
-split into a temporary directory and renames it when the whole dataset is done, so a failed preparation leaves
-nothing that looks finished. Read back with ``tfds.data_source(name, data_dir=..., split=...)`` (text fields come
-back as UTF-8 ``bytes``).
+One record per example: the raw fields of ``MBZUAI/medix-rl-data`` (docs/reference.md#training-data) -- ``id``,
+``images`` (the encoded image files, byte for byte as in the source), ``source``, ``problem``, ``solution`` -- plus the
+parsed ``modality`` tag and ``answer``, and ``completion``: a target completion for supervised fine-tuning taken from
+the source (e.g. a reasoning trace ``<TAG><thinking>...</thinking><answer>...</answer>``), "" where it has none. The
+builder only writes what it is given: reading and validating the source is ``prepare.py``'s job. tfds writes each split
+into a temporary directory and renames it when the whole dataset is done, so a failed preparation leaves nothing that
+looks finished. Read back with ``tfds.data_source(name, data_dir=..., split=...)`` (text fields come back as UTF-8
+``bytes``).
 
 Versions: 1.0.0 had no ``completion``; 1.1.0 added it. A reader takes the features stored with the dataset
 (``dataset_info.json``), so a 1.0.0 copy still reads -- its records just lack the key (the pipeline reads it as "").
@@ -25,7 +25,8 @@ VERSION = "1.1.0"  # 1.1.0: + completion
 TEXT_FIELDS = ("id", "source", "problem", "solution", "modality", "answer", "completion")
 
 
-class MedixRL(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+# tfds ships no type information: mypy checks the keyword against object.__init_subclass__, not tfds's own.
+class MedixRL(tfds.core.GeneratorBasedBuilder, skip_registration=True):  # type: ignore[call-arg]
     """``splits`` maps a split name to a function returning that split's validated records (called once)."""
 
     name = "medix_rl"

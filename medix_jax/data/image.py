@@ -167,5 +167,5 @@ def preprocess_image(
 
 def preprocess_images(images, **kwargs) -> tuple[np.ndarray, np.ndarray]:
     """Several images -> concatenated rows and ``image_grid_thw`` ``[n, 3]`` (the processor's batch layout)."""
-    rows, grids = zip(*(preprocess_image(im, **kwargs) for im in images))
+    rows, grids = zip(*(preprocess_image(im, **kwargs) for im in images), strict=True)
     return np.concatenate(rows), np.stack(grids)

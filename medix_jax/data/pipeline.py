@@ -27,11 +27,11 @@ import numpy as np
 from PIL import Image
 
 from medix_jax import parallel
+from medix_jax.data.buckets import Buckets, prepare_prompts, prompt_sizes
 from medix_jax.data.image import BadImage, decode_image, image_settings, preprocess_images, smart_resize, to_rgb
 from medix_jax.data.prompts import MEDIX_PROMPT, check_template, prompt_ids
 from medix_jax.models.qwen_vl.model import ModelInputs
 from medix_jax.models.qwen_vl.vision import rows_per_frame
-from medix_jax.data.buckets import Buckets, prepare_prompts, prompt_sizes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +43,7 @@ class DataConfig:
     epochs: int | None = None  # None: repeat forever
     shuffle: bool = True
     num_workers: int = 0  # grain worker processes for decoding and tokenising (0: in this process)
-    min_pixels: int = 262144  # REFERENCE §1
+    min_pixels: int = 262144  # MediX-R1's setting: docs/reference.md#reference-rl-settings
     max_pixels: int = 4194304
     max_prompt_tokens: int = 4352  # longer prompts are dropped (counted as data_dropped_overlong)
     prompt: str = MEDIX_PROMPT  # the user turn; {question} and <image> are filled in (data/prompts.py)
@@ -186,7 +186,7 @@ class PromptBatches:
         return self
 
     def __next__(self) -> PromptBatch:
-        examples = []
+        examples: list[dict] = []
         try:
             while len(examples) < len(self.rows):
                 example = next(self._stream)  # the end of a finite run; its incomplete batch is dropped

@@ -163,9 +163,9 @@ def validate(record: dict, base_dir: Path, opts: PrepareOptions) -> dict:
     """A raw record -> the record to store; ``Skip(reason)`` when it cannot be used."""
     problem = _text(record, "problem", opts)
     solution = _text(record, "solution", opts)
-    prepared = {"id": _text(record, "id", opts).strip(), "source": _text(record, "source", opts),
-                "problem": problem, "solution": solution,
-                "completion": _text(record, opts.completion_field, opts)}
+    prepared: dict[str, str | list[bytes]] = {
+        "id": _text(record, "id", opts).strip(), "source": _text(record, "source", opts), "problem": problem,
+        "solution": solution, "completion": _text(record, opts.completion_field, opts)}
     if not problem.strip():
         raise Skip("empty_problem")
     try:
@@ -176,8 +176,9 @@ def validate(record: dict, base_dir: Path, opts: PrepareOptions) -> dict:
     images = [] if images is None else images if isinstance(images, list) else [images]
     if not opts.min_images <= len(images) <= opts.max_images:
         raise Skip("image_count")
-    prepared["images"] = [_image_bytes(entry, base_dir) for entry in images]
-    for data in prepared["images"]:
+    encoded = [_image_bytes(entry, base_dir) for entry in images]
+    prepared["images"] = encoded
+    for data in encoded:
         try:
             image = decode_image(data)
         except BadImage as e:

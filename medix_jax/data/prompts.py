@@ -1,8 +1,8 @@
 """Policy prompts: the MediX format prompt rendered through the tokenizer's chat template, image tokens expanded.
 
-The template (config ``data.prompt``, default ``MEDIX_PROMPT``, REFERENCE §1) is the whole **user** turn; no
-system message is passed (a chat template may still add its own default, as Qwen2.5-VL's does). ``{question}`` is
-replaced by the record's problem, and ``<image>`` marks where the images go: the turn becomes the chat content list
+The template (config ``data.prompt``, default ``MEDIX_PROMPT``, docs/reference.md#policy-prompt) is the whole **user**
+turn; no system message is passed (a chat template may still add its own default, as Qwen2.5-VL's does). ``{question}``
+is replaced by the record's problem, and ``<image>`` marks where the images go: the turn becomes the chat content list
 ``[text, image, ..., image, text]``, so the template writes its own vision markers there
 (``<|vision_start|><|image_pad|><|vision_end|>``). Each image's single ``<|image_pad|>`` is then expanded to
 ``t * h * w / merge**2`` copies for its ``grid_thw``, as transformers' Qwen2.5-VL processor does.

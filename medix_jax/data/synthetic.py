@@ -1,10 +1,11 @@
 """A synthetic MediX-style dataset in the hub's raw format, for tests and the embedded default training run.
 
-Each record is one PIL-drawn image and a question about it. The image's *style* gives the modality tag (an X-ray
-is a bright shape on black, an ultrasound a speckled fan, a fundus photo an orange disc, ...) and the *shape* drawn
-on it gives the answer, so both rewards are learnable from the pixels. Fields are those of ``MBZUAI/medix-rl-data``
-(REFERENCE §1): ``id``, ``image`` (a list of encoded images), ``source``, ``problem``, ``solution`` = "<TAG> answer",
-plus a ``completion``: a reasoning trace that says what the image shows (``trace``), for supervised cold starts.
+Each record is one PIL-drawn image and a question about it. The image's *style* gives the modality tag (an X-ray is a
+bright shape on black, an ultrasound a speckled fan, a fundus photo an orange disc, ...) and the *shape* drawn on it
+gives the answer, so both rewards are learnable from the pixels. Fields are those of ``MBZUAI/medix-rl-data``
+(docs/reference.md#training-data): ``id``, ``image`` (a list of encoded images), ``source``, ``problem``,
+``solution`` = "<TAG> answer", plus a ``completion``: a reasoning trace that says what the image shows (``trace``),
+for supervised cold starts.
 
 Written as the hub stores it (``data/{split}-00000-of-00001.parquet``, images as ``{"bytes", "path"}`` structs) or
 as JSONL (``{split}.jsonl`` with image paths relative to the file, PNGs under ``images/``).
@@ -50,7 +51,9 @@ def _background(modality: str, size: tuple[int, int], rng: random.Random) -> Ima
         draw.pieslice((-w * 0.5, -h * 0.9, w * 1.5, h * 1.0), 55, 125, fill=(90, 90, 90))
         for _ in range(w * h // 40):
             x, y = rng.randrange(w), rng.randrange(h)
-            if image.getpixel((x, y))[0]:
+            pixel = image.getpixel((x, y))
+            assert isinstance(pixel, tuple)  # an RGB image's pixel is an (r, g, b) tuple
+            if pixel[0]:
                 draw.point((x, y), fill=(160, 160, 160))
         return image
     if modality == "<FUNDUS_PHOTOGRAPHY>":

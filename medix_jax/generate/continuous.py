@@ -48,6 +48,7 @@ from medix_jax.generate.sampling import (
     constrain,
     sample_keys,
 )
+from medix_jax.generate.sampling import compile_count as sampling_compile_count
 from medix_jax.generate.static import prefill
 from medix_jax.models.qwen_vl.language import KVCache, Segments
 from medix_jax.models.qwen_vl.model import ModelInputs
@@ -79,10 +80,10 @@ def _done_axes(a):
 
 
 def _constrain_slots(slots: Slots, mesh: Mesh | None) -> Slots:
-    rows = constrain((slots.logits, slots.position, slots.kv, slots.step, slots.sample, slots.limit), mesh,
-                      batch_axes)
-    return Slots(constrain(slots.cache, mesh, cache_axes), *rows, constrain(slots.done, mesh, _done_axes),
-                 constrain(slots.out, mesh, batch_axes))
+    logits, position, kv, step, sample, limit = constrain(
+        (slots.logits, slots.position, slots.kv, slots.step, slots.sample, slots.limit), mesh, batch_axes)
+    return Slots(constrain(slots.cache, mesh, cache_axes), logits, position, kv, step, sample, limit,
+                 constrain(slots.done, mesh, _done_axes), constrain(slots.out, mesh, batch_axes))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 3, 4, 5, 6))
@@ -110,7 +111,8 @@ def _admit(slots: Slots, pool: Pool, assign, limits, num_samples: int, mesh: Mes
     take = assign >= 0
     prompt = jnp.clip(assign // num_samples, 0, pool.valid.shape[0] - 1)
     at = jnp.where(take, jnp.arange(s), s)  # out of bounds: dropped
-    cache = KVCache(*(c.at[:, at, :p].set(src[:, prompt], mode="drop") for c, src in zip(slots.cache, pool.cache)))
+    admit = lambda c, src: c.at[:, at, :p].set(src[:, prompt], mode="drop")  # noqa: E731
+    cache = KVCache(admit(slots.cache.k, pool.cache.k), admit(slots.cache.v, pool.cache.v))
     kv = slots.kv.at[at, :p].set(pool.valid[prompt].astype(jnp.int32), mode="drop").at[at, p:].set(1, mode="drop")
     pick = lambda new, old: jnp.where(take.reshape(-1, *(1,) * (old.ndim - 1)), new, old)  # noqa: E731
     sample = jnp.where(take, assign, slots.sample)
@@ -160,13 +162,13 @@ def _round(graphdef, state, slots: Slots, sampling: SamplingConfig, prompt_len: 
 @functools.partial(jax.jit, static_argnums=(2,))  # no donation: the slots shrink
 def _compact(slots: Slots, keep, mesh: Mesh | None) -> Slots:
     """The slots ``keep`` ``[S']`` (the live ones, then free ones), in that order: S' slots instead of S."""
-    rows = lambda a: a[keep]  # noqa: E731
-    return _constrain_slots(Slots(KVCache(*(c[:, keep] for c in slots.cache)), *map(rows, slots[1:-1]), slots.out),
+    rows = {f: getattr(slots, f)[keep] for f in ("logits", "position", "kv", "step", "sample", "limit", "done")}
+    return _constrain_slots(slots._replace(cache=KVCache(slots.cache.k[:, keep], slots.cache.v[:, keep]), **rows),
                             mesh)
 
 
 def compile_count() -> int:
-    return _empty._cache_size() + _admit._cache_size() + _round._cache_size() + _compact._cache_size()
+    return sampling_compile_count(_empty, _admit, _round, _compact)
 
 
 MIN_SLOTS = 4  # the tail is not moved into fewer slots than this (a step's fixed cost dominates below it)

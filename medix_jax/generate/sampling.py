@@ -88,6 +88,11 @@ def choose_tokens(logits: jax.Array, keys: jax.Array, s: SamplingConfig) -> tupl
     return tokens.astype(jnp.int32), logprobs
 
 
+def compile_count(*jitted) -> int:
+    """Programs compiled so far by the ``jitted`` functions (each one's compilation cache, all in this process)."""
+    return sum(f._cache_size() for f in jitted)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Shardings the samplers' programs pin
 

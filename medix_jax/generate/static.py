@@ -30,6 +30,7 @@ from medix_jax.generate.sampling import (
     constrain,
     sample_keys,
 )
+from medix_jax.generate.sampling import compile_count as sampling_compile_count
 from medix_jax.models.qwen_vl.language import KVCache, Segments
 from medix_jax.models.qwen_vl.model import ModelInputs, QwenVL
 
@@ -46,12 +47,13 @@ def prefill(graphdef, state, inputs: ModelInputs, max_new_tokens: int, num_sampl
         cache = constrain(cache, mesh, cache_axes)
         segments = inputs.attention_mask.astype(jnp.int32)
         embeds, deepstack = model.embed(inputs)
-        hidden, cache, _ = model.decode(embeds, inputs.positions, Segments(segments, segments), cache, 0, deepstack)
+        hidden, filled, _ = model.decode(embeds, inputs.positions, Segments(segments, segments), cache, 0, deepstack)
         logits = model.logits(hidden[:, -1])
+        assert filled is not None  # a decode with a cache returns it filled
     next_position = inputs.attention_mask.sum(1).astype(jnp.int32) + inputs.rope_delta
     key_valid = jnp.pad(inputs.attention_mask, ((0, 0), (0, max_new_tokens)), constant_values=True)
     repeat = lambda a, axis=0: jnp.repeat(a, num_samples, axis=axis)  # noqa: E731
-    cache = constrain(KVCache(repeat(cache.k, 1), repeat(cache.v, 1)), mesh, cache_axes)
+    cache = constrain(KVCache(repeat(filled.k, 1), repeat(filled.v, 1)), mesh, cache_axes)
     rest = constrain((repeat(logits), repeat(next_position), repeat(key_valid)), mesh, batch_axes)
     return cache, *rest
 
@@ -98,4 +100,4 @@ def decode(graphdef, state, cache: KVCache, logits, next_position, key_valid, sa
 
 
 def compile_count() -> int:
-    return prefill._cache_size() + decode._cache_size()
+    return sampling_compile_count(prefill, decode)

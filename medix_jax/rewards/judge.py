@@ -1,4 +1,4 @@
-"""LLM-judge accuracy reward (REFERENCE §1): strict YES/NO from an OpenAI-compatible server (vLLM sidecar).
+"""LLM-judge accuracy reward (docs/reference.md#rewards): strict YES/NO from an OpenAI-compatible server (vLLM sidecar).
 
 ``JudgeClient.score(pairs)`` returns one score per (prediction, ground truth): 1.0 (YES), 0.0 (NO) or ``None``
 (missing: the judge could not be reached, or answered something other than YES/NO twice). Missing is never 0.
@@ -215,7 +215,7 @@ class JudgeClient:
         return None, f"{MALFORMED}: the reply is neither YES nor NO: {reply!r:.80}"
 
     def _extra(self) -> dict:
-        extra = {"chat_template_kwargs": {"enable_thinking": self.cfg.enable_thinking}}
+        extra: dict[str, dict] = {"chat_template_kwargs": {"enable_thinking": self.cfg.enable_thinking}}
         if self.cfg.structured_outputs:
             extra["structured_outputs"] = {"choice": ["YES", "NO"]}
         return extra
@@ -279,7 +279,8 @@ def describe(error: BaseException) -> str:
     (e.g. ``ConnectionRefusedError``), which the client's message ("Connection error.") does not."""
     text = f"{type(error).__name__}: {str(error).rstrip('.')}"
     if isinstance(error, openai.APIConnectionError) and not isinstance(error, openai.APITimeoutError):
-        root, seen = error, set()
+        root: BaseException = error
+        seen: set[int] = set()
         while (nxt := root.__cause__ or root.__context__) is not None and id(nxt) not in seen:
             seen.add(id(root))
             root = nxt

@@ -1,6 +1,6 @@
 """The host-side reward pool: every MediX-R1 reward component for a batch, concurrently, off the accelerator.
 
-Composite (REFERENCE §1): ``0.9 * (0.575 * llm + 0.375 * embed + 0.05 * modality) + 0.1 * format``
+Composite (docs/reference.md#reward-weights): ``0.9 * (0.575 * llm + 0.375 * embed + 0.05 * modality) + 0.1 * format``
 = ``0.5175 * llm + 0.3375 * embed + 0.045 * modality + 0.1 * format`` (``RewardWeights``). A component that is
 switched off (no judge URL) is left out of the composite; a component that could not be computed for a sample is
 ``NaN`` in its array, counted in the metrics, and makes the sample invalid (``valid`` False) -- it is never 0.
@@ -97,17 +97,21 @@ class RewardPool:
                                   for c, s in zip(completions, solutions, strict=True)], np.float32),
         }
         # Accuracy rewards: a completion without an answer scores 0 (it is an answer, a wrong one), no call needed.
-        asked = [i for i, a in enumerate(answers) if a]
-        pairs = [(answers[i], truths[i]) for i in asked]
-        jobs = {}
-        if self.judge:
-            self.judge.latencies.clear()
+        asked: list[int] = []
+        pairs: list[tuple[str, str]] = []
+        for i, answer in enumerate(answers):
+            if answer:
+                asked.append(i)
+                pairs.append((answer, truths[i]))
+        jobs: dict[str, cf.Future] = {}
+        if judge := self.judge:
+            judge.latencies.clear()
             # The judge cancels its own requests a little before the deadline, so its partial verdicts are kept; the
             # budget is taken when the job starts (it may queue behind another batch's).
             jobs["llm"] = self._judge_worker.submit(
-                lambda: self.judge.verdicts(pairs, max(0.0, deadline - time.perf_counter() - _JUDGE_MARGIN_S)))
-        if self.embedder:
-            jobs["embed"] = self._embed_worker.submit(lambda: (self.embedder.cosine(pairs), [None] * len(pairs)))
+                lambda: judge.verdicts(pairs, max(0.0, deadline - time.perf_counter() - _JUDGE_MARGIN_S)))
+        if embedder := self.embedder:
+            jobs["embed"] = self._embed_worker.submit(lambda: (embedder.cosine(pairs), [None] * len(pairs)))
         cosine = None
         errors: dict[str, list[str | None]] = {}
         for name, job in jobs.items():
@@ -128,8 +132,8 @@ class RewardPool:
             if name == "embed":
                 cosine = np.full(n, np.nan, np.float32)
                 cosine[asked] = got
-                e = self.cfg.embedding
-                got = np.where(np.isnan(got), np.nan, (got >= e.threshold) if e.binary else got).astype(np.float32)
+                emb = self.cfg.embedding
+                got = np.where(np.isnan(got), np.nan, (got >= emb.threshold) if emb.binary else got).astype(np.float32)
             values[asked] = got
             components[name] = values
         return self._assemble(components, cosine, errors, n, time.perf_counter() - start)

@@ -1,4 +1,5 @@
-"""Rule-based parts of the MediX-R1 reward (REFERENCE §1): answer extraction, format reward, modality reward.
+"""Rule-based parts of the MediX-R1 reward (docs/reference.md#rewards): answer extraction, format reward, modality
+reward.
 
 Expected completion: ``<CT_SCAN><thinking>...</thinking><answer>...</answer>``. Whitespace around ``<``, ``>``
 and ``/`` inside tags is ignored (``< / answer >`` is ``</answer>``), as the reference strips it before scoring.

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from medix_jax import parallel
 from medix_jax.models.moe import RouterStats
@@ -17,13 +18,15 @@ from medix_jax.models.qwen_vl.language import Segments
 from medix_jax.models.qwen_vl.model import ModelInputs, QwenVL
 from medix_jax.rl import grpo, packing
 
+Arrays = jax.Array | np.ndarray  # on the device, or on the host while a micro-batch is assembled
+
 
 class Completions(NamedTuple):
-    tokens: jax.Array  # [N, T]
-    mask: jax.Array  # [N, T]
-    old_logprobs: jax.Array  # [N, T]
-    advantages: jax.Array  # [N]
-    ref_logprobs: jax.Array | None = None  # [N, T], when loss.kl_coef > 0
+    tokens: Arrays  # [N, T]
+    mask: Arrays  # [N, T]
+    old_logprobs: Arrays  # [N, T]
+    advantages: Arrays  # [N]
+    ref_logprobs: Arrays | None = None  # [N, T], when loss.kl_coef > 0
 
 
 LOGPROB_CHUNK = 512  # completion tokens per step of the log-probability scan (``completion_logprobs``)
@@ -86,8 +89,10 @@ def completion_logprobs(model: QwenVL, hidden: jax.Array, tokens: jax.Array, tem
     split = lambda a: jnp.pad(a, ((0, 0), (0, pad)) + ((0, 0),) * (a.ndim - 2)).reshape(  # noqa: E731
         n, steps, c, *a.shape[2:]).swapaxes(0, 1)
     _, (logp, ent) = jax.lax.scan(body, None, (split(hidden), split(tokens)))
-    join = lambda a: None if a is None else a.swapaxes(0, 1).reshape(n, steps * c)[:, :t]  # noqa: E731
-    return join(logp), join(ent)
+    def join(a):
+        return a.swapaxes(0, 1).reshape(n, steps * c)[:, :t]
+
+    return join(logp), None if ent is None else join(ent)
 
 
 def activations(mesh):

@@ -48,12 +48,12 @@ def samples_per_row(implementation: str, platform: str) -> int:
     return 1 if decoder == "cudnn" else PACK_SAMPLES
 
 
-def shapes(rows: int, prompt_width: int, width: int, per_row: int) -> Layout:
-    """The shapes of a ``Layout`` of ``rows`` rows of ``prompt_width + width`` tokens (all int32; the batch is
-    axis 1 of ``positions``, axis 0 of the rest)."""
+def shapes(rows: int, prompt_width: int, width: int, per_row: int) -> tuple[tuple[int, ...], ...]:
+    """The shapes of a ``Layout``'s fields, in order, for ``rows`` rows of ``prompt_width + width`` tokens (all
+    int32; the batch is axis 1 of ``positions``, axis 0 of the rest)."""
     length, slots = prompt_width + width, rows * per_row
-    return Layout((rows, length), (rows, length), (3, rows, length), (rows, length), (rows, width), (slots, width),
-                  (slots, width))
+    return (rows, length), (rows, length), (3, rows, length), (rows, length), (rows, width), (slots, width), \
+        (slots, width)
 
 
 def need(lengths: list[tuple[int, int]], prompt_width: int) -> int:

@@ -29,7 +29,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from medix_jax import parallel
-from medix_jax.generate.sampling import SamplingConfig
+from medix_jax.generate.sampling import SamplingConfig, compile_count
 from medix_jax.models.moe import router_terms
 from medix_jax.models.qwen_vl.model import ModelInputs
 from medix_jax.rl import grpo, packing
@@ -50,7 +50,9 @@ def policy_loss(params, embedded, graphdef, layout: packing.Layout, batch: Compl
     micro-batch ``batch`` / ``layout`` over the embedded prompts."""
     model = nnx.merge(graphdef, params)
     hidden, targets, router = packed_hidden(model, embedded, layout)
-    logp, token_entropy = (unpack(a, layout) for a in completion_logprobs(model, hidden, targets, temperature))
+    logp, token_entropy = completion_logprobs(model, hidden, targets, temperature)
+    assert token_entropy is not None  # with_entropy
+    logp, token_entropy = unpack(logp, layout), unpack(token_entropy, layout)
     old = jnp.where(own_old, jax.lax.stop_gradient(logp), batch.old_logprobs)
     loss, metrics = grpo.policy_loss(logp, old, batch.advantages, batch.mask, loss_cfg, totals, batch.ref_logprobs)
     metrics["entropy"] = grpo.entropy(token_entropy, batch.mask, totals)
@@ -118,7 +120,8 @@ def _prompt_chunks(prompts: ModelInputs, chunks: int, split: int) -> ModelInputs
     """``prompts`` cut into ``chunks`` (``_chunks``; positions carry the batch at axis 1)."""
     cut = lambda axis: lambda a: _chunks(a, axis, chunks, split)  # noqa: E731
     vision = None if prompts.vision is None else jax.tree.map(cut(0), prompts.vision)
-    return ModelInputs(*map(cut(0), prompts[:2]), cut(1)(prompts.positions), cut(0)(prompts.rope_delta), vision)
+    return ModelInputs(cut(0)(prompts.input_ids), cut(0)(prompts.attention_mask), cut(1)(prompts.positions),
+                       cut(0)(prompts.rope_delta), vision)
 
 
 def _per_embedding(fn, embedded):
@@ -283,4 +286,4 @@ computes every micro-batch at full width). Programs take arrays only:
     def compile_count(self) -> int:
         jitted = [self.embed, self.gradients, self.embed_gradients, self.logprobs, self.sft_gradients,
                   self.accumulate, self.add, self.apply, *self.also, *([self.cast] if self.cast is not None else [])]
-        return sum(f._cache_size() for f in jitted)
+        return compile_count(*jitted)

@@ -98,7 +98,8 @@ class RolloutCollector:
         advantages = np.asarray(grpo.group_advantages(scored.composite, scored.valid, g,
                                                       self.train.loss.scale_by_std, self.train.loss.eps))
         mask = out.mask & scored.valid[:, None]
-        groups = [Group(ex, out.tokens[i * g:(i + 1) * g], mask[i * g:(i + 1) * g], out.logprobs[i * g:(i + 1) * g],
+        tokens, logprobs = np.asarray(out.tokens), np.asarray(out.logprobs)  # this process's rows, on the host
+        groups = [Group(ex, tokens[i * g:(i + 1) * g], mask[i * g:(i + 1) * g], logprobs[i * g:(i + 1) * g],
                         advantages[i * g:(i + 1) * g], scored.composite[i * g:(i + 1) * g])
                   for i, ex in enumerate(batch.examples)]
         metrics = dict(scored.metrics, response_length_mean=float(out.lengths.mean()),
@@ -133,7 +134,8 @@ class RolloutCollector:
                 start = time.perf_counter()
                 batch = next(self.data)
                 out, texts = self.sample(model, batch, jax.random.fold_in(key, tries))
-                inflight.append((batch, out, self.rewards.submit(texts, [s for s in batch.solutions for _ in range(g)])))
+                solutions = [s for s in batch.solutions for _ in range(g)]
+                inflight.append((batch, out, self.rewards.submit(texts, solutions)))
                 tries += 1
                 sample_s += time.perf_counter() - start
             if not inflight:
@@ -153,11 +155,12 @@ class RolloutCollector:
         if len(kept) < want:
             print(f"trainer: step {step}: {len(kept)} of {want} groups kept after {tries} prompt batches "
                   f"(train.max_tries {self.train.max_tries}); the rest are masked filler", flush=True)
+        assert template is not None  # at least one prompt batch is drawn
         filler = template._replace(mask=np.zeros_like(template.mask), advantages=np.zeros_like(template.advantages))
         kept = kept[:want] + [filler] * max(0, want - len(kept))
-        adv = np.concatenate([grp.advantages for grp in kept])
-        metrics.update(advantage_mean=float(adv.mean()), advantage_std=float(adv.std()),
-                       advantage_abs_max=float(np.abs(adv).max()))
+        advantages = np.concatenate([grp.advantages for grp in kept])
+        metrics.update(advantage_mean=float(advantages.mean()), advantage_std=float(advantages.std()),
+                       advantage_abs_max=float(np.abs(advantages).max()))
         return kept, metrics
 
 
@@ -166,15 +169,15 @@ def combine(key: str, values: list[float], over: str = "batches") -> float:
     up over batches and take the slowest process; the judge's running totals are the last batch's value, summed
     over processes; maxima stay maxima; everything else is averaged (NaN = no data; the processes' batches are the
     same size)."""
-    values = np.asarray(values, np.float64)
+    series = np.asarray(values, np.float64)
     processes = over == "processes"
     if key.startswith("judge_") and "latency" not in key and key != "judge_yes_low_similarity":
-        return float(np.nansum(values) if processes else values[-1])
+        return float(np.nansum(series) if processes else series[-1])
     if key.endswith("_seconds"):
-        return float(np.nanmax(values) if processes else np.nansum(values))
+        return float(np.nanmax(series) if processes else np.nansum(series))
     if key.endswith("_max"):
-        return float(np.nanmax(values))
+        return float(np.nanmax(series))
     if key in ("response_tokens", "judge_yes_low_similarity", "groups_kept", "reward_samples") \
             or key.startswith("data_dropped_") or key.endswith(("_missing", "_invalid")) or "_missing_" in key:
-        return float(np.nansum(values))
-    return float(np.nanmean(values)) if not np.isnan(values).all() else float("nan")
+        return float(np.nansum(series))
+    return float(np.nanmean(series)) if not np.isnan(series).all() else float("nan")

@@ -156,7 +156,8 @@ class SupervisedStage:
         parts = [(trainer.updater.host_prompts(part), stack(part, "tokens"), stack(part, "mask"))
                  for part in (groups[m::cfg.micro_batches] for m in range(cfg.micro_batches))]
         totals = grpo.totals(jnp.concatenate([mask for _, _, mask in parts]))
-        grads, sums = None, {}
+        grads = None
+        sums: dict[str, float] = {}
         for prompts, tokens_, mask_ in parts:  # at the full width (the cold start's targets are short and alike)
             grad, m = trainer.programs.sft_gradients(trainer.params, parallel.shard_prompts(prompts, trainer.mesh),
                                                      tokens_, mask_, totals)

@@ -27,7 +27,7 @@ With several processes, an update's global micro-batch is every process's micro-
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -115,9 +115,11 @@ class PolicyUpdate:
         of its completion width in ``self.programs.widths``, the same on every process."""
         samples = [pair for shard in micro for row in shard for pair in row]
         where = {pair: j for j, pair in enumerate(samples)}
-        fields = ("tokens", "mask", "logprobs", "advantages")
-        completions = Completions(*(np.stack([getattr(members[i], f)[s] for i, s in samples]) if samples
-                                    else getattr(members[0], f)[:0] for f in fields))
+        def stacked(field):  # the samples' rows of a Group field, in sample order
+            return np.stack([getattr(members[i], field)[s] for i, s in samples]) if samples \
+                else getattr(members[0], field)[:0]
+
+        completions = Completions(stacked("tokens"), stacked("mask"), stacked("logprobs"), stacked("advantages"))
         per_shard = len(members) // len(micro)
         layout, batch, longest = pack_micro_batch(
             prompts, completions, np.array([i % per_shard for i, _ in samples], np.int32),
@@ -161,7 +163,7 @@ class PolicyUpdate:
                         seen.add(batch.old_logprobs, logp, batch.mask)
                     mini.parts[i] = (layout, batch._replace(**{f"{name}_logprobs": logp}), width)
 
-    def run(self, params, opt_state, ref_params, groups: list[Group]) -> tuple[object, object, dict]:
+    def run(self, params, opt_state, ref_params, groups: list[Group]) -> tuple[Any, Any, dict]:
         """(new parameters, new optimizer state, metrics) after the step's updates on ``groups``."""
         t = self.train
         minis = self.mini_batches(groups)
@@ -202,13 +204,15 @@ def pack_micro_batch(prompts: ModelInputs, completions: Completions, prompt_of: 
     sample indices into ``completions`` (numpy ``[n, T]``), sample i continuing prompt ``prompt_of[i]`` of its
     shard's part of ``prompts`` (the host ``ModelInputs``, the shards' prompts one after the other)."""
     p, t = prompts.input_ids.shape[1], completions.tokens.shape[1]
-    lengths = [completion_length(m) for m in completions.mask]
+    lengths = [completion_length(m) for m in np.asarray(completions.mask)]
+    tokens = np.asarray(completions.tokens)
     prompt_tokens = np.asarray(prompts.attention_mask).sum(1)
     per_shard = len(prompt_tokens) // len(shards)
     padded = [shard + [[]] * (rows - len(shard)) for shard in shards]
     slots = [row[j] if j < len(row) else None for shard in padded for row in shard for j in range(per_row)]
-    layout = packing.layout(prompts.attention_mask, prompts.positions, prompts.rope_delta,
-                            [[[(prompt_of[i], completions.tokens[i, :lengths[i]]) for i in row] for row in shard]
+    layout = packing.layout(np.asarray(prompts.attention_mask), np.asarray(prompts.positions),
+                            np.asarray(prompts.rope_delta),
+                            [[[(prompt_of[i], tokens[i, :lengths[i]]) for i in row] for row in shard]
                              for shard in padded], rows, per_row, t)
     longest = max(packing.need([(int(prompt_tokens[b * per_shard + prompt_of[i]]), lengths[i]) for i in row], p)
                   for b, shard in enumerate(padded) for row in shard)
@@ -217,7 +221,10 @@ def pack_micro_batch(prompts: ModelInputs, completions: Completions, prompt_of: 
         a = np.asarray(a)
         return np.stack([np.zeros(a.shape[1:], a.dtype) if i is None else a[i] for i in slots])
 
-    return layout, Completions(*(None if a is None else take(a) for a in completions)), int(longest)
+    c = completions
+    slotted = Completions(take(c.tokens), take(c.mask), take(c.old_logprobs), take(c.advantages),
+                          None if c.ref_logprobs is None else take(c.ref_logprobs))
+    return layout, slotted, int(longest)
 
 
 def completion_length(mask: np.ndarray) -> int:

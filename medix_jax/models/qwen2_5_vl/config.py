@@ -1,7 +1,8 @@
 """Qwen2.5-VL presets and its Hugging Face ``config.json`` (flat text keys, transformers 4.57 and 5.x).
 
-Numbers of the real presets are those of the released checkpoints (REFERENCE §2): Qwen2.5-VL-3B-Instruct and
-Qwen2.5-VL-7B-Instruct. ``tiny`` is a random-weight model for CPU tests and the embedded default job.
+Numbers of the real presets are those of the released checkpoints (docs/reference.md#checkpoint-names-and-precision):
+Qwen2.5-VL-3B-Instruct and Qwen2.5-VL-7B-Instruct. ``tiny`` is a random-weight model for CPU tests and the embedded
+default job.
 """
 
 from __future__ import annotations
@@ -101,7 +102,8 @@ def text_and_vision_from_hf(d: dict[str, Any], t: dict[str, Any], v: dict[str, A
 
 
 def model_config_to_hf(cfg: ModelConfig, torch_dtype: str) -> dict[str, Any]:
-    """Hub-style ``config.json`` (flat text keys + ``rope_scaling``/``rope_theta``): loads in transformers 4.57 and 5.x."""
+    """Hub-style ``config.json`` (flat text keys + ``rope_scaling``/``rope_theta``): loads in transformers 4.57 and
+    5.x."""
     t, v, ids = cfg.text, cfg.vision, cfg.tokens
     return {
         "architectures": ["Qwen2_5_VLForConditionalGeneration"],

@@ -14,9 +14,10 @@ from typing import Any
 
 from medix_jax.models.qwen_vl.config import ModelConfig, TextConfig, TokenIds, VisionConfig
 
-_QWEN3_TEXT = dict(vocab_size=151936, rope_theta=5_000_000.0, mrope_section=(24, 20, 20), mrope_interleaved=True,
-                   qkv_bias=False, qk_norm=True, head_size=128, max_position_embeddings=262144)
-_QWEN3_VISION = dict(patch_size=16, num_position_embeddings=2304, fullatt_block_indexes=())
+_QWEN3_TEXT: dict[str, Any] = dict(vocab_size=151936, rope_theta=5_000_000.0, mrope_section=(24, 20, 20),
+                                   mrope_interleaved=True, qkv_bias=False, qk_norm=True, head_size=128,
+                                   max_position_embeddings=262144)
+_QWEN3_VISION: dict[str, Any] = dict(patch_size=16, num_position_embeddings=2304, fullatt_block_indexes=())
 _VISION_27 = VisionConfig(depth=27, hidden_size=1152, num_heads=16, intermediate_size=4304, out_hidden_size=4096,
                           deepstack_visual_indexes=(8, 16, 24), **_QWEN3_VISION)
 

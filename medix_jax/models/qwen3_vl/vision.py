@@ -99,7 +99,8 @@ def vision_inputs(cfg: VisionConfig, pixel_values: np.ndarray, image_grid_thw: n
     merge_restore = np.zeros((b, n // unit), np.int32)
     starts = np.concatenate([[0], np.cumsum(np.prod(grids, axis=1))])
     for row, images in enumerate(per_prompt):
-        slot, order = 0, []
+        slot = 0
+        order: list[int] = []
         for i in images:
             t, h, w = (int(x) for x in grids[i])
             rc = block_rowcol(h, w, m)
@@ -203,6 +204,7 @@ class VisionTower(nnx.Module):
         each prompt's real tokens in raster order, then padding."""
         cfg = self.cfg
         b, n, _ = inputs.patches.shape
+        assert inputs.pos_index is not None and inputs.pos_weight is not None  # qwen3_vl's vision_inputs sets them
         dtype = self.patch_embed.proj.dtype
         x = self.patch_embed.proj(inputs.patches.reshape(b * n, -1))
         table = self.pos_embed.embedding[...]

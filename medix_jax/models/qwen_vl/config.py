@@ -218,8 +218,9 @@ def token_ids_from_hf(path: Path, d: dict[str, Any], t: dict[str, Any]) -> Token
                     stop_token_ids=tuple(dict.fromkeys(int(e) for e in ends[1:] if e != ends[0])))
 
 
-# MediX-R1's sampling for generation outside training (its validation rollouts, REFERENCE §1): temperature 0.6,
-# top-p 0.95, no top-k and no repetition penalty (0 and 1.0 switch them off in transformers and vLLM alike).
+# MediX-R1's sampling for generation outside training (its validation rollouts,
+# docs/reference.md#reference-rl-settings): temperature 0.6, top-p 0.95, no top-k and no repetition penalty (0 and 1.0
+# switch them off in transformers and vLLM alike).
 SAMPLING_DEFAULTS = {"do_sample": True, "temperature": 0.6, "top_p": 0.95, "top_k": 0, "repetition_penalty": 1.0}
 
 

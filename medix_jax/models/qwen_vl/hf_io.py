@@ -311,78 +311,108 @@ def save_hf(
     final = out.resolve()  # a symlink is followed: its target is replaced
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp_prefix, old_prefix = f".{final.name}.tmp-", f".{final.name}.old-"
-    for left in sorted(p for p in final.parent.iterdir() if p.name.startswith((tmp_prefix, old_prefix))):
-        if left.name.startswith(old_prefix) and not final.exists():  # killed between the two renames below
-            left.rename(final)
-        else:
-            shutil.rmtree(left)
-    carried = [p for p in final.iterdir() if p.name != SAFETENSORS_INDEX and not p.match("model*.safetensors")
-               ] if final.is_dir() else []
-    if final.exists() and not final.is_dir():
-        raise FileExistsError(f"{final} exists and is not a directory")
-    if dirs := [p.name for p in carried if p.is_dir()]:
-        raise ValueError(f"{final} holds directories {dirs}, so it is no export of ours: not replacing it")
+    _clear_leftovers(final, (tmp_prefix, old_prefix))
+    carried = _files_to_carry(final)
     work = final.parent / f"{tmp_prefix}{os.getpid()}"
     work.mkdir()
     try:
-        shard: dict[str, np.ndarray] = {}
-        written: list[tuple[str, list[str]]] = []  # (temporary file name, keys), renamed once the count is known
-        total = 0
-
-        def flush():
-            name = f"part-{len(written):05d}.safetensors"
-            save_file(shard, str(work / name), metadata={"format": "pt"})
-            written.append((name, list(shard)))
-            shard.clear()
-
-        for key, array in hub_tensors(model, dtype):
-            if shard and sum(a.nbytes for a in shard.values()) + array.nbytes > max_shard_bytes:
-                flush()
-            shard[key] = array
-            total += array.nbytes
-        flush()
-
-        if len(written) == 1:
-            (work / written[0][0]).rename(work / "model.safetensors")
-        else:
-            weight_map = {}
-            for i, (name, keys) in enumerate(written):
-                file = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
-                (work / name).rename(work / file)
-                weight_map.update({k: file for k in keys})
-            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-            (work / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
-
-        stored = str(jnp.dtype(dtype or model.config.param_dtype))
-        config = model_config_to_hf(model.config, torch_dtype=stored)
-        (work / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        if base_dir is not None:
-            for name in AUX_FILES:
-                if (Path(base_dir) / name).is_file():
-                    shutil.copy2(Path(base_dir) / name, work / name)
-        for p in carried:
-            if not (work / p.name).exists():
-                shutil.copy2(p, work / p.name)
-        # where generation stops and how it samples (vLLM, transformers, load_hf)
-        text = json.dumps(generation_config_to_hf(model.config), indent=2)
-        (work / "generation_config.json").write_text(text + "\n")
-        if image_processor is not None or not (work / "preprocessor_config.json").exists():
-            v = model.config.vision
-            settings = image_processor or processor_config(56 * 56, 14 * 14 * 4 * 1280, family=model.config.family)
-            settings = {**settings, "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size,
-                        "merge_size": v.spatial_merge_size}
-            (work / "preprocessor_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+        _write_weights(work, model, dtype, max_shard_bytes)
+        _write_configs(work, model, dtype, base_dir, carried, image_processor)
         work.chmod(0o755)
         for p in work.iterdir():
             p.chmod(0o644)  # safetensors writes 0600: an export is for others to serve
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+    _replace_dir(final, work, final.parent / f"{old_prefix}{os.getpid()}")
+    return out
+
+
+def _clear_leftovers(final: Path, prefixes: tuple[str, str]) -> None:
+    """Remove the temporary directories of an earlier save_hf of ``final`` that crashed (``prefixes``: those of its
+    work and old directories); an old directory whose rename back never happened is restored as ``final``."""
+    old_prefix = prefixes[1]
+    for left in sorted(p for p in final.parent.iterdir() if p.name.startswith(prefixes)):
+        if left.name.startswith(old_prefix) and not final.exists():  # killed between the two renames of _replace_dir
+            left.rename(final)
+        else:
+            shutil.rmtree(left)
+
+
+def _files_to_carry(final: Path) -> list[Path]:
+    """Files of a previous export at ``final`` other than its weights; an error when ``final`` is not a directory or
+    holds directories (no export of ours)."""
+    carried = [p for p in final.iterdir() if p.name != SAFETENSORS_INDEX and not p.match("model*.safetensors")
+               ] if final.is_dir() else []
+    if final.exists() and not final.is_dir():
+        raise FileExistsError(f"{final} exists and is not a directory")
+    if dirs := [p.name for p in carried if p.is_dir()]:
+        raise ValueError(f"{final} holds directories {dirs}, so it is no export of ours: not replacing it")
+    return carried
+
+
+def _write_weights(work: Path, model: QwenVL, dtype: str | None, max_shard_bytes: int) -> None:
+    """The safetensors shards of ``model`` in ``work``: ``model.safetensors`` when one suffices, else numbered shards
+    and ``model.safetensors.index.json``."""
+    shard: dict[str, np.ndarray] = {}
+    written: list[tuple[str, list[str]]] = []  # (temporary file name, keys), renamed once the count is known
+    total = 0
+
+    def flush():
+        name = f"part-{len(written):05d}.safetensors"
+        save_file(shard, str(work / name), metadata={"format": "pt"})
+        written.append((name, list(shard)))
+        shard.clear()
+
+    for key, array in hub_tensors(model, dtype):
+        if shard and sum(a.nbytes for a in shard.values()) + array.nbytes > max_shard_bytes:
+            flush()
+        shard[key] = array
+        total += array.nbytes
+    flush()
+
+    if len(written) == 1:
+        (work / written[0][0]).rename(work / "model.safetensors")
+        return
+    weight_map = {}
+    for i, (name, keys) in enumerate(written):
+        file = f"model-{i + 1:05d}-of-{len(written):05d}.safetensors"
+        (work / name).rename(work / file)
+        weight_map.update({k: file for k in keys})
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (work / SAFETENSORS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_configs(work: Path, model: QwenVL, dtype: str | None, base_dir: str | Path | None, carried: list[Path],
+                   image_processor: dict | None) -> None:
+    """``config.json``, the auxiliary files of ``base_dir`` and the ``carried`` files of the previous export,
+    ``generation_config.json`` and, when given or missing, ``preprocessor_config.json``, in ``work``."""
+    stored = str(jnp.dtype(dtype or model.config.param_dtype))
+    config = model_config_to_hf(model.config, torch_dtype=stored)
+    (work / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if base_dir is not None:
+        for name in AUX_FILES:
+            if (Path(base_dir) / name).is_file():
+                shutil.copy2(Path(base_dir) / name, work / name)
+    for p in carried:
+        if not (work / p.name).exists():
+            shutil.copy2(p, work / p.name)
+    # where generation stops and how it samples (vLLM, transformers, load_hf)
+    text = json.dumps(generation_config_to_hf(model.config), indent=2)
+    (work / "generation_config.json").write_text(text + "\n")
+    if image_processor is not None or not (work / "preprocessor_config.json").exists():
+        v = model.config.vision
+        settings = image_processor or processor_config(56 * 56, 14 * 14 * 4 * 1280, family=model.config.family)
+        settings = {**settings, "patch_size": v.patch_size, "temporal_patch_size": v.temporal_patch_size,
+                    "merge_size": v.spatial_merge_size}
+        (work / "preprocessor_config.json").write_text(json.dumps(settings, indent=2) + "\n")
+
+
+def _replace_dir(final: Path, work: Path, old: Path) -> None:
+    """Move the finished ``work`` to ``final``, the previous ``final`` (if any) out of the way through ``old``."""
     if final.exists():
-        old = final.parent / f"{old_prefix}{os.getpid()}"
         final.rename(old)
         work.rename(final)
         shutil.rmtree(old)
     else:
         work.rename(final)
-    return out

@@ -21,7 +21,16 @@ from medix_jax.models import (
     moe,  # a module, not its names: moe itself imports layers from this package
 )
 from medix_jax.models.qwen_vl.config import TextConfig
-from medix_jax.models.qwen_vl.layers import Dense, Embed, RMSNorm, SwiGLU, apply_rotary, run_layers, stack_layers
+from medix_jax.models.qwen_vl.layers import (
+    AnyArray,
+    Dense,
+    Embed,
+    RMSNorm,
+    SwiGLU,
+    apply_rotary,
+    run_layers,
+    stack_layers,
+)
 from medix_jax.parallel import constrain
 
 HIDDEN = ("batch", "length", "act_embed")  # logical axes of activations (parallel.constrain)
@@ -34,8 +43,8 @@ class Segments(NamedTuple):
     and s <= t (+ the cache index when decoding). Real tokens are 1 and padding 0 (padding attends padding only,
     never read)."""
 
-    q: jax.Array  # [B, T] int32
-    kv: jax.Array  # [B, S] int32: the step's own tokens, or the whole cache when decoding
+    q: AnyArray  # [B, T] int32
+    kv: AnyArray  # [B, S] int32: the step's own tokens, or the whole cache when decoding
 
 
 class KVCache(NamedTuple):
@@ -49,11 +58,11 @@ class KVCache(NamedTuple):
     v: jax.Array
 
     @classmethod
-    def zeros(cls, cfg: TextConfig, batch: int, length: int, dtype) -> "KVCache":
+    def zeros(cls, cfg: TextConfig, batch: int, length: int, dtype) -> KVCache:
         shape = (cfg.num_layers, batch, length, cfg.num_kv_heads, cfg.head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
-    def write(self, layer, index, k, v) -> "KVCache":
+    def write(self, layer, index, k, v) -> KVCache:
         """Store ``k, v`` ``[batch, steps, kv_heads, head_dim]`` of ``layer`` at positions ``index...`` (a scalar),
         or one step per row at that row's own position (``index`` ``[batch]``: continuous batching)."""
         if jnp.ndim(index) == 1:
@@ -91,7 +100,7 @@ class Attention(nnx.Module):
         q = constrain(self.q_proj(x).reshape(b, s, self.num_heads, self.head_dim), HEADS)
         k = constrain(self.k_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim), KV_HEADS)
         v = constrain(self.v_proj(x).reshape(b, s, self.num_kv_heads, self.head_dim), KV_HEADS)
-        if self.q_norm is not None:
+        if self.q_norm is not None and self.k_norm is not None:  # both or neither (cfg.qk_norm)
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         offset = 0

@@ -11,11 +11,14 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from medix_jax.parallel import constrain
 
 Axes = tuple[str | None, ...]
+# An array on the host (numpy, as the input builders make it) or on devices (jax): jnp operations take either.
+AnyArray = jax.Array | np.ndarray
 
 
 def param(rngs: nnx.Rngs, init, shape: tuple[int, ...], dtype, axes: Axes) -> nnx.Param:
@@ -33,7 +36,7 @@ class Dense(nnx.Module):
         self.kernel = param(rngs, nnx.initializers.normal(0.02), (d_in, *out), param_dtype, axes)
         self.bias = param(rngs, nnx.initializers.zeros, out, param_dtype, axes[1:]) if bias else None
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: AnyArray) -> jax.Array:
         kernel = self.kernel[...].astype(self.dtype)
         y = jnp.tensordot(x.astype(self.dtype), kernel, axes=((x.ndim - 1,), (0,)))
         if self.bias is not None:
@@ -46,7 +49,7 @@ class Embed(nnx.Module):
         self.dtype = dtype
         self.embedding = param(rngs, nnx.initializers.normal(0.02), (vocab, dim), param_dtype, ("vocab", "embed"))
 
-    def __call__(self, ids: jax.Array) -> jax.Array:
+    def __call__(self, ids: AnyArray) -> jax.Array:
         return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
 
 

@@ -15,7 +15,7 @@ Image features replace the embeddings of image placeholder tokens in row-major o
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -23,22 +23,24 @@ import numpy as np
 from flax import nnx
 
 from medix_jax.models import moe  # a module, not its names: moe itself imports layers from this package
-from medix_jax.models.qwen_vl.config import ModelConfig
-from medix_jax.models.qwen_vl.language import HIDDEN, KVCache, Segments, TextModel
-from medix_jax.models.qwen_vl.layers import Dense
-from medix_jax.models.qwen_vl.rope import mrope_cos_sin, mrope_positions
 from medix_jax.models.qwen2_5_vl.vision import VisionTower, vision_inputs
-from medix_jax.models.qwen_vl.vision import VisionInputs
 from medix_jax.models.qwen3_vl import vision as qwen3_vision
 from medix_jax.models.qwen3_vl.vision import vision_inputs as qwen3_vision_inputs
+from medix_jax.models.qwen_vl.config import ModelConfig
+from medix_jax.models.qwen_vl.language import HIDDEN, KVCache, Segments, TextModel
+from medix_jax.models.qwen_vl.layers import AnyArray, Dense
+from medix_jax.models.qwen_vl.rope import mrope_cos_sin, mrope_positions
+from medix_jax.models.qwen_vl.vision import VisionInputs
 from medix_jax.parallel import constrain
 
 
 class ModelInputs(NamedTuple):
-    input_ids: jax.Array  # [B, S] int32
-    attention_mask: jax.Array  # [B, S] bool, False at padding
-    positions: jax.Array  # [3, B, S] int32 (t, h, w)
-    rope_delta: jax.Array  # [B] int32: decode step k uses position (number of tokens) + rope_delta + k
+    """The model's inputs: numpy as ``prepare_inputs`` builds them on the host, jax arrays once placed."""
+
+    input_ids: AnyArray  # [B, S] int32
+    attention_mask: AnyArray  # [B, S] bool, False at padding
+    positions: AnyArray  # [3, B, S] int32 (t, h, w)
+    rope_delta: AnyArray  # [B] int32: decode step k uses position (number of tokens) + rope_delta + k
     vision: VisionInputs | None  # None for a text-only batch
 
 
@@ -129,8 +131,8 @@ class QwenVL(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         self.config = cfg
         dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
-        kw = dict(dtype=dtype, param_dtype=param_dtype, remat=cfg.remat, scan=cfg.scan_layers,
-                  attention=cfg.attention, rngs=rngs)
+        kw: dict[str, Any] = dict(dtype=dtype, param_dtype=param_dtype, remat=cfg.remat, scan=cfg.scan_layers,
+                                  attention=cfg.attention, rngs=rngs)
         tower = VisionTower if cfg.family == "qwen2_5_vl" else qwen3_vision.VisionTower
         self.visual = tower(cfg.vision, **kw)
         self.model = TextModel(cfg.text, **kw)
@@ -146,7 +148,9 @@ class QwenVL(nnx.Module):
             return embeds, None
         is_image = (inputs.input_ids == self.config.tokens.image_token_id) & inputs.attention_mask
         if self.config.family == "qwen2_5_vl":
-            return constrain(scatter_image_features(embeds, is_image, self.visual(inputs.vision)), HIDDEN), None
+            features = self.visual(inputs.vision)
+            assert not isinstance(features, tuple)  # the windowed tower has no DeepStack features
+            return constrain(scatter_image_features(embeds, is_image, features), HIDDEN), None
         features, deep = self.visual(inputs.vision)
         zeros = jnp.zeros_like(embeds)
         deepstack = jnp.stack([scatter_image_features(zeros, is_image, d) for d in deep]) if len(deep) else None
@@ -180,8 +184,11 @@ class QwenVL(nnx.Module):
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _apply(graphdef, state, inputs: ModelInputs) -> jax.Array:
+def apply_split(graphdef, state, inputs: ModelInputs) -> jax.Array:
+    """Logits of the model split as ``nnx.split(model)`` on placed ``inputs``, jitted (``forward``'s compiled step)."""
     return nnx.merge(graphdef, state)(inputs)
+
+
 
 
 def forward(model: QwenVL, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None) -> jax.Array:
@@ -191,7 +198,7 @@ def forward(model: QwenVL, input_ids, attention_mask=None, pixel_values=None, im
     """
     inputs = prepare_inputs(model.config, input_ids, attention_mask, pixel_values, image_grid_thw)
     graphdef, state = nnx.split(model)
-    return _apply(graphdef, state, inputs)
+    return apply_split(graphdef, state, inputs)
 
 
 def init_model(cfg: ModelConfig, seed: int = 0) -> QwenVL:

@@ -47,7 +47,7 @@ def mrope_cos_sin(positions: jax.Array, head_dim: int, theta: float, section: tu
     return jnp.cos(emb), jnp.sin(emb)
 
 
-def vision_cos_sin(rowcol: jax.Array, head_dim: int, theta: float):
+def vision_cos_sin(rowcol: jax.Array | np.ndarray, head_dim: int, theta: float):
     """cos/sin ``[N, head_dim]`` (float32) for patch positions ``[N, 2]`` (row, col)."""
     inv = inverse_frequencies(head_dim // 2, theta)  # [head_dim/4]
     freqs = rowcol.astype(jnp.float32)[..., None] * inv  # [N, 2, head_dim/4]

@@ -11,12 +11,11 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import jax
 from flax import nnx
 
 from medix_jax.models import attention
 from medix_jax.models.qwen_vl.config import VisionConfig
-from medix_jax.models.qwen_vl.layers import Dense, apply_rotary
+from medix_jax.models.qwen_vl.layers import AnyArray, Dense, apply_rotary
 from medix_jax.parallel import constrain
 
 ROWS = ("batch", "act_embed")  # the tower's [prompts x slots, hidden] rows: prompt-major, split like the batch
@@ -25,15 +24,15 @@ HEADS = ("batch", None, "act_heads", None)  # [groups (windows or images), rows,
 
 class VisionInputs(NamedTuple):
     """Pixel rows in layout order plus the host-computed layout, per prompt (``N = I * R`` slots: ``I`` images of
-    ``R`` rows; ``U`` = merge unit)."""
+    ``R`` rows; ``U`` = merge unit): numpy as built on the host, jax arrays once placed."""
 
-    patches: jax.Array  # [B, N, C*T*P*P] processor rows in layout order, zeros in padding slots
-    valid: jax.Array  # [B, I, R] bool: the slot holds a real patch
-    rowcol: jax.Array  # [B, N, 2] int32 (row, col) of the patch in each slot
-    merge_restore: jax.Array  # [B, N / U] int32: output order (raster, then padding) -> merged slot
+    patches: AnyArray  # [B, N, C*T*P*P] processor rows in layout order, zeros in padding slots
+    valid: AnyArray  # [B, I, R] bool: the slot holds a real patch
+    rowcol: AnyArray  # [B, N, 2] int32 (row, col) of the patch in each slot
+    merge_restore: AnyArray  # [B, N / U] int32: output order (raster, then padding) -> merged slot
     # Qwen3-VL: the 4 bilinear taps into the learned position table of each slot, and their weights
-    pos_index: jax.Array | None = None  # [B, N, 4] int32
-    pos_weight: jax.Array | None = None  # [B, N, 4] float32
+    pos_index: AnyArray | None = None  # [B, N, 4] int32
+    pos_weight: AnyArray | None = None  # [B, N, 4] float32
 
 
 def window_rows(cfg: VisionConfig) -> int:
