@@ -62,6 +62,7 @@ def test_shrink_levels():
     assert continuous.shrink_levels(24, 8) == [24, 16, 8]  # multiples of the batch split
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("slots", [1, 4, 6])
 def test_greedy_tokens_and_logprobs_equal_the_static_sampler(setup, slots, compactions):
     model, prompts = setup
@@ -82,6 +83,7 @@ def test_greedy_tokens_and_logprobs_equal_the_static_sampler(setup, slots, compa
     assert np.abs(ours.logprobs - static.logprobs).max() <= 1e-5
 
 
+@pytest.mark.slow
 def test_samples_do_not_depend_on_the_slot_they_ran_in(setup, compactions):
     model, prompts = setup
     kw = dict(max_new_tokens=16, temperature=1.0, top_p=0.9, num_samples=4)
@@ -108,6 +110,7 @@ def test_compile_count_stays_flat_over_varying_lengths(setup):
     assert sampler.compile_count == compiled
 
 
+@pytest.mark.slow
 def test_sharded_continuous_batching_equals_one_device(tiny_checkpoint, monkeypatch, request):
     """Same samples on a 2 x 2 x 2 mesh, and the same admission plan: as many rounds as on one device (XLA splits
     the slots' end flags over the batch axes; a host that read only its first shard admitted into too few slots).

@@ -244,6 +244,7 @@ def test_an_interrupted_run_resumes_without_redoing_finished_samples(registry, t
     assert len(model_server.requests) == 4 and summary["tasks"]["mcq"]["score"] == 1.0
 
 
+@pytest.mark.slow
 def test_a_training_run_is_evaluated_from_its_newest_checkpoint(trained_run, registry, tmp_path):
     generator = make_generator(str(trained_run), None, max_tokens=4)
     assert generator.model.config.tokens.image_token_id < 512  # the run's tokenizer ids, not the preset's

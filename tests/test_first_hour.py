@@ -98,6 +98,7 @@ def test_an_export_is_complete_readable_and_stands_alone_when_the_run_moves(defa
     assert not (tmp_path / "export2").exists()
 
 
+@pytest.mark.slow
 def test_a_failed_resume_with_another_model_leaves_the_run_as_it_was(tmp_path, capsys):
     """Resuming with a changed model is a one-line error naming the setting; config.yaml, the checkpoints and the
     exports read from them stay as they were -- also when config.yaml is later changed by hand."""
@@ -120,6 +121,7 @@ def test_a_failed_resume_with_another_model_leaves_the_run_as_it_was(tmp_path, c
     assert json.loads((out / "config.json").read_text())["intermediate_size"] == 128
 
 
+@pytest.mark.slow
 def test_config_yaml_is_written_once_the_first_step_is_saved(tmp_path):
     run_dir = tmp_path / "run"
     seen = []
@@ -239,6 +241,7 @@ def help_text(command: str) -> str:
     return out.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", CLIS)
 def test_every_cli_says_how_it_is_run_and_documents_every_flag(command):
     import re

@@ -38,6 +38,7 @@ def vllm_served(tmp_path_factory):
         yield server, model_dir
 
 
+@pytest.mark.slow
 def test_vllm_structured_outputs_give_only_yes_or_no(vllm_served):
     server, model_dir = vllm_served
     judge = JudgeClient(JudgeConfig(url=server.url, model=str(model_dir), backoff_s=0.05))

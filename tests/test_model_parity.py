@@ -52,6 +52,7 @@ def test_text_only_batch(pair, rng):
     assert np.abs(got - ref)[mask.astype(bool)].max() <= TOL
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("buckets", [{}, {"num_images": 5, "rows_per_image": 512}], ids=["exact", "bucketed"])
 def test_vision_tower_alone(pair, rng, buckets):
     hf, ours = pair
@@ -66,6 +67,7 @@ def test_vision_tower_alone(pair, rng, buckets):
     assert np.abs(got[0, : len(ref)] - ref).max() <= TOL
 
 
+@pytest.mark.slow
 def test_vision_features_stay_with_their_prompt(pair, rng):
     """Batched per-prompt layout: each prompt's features equal the tower run on that prompt alone."""
     _, ours = pair

@@ -149,6 +149,7 @@ def test_save_hf_round_trip_loads_in_transformers(checkpoint, rng, tmp_path):
     assert reloaded.config == ours.config
 
 
+@pytest.mark.slow
 def test_sharded_over_eight_devices_equals_one(checkpoint, rng):
     """Dense: fsdp 4 x tensor 2; MoE: the experts split over the expert rule's mesh axis (fsdp)."""
     hf, path = checkpoint

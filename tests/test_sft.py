@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -84,6 +85,7 @@ def test_the_loss_falls(shared_run):  # noqa: F811
     assert np.mean(losses[-3:]) < 0.6 * np.mean(losses[:3]), losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh_sizes", [{"data": 2, "fsdp": 2, "tensor": 2}])
 def test_a_sharded_step_equals_the_single_device_one(shared_run, mesh_sizes):  # noqa: F811
     """One step (two micro-batches) on an 8-device mesh: loss, gradients and the updated parameters equal the
@@ -134,14 +136,29 @@ def test_kill_9_then_resume_is_exact_across_the_stages(tmp_path):
     assert "reward_letters_mean" in lines[0] and "reward_letters_mean" not in lines[1]  # sft.sample_every=2
 
 
-def job(module: str, run_dir, *overrides: str, cache=None) -> str:
-    """The default job (configs/tiny.yaml) as a user runs it: its own process, one CPU device; its output."""
+def start(module: str, run_dir, *overrides: str, cache=None) -> tuple[subprocess.Popen, Path]:
+    """The default job (configs/tiny.yaml) as a user runs it: its own process, one CPU device, its output to a file
+    beside ``run_dir`` (a pipe that nobody reads would stall a job that runs beside another)."""
     env = {**os.environ, "XLA_FLAGS": "", "JAX_COMPILATION_CACHE_DIR": str(cache),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    out = subprocess.run([sys.executable, "-m", module, f"train.run_dir={run_dir}", "train.export_hf=false",
-                          *overrides], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out.stdout
+    log = Path(f"{run_dir}.{module}.log")
+    with log.open("w") as out:
+        process = subprocess.Popen([sys.executable, "-m", module, f"train.run_dir={run_dir}", "train.export_hf=false",
+                                    *overrides], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+    return process, log
+
+
+def finish(started: tuple[subprocess.Popen, Path]) -> str:
+    """The job's output, once it has ended well."""
+    process, log = started
+    process.wait(timeout=900)
+    out = log.read_text()
+    assert process.returncode == 0, out[-6000:]
+    return out
+
+
+def job(module: str, run_dir, *overrides: str, cache=None) -> str:
+    return finish(start(module, run_dir, *overrides, cache=cache))
 
 
 def held_out(run_dir):
@@ -149,7 +166,7 @@ def held_out(run_dir):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # four jobs of about 2.5, 3, 0.5 and 3 minutes
+@pytest.mark.timeout(1800)  # jobs of about 2.5 minutes, then two of 3 side by side, then 0.5
 def test_the_default_run_learns_the_task_and_not_without_the_reward(tmp_path):
     """The embedded default (configs/tiny.yaml, fixed seeds) in two parts -- its supervised stage, then the rest of
     the run resumed from it, which is the same run -- and, from a copy of the supervised stage, GRPO with every
@@ -157,13 +174,20 @@ def test_the_default_run_learns_the_task_and_not_without_the_reward(tmp_path):
     and accuracy at chance; after GRPO, accuracy >= chance + 0.4 and modality >= 0.9; with zeroed advantages, no
     gain (accuracy below chance + 0.2)."""
     run_dir, control, cache = tmp_path / "run", tmp_path / "control", tmp_path / "xla-cache"
+    control_cache = tmp_path / "xla-cache-control"
     job("medix_jax.train", run_dir, "train.steps=0", cache=cache)  # the supervised stage
     shutil.copytree(run_dir, control)
     after_sft = held_out(run_dir)["after SFT"]
     chance = held_out(run_dir)["chance_accuracy"]
     assert chance == 0.25 and after_sft["format"] >= 0.95 and abs(after_sft["accuracy"] - chance) <= 0.1, after_sft
 
-    job("medix_jax.train", run_dir, cache=cache)  # resumes at the end of the supervised stage
+    # GRPO resumed at the end of the supervised stage and, beside it, the control: the same GRPO stage from a copy
+    # of the supervised stage with every advantage zeroed (each with its own compilation cache)
+    shutil.copytree(cache, control_cache)
+    grpo, zeroed = start("medix_jax.train", run_dir, cache=cache), start("tests.zero_advantages", control,
+                                                                          cache=control_cache)
+    for started in (grpo, zeroed):
+        finish(started)
     results = held_out(run_dir)
     assert results["after SFT"] == after_sft
     after_grpo = results["after GRPO"]
@@ -176,7 +200,6 @@ def test_the_default_run_learns_the_task_and_not_without_the_reward(tmp_path):
 
     # Without the reward signal there is no gain. (The policy does not stand still: with every advantage 0 the
     # only gradient is the KL term's, near 0, which AdamW scales up to full-size steps -- measured: accuracy 0.)
-    job("tests.zero_advantages", control, cache=cache)
     unrewarded = held_out(control)["after GRPO"]
     assert unrewarded["accuracy"] < chance + 0.2, (after_sft, unrewarded)
 

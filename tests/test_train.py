@@ -62,6 +62,7 @@ def make_trainer(shared_run, rewards, mesh=None, model_changes=None, rollout_cha
                    mesh, cfg.seed)
 
 
+@pytest.mark.slow
 def test_learning_is_real(shared_run):
     trainer = make_trainer(shared_run, LetterReward())
     curve = []
@@ -144,6 +145,7 @@ def micro_batch_gradients(trainer, groups, micro: int):
 
 @pytest.mark.parametrize("mesh_sizes", [{"data": 1, "fsdp": 4, "tensor": 2}, {"data": 2, "fsdp": 2, "tensor": 2}],
                          ids=["fsdp4-tensor2", "data2-fsdp2-tensor2"])
+@pytest.mark.slow
 def test_sharded_update_equals_single_device(shared_run, mesh_sizes):
     """Gradients, loss and the updated parameters of one update on an 8-device mesh equal the
     single-device ones to 1e-5. Parameters are compared at the reference learning rate (1e-6): Adam's first step
@@ -322,6 +324,7 @@ def test_bf16_gspo_first_update_is_exactly_on_policy(shared_run):
     assert second["optimizer_updates"] == 1 and np.isfinite(second["loss"]) and second["ratio_mean"] == 1.0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scan", [False, True], ids=["unrolled", "scanned"])
 def test_kl_loss_with_scanned_and_unrolled_layers(shared_run, scan):
     """kl_coef > 0 (the 3B GRPO reference) traces with scanned layers too; the reference parameters stay where they
@@ -492,6 +495,7 @@ def test_completion_widths():
     assert programs_module.completion_widths(100) == (100,)
 
 
+@pytest.mark.slow
 def test_a_length_bucketed_update_equals_the_padded_one_without_new_programs(shared_run):
     """Samples packed several to a row, in micro-batches trimmed to a width bucket, give the update of full-width
     micro-batches of one sample per row (the gradient sums over the same mini-batch) with less work; other lengths
