@@ -60,8 +60,8 @@ class TrainConfig:
     ppo_epochs: int = 1
     mini_batches: int = 1  # optimizer updates per epoch (reference: 512 prompts / 128 = 4)
     micro_batches: int = 1  # gradient accumulation inside each update
-    recompute_old_logprobs: bool | None = None  # None: when model.dtype is not float32 (module docstring)
-    dynamic_filtering: bool = False  # DAPO online filtering (module docstring)
+    recompute_old_logprobs: bool | None = None  # None: when model.dtype is not float32 (rl/update.py docstring)
+    dynamic_filtering: bool = False  # DAPO online filtering (rl/rollout.py docstring)
     filter_rule: Literal["mean_band", "distinct"] = "mean_band"  # reference: filter_low < mean reward < filter_high
     filter_low: float = 0.01
     filter_high: float = 0.99
