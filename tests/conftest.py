@@ -15,7 +15,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from tests.helpers import make_tiny_hf_model  # noqa: E402
+from tests.support.helpers import make_tiny_hf_model  # noqa: E402
 
 
 @pytest.fixture(scope="session", params=[False, True], ids=["untied", "tied"])
@@ -38,7 +38,7 @@ def trained_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("trained") / "run"
     args = [f"train.run_dir={run_dir}", "train.steps=2", "train.save_every=1", "train.export_hf=false",
             "rollout.max_new_tokens=8", "rewards.embedding_on=false", "mesh.fsdp=1"]
-    out = subprocess.run([sys.executable, "-m", "tests.letter_reward", *args], cwd=Path(__file__).parent.parent,
+    out = subprocess.run([sys.executable, "-m", "tests.support.letter_reward", *args], cwd=Path(__file__).parent.parent,
                          capture_output=True, text=True, timeout=600, env={**os.environ, "XLA_FLAGS": ""})
     assert out.returncode == 0, out.stdout + out.stderr
     return run_dir

@@ -136,7 +136,7 @@ def modules_under_test(test: Path) -> set[str]:
     return {m for m in MODULES if m.rsplit(".", 1)[-1] == stem}
 
 
-@pytest.mark.parametrize("test", sorted(p.name for p in (ROOT / "tests").glob("*.py")))
+@pytest.mark.parametrize("test", sorted(str(p.relative_to(ROOT / "tests")) for p in (ROOT / "tests").rglob("*.py")))
 def test_tests_use_private_names_only_of_the_module_they_test(test):
     path = ROOT / "tests" / test
     uses = private_uses(ast.parse(path.read_text()), modules_under_test(path))

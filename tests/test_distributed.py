@@ -15,7 +15,7 @@ from safetensors.numpy import load_file
 
 from medix_jax import parallel
 from medix_jax.parallel import DistributedConfig, initialize_distributed
-from tests.tiny_chat import free_port
+from tests.support.tiny_chat import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,7 +77,7 @@ def train_job(run_dir: Path, steps: int, devices: int, port: int | None = None, 
     if port is not None:
         args += [f"distributed.coordinator_address=127.0.0.1:{port}", "distributed.num_processes=2",
                  f"distributed.process_id={process_id}", "distributed.timeout_s=120"]
-    return subprocess.Popen([sys.executable, "-m", "tests.letter_reward", *args], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "tests.support.letter_reward", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -134,7 +134,7 @@ def test_interleaved_processes_get_their_own_rows_and_back():
     16-row batch, places them and reads them back; tensor parallelism across processes is refused by name."""
     port = free_port()
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONUNBUFFERED": "1"}
-    jobs = [subprocess.Popen([sys.executable, "-m", "tests.process_rows", str(port), str(i)], cwd=ROOT, env=env,
+    jobs = [subprocess.Popen([sys.executable, "-m", "tests.support.process_rows", str(port), str(i)], cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = [job.communicate(timeout=180) for job in jobs]
     assert [job.returncode for job in jobs] == [0, 0], outs

@@ -29,7 +29,7 @@ from medix_jax.models.qwen_vl.hf_io import load_hf, save_hf
 from medix_jax.rewards.judge import JudgeConfig
 from medix_jax.rewards.pool import RewardPool, RewardsConfig
 from medix_jax.rewards.rules import MEDIX_MODALITY_TAGS, parse_solution
-from tests.judge_server import JudgeServer
+from tests.support.judge_server import JudgeServer
 
 
 @pytest.fixture(scope="module")

@@ -18,8 +18,8 @@ from medix_jax import cli
 from medix_jax.export import export
 from medix_jax.export import main as export_main
 from medix_jax.train import main as train_main
-from tests.letter_reward import LetterReward
-from tests.tiny_chat import VLLM_PYTHON
+from tests.support.letter_reward import LetterReward
+from tests.support.tiny_chat import VLLM_PYTHON
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["rollout.max_new_tokens=8", "rollout.num_samples=8", "mesh.fsdp=4", "mesh.tensor=2", "sft.steps=0",
@@ -47,7 +47,7 @@ def default_run(tmp_path_factory):
 def test_the_default_export_loads_with_the_auto_classes_and_generates_our_tokens(default_run, tmp_path):
     """AutoProcessor + AutoModelForImageTextToText load the embedded default's export and, greedy on an image prompt,
     generate the tokens our sampler generates from the same inputs. transformers runs in the set-up's vLLM
-    environment, the one with torchvision (tests/hf_auto_generate.py)."""
+    environment, the one with torchvision (tests/support/hf_auto_generate.py)."""
     from transformers import AutoTokenizer
 
     from medix_jax.data.buckets import Buckets, prepare_prompts

@@ -13,7 +13,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 
 from medix_jax.models.qwen_vl import forward, init_model, preset
 from medix_jax.models.qwen_vl.hf_io import CheckpointMismatch, load_hf, save_hf
-from tests.helpers import hf_logits, left_pad, tokens_for
+from tests.support.helpers import hf_logits, left_pad, tokens_for
 
 
 def randomized(cfg, seed=0):

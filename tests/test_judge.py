@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from medix_jax.rewards.judge import JudgeClient, JudgeConfig, JudgeUnreachable, addresses_judge, check_judge, sanitise
-from tests.judge_server import JudgeServer
+from tests.support.judge_server import JudgeServer
 
 FAST = dict(backoff_s=0.01, timeout_s=2.0, max_retries=3)
 

@@ -7,7 +7,7 @@ import pytest
 
 from medix_jax.rewards.judge import JudgeClient, JudgeConfig
 from medix_jax.rewards.pool import RewardPool, RewardsConfig
-from tests.tiny_chat import ServedModel, make_tiny_chat_model
+from tests.support.tiny_chat import ServedModel, make_tiny_chat_model
 
 
 @pytest.fixture(scope="module")

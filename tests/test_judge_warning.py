@@ -7,7 +7,7 @@ import numpy as np
 
 from medix_jax.rewards.judge import JudgeConfig
 from medix_jax.rewards.pool import RewardPool, RewardsConfig
-from tests.judge_server import JudgeServer
+from tests.support.judge_server import JudgeServer
 from tests.test_train import make_trainer, shared_run  # noqa: F401 (a fixture)
 
 

@@ -16,21 +16,18 @@ from medix_jax.models.qwen_vl.model import init_model, prepare_inputs
 from medix_jax.rl import forward, grpo, programs
 from medix_jax.rl.forward import Completions, completion_hidden, completion_logprobs
 from medix_jax.rl.update import pack_micro_batch
+from tests.support.weights import spread_weights
 
 TEMPERATURE = 0.7
 LOSS = grpo.LossConfig(kl_coef=0.05, aggregation="token_mean")
 
 
 def tiny_model(tied=True, vocab=None, seed=0):
-    """The tiny preset with O(1) logits: random weights well away from the 0.02-scale initialisation."""
+    """The tiny preset with O(1) logits (``support.weights.spread_weights``)."""
     cfg = preset("tiny")
     text = dataclasses.replace(cfg.text, tie_word_embeddings=tied, vocab_size=vocab or cfg.text.vocab_size)
-    model = init_model(dataclasses.replace(cfg, text=text), seed)
-    graphdef, params = nnx.split(model, nnx.Param)
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-    leaves = [a + 0.1 * jax.random.normal(k, a.shape, a.dtype) for a, k in zip(leaves, keys, strict=True)]
-    return graphdef, jax.tree.unflatten(tree, leaves)
+    model = spread_weights(init_model(dataclasses.replace(cfg, text=text), seed), seed + 1)
+    return nnx.split(model, nnx.Param)
 
 
 def batch_for(cfg, prompts=4, samples=2, length=8, seed=0):

@@ -7,7 +7,7 @@ import torch
 from medix_jax.models.qwen2_5_vl.vision import vision_inputs
 from medix_jax.models.qwen_vl import forward
 from medix_jax.models.qwen_vl.hf_io import load_hf
-from tests.helpers import hf_logits, left_pad, tokens_for
+from tests.support.helpers import hf_logits, left_pad, tokens_for
 
 TOL = 1e-4
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from medix_jax.models.qwen_vl.rope import mrope_positions
-from tests.helpers import IMAGE, left_pad, tokens_for
+from tests.support.helpers import IMAGE, left_pad, tokens_for
 
 
 def test_positions_match_transformers(tiny_checkpoint, rng):

@@ -14,7 +14,7 @@ from medix_jax.plan import build_programs, prefill_outputs
 from medix_jax.rl.rollout import ScoredNow
 from medix_jax.rl.trainer import Trainer
 from medix_jax.train import DEFAULT_CONFIG, build_model, prepare_embedded_data, tokenizer_and_model_config
-from tests.letter_reward import LetterReward
+from tests.support.letter_reward import LetterReward
 
 SETTINGS = ["rollout.max_new_tokens=128", "rollout.num_samples=4", "rollout.batching=static", "data.batch_size=8",
             "sft.steps=0", "eval.split=null", "train.micro_batches=2", "train.loss.kl_coef=0.05",

@@ -26,7 +26,19 @@ from medix_jax.models.qwen_vl import forward, prepare_inputs
 from medix_jax.models.qwen_vl.hf_io import load_hf, save_hf
 from medix_jax.models.qwen_vl.language import Segments
 from medix_jax.models.qwen_vl.rope import mrope_axes
-from tests.helpers import BOS, EOS, IMAGE, PAD, VIDEO, VISION_END, VISION_START, VOCAB, hf_logits, left_pad, tokens_for
+from tests.support.helpers import (
+    BOS,
+    EOS,
+    IMAGE,
+    PAD,
+    VIDEO,
+    VISION_END,
+    VISION_START,
+    VOCAB,
+    hf_logits,
+    left_pad,
+    tokens_for,
+)
 
 TOL = 1e-4
 PATCH_DIM = 3 * 2 * 16 * 16

@@ -9,7 +9,7 @@ import pytest
 from medix_jax.rewards.embedding import EmbeddingConfig, EmbeddingScorer
 from medix_jax.rewards.judge import JudgeConfig
 from medix_jax.rewards.pool import RewardPool, RewardsConfig, judge_warning
-from tests.judge_server import JudgeServer
+from tests.support.judge_server import JudgeServer
 
 FAST = dict(backoff_s=0.01, timeout_s=2.0, max_retries=1)
 

@@ -15,7 +15,7 @@ from medix_jax.generate.sampler import Sampler
 from medix_jax.generate.sampling import SamplingConfig, choose_tokens
 from medix_jax.models.qwen_vl import forward
 from medix_jax.models.qwen_vl.hf_io import load_hf
-from tests.helpers import EOS, IMAGE, PAD, left_pad, tokens_for
+from tests.support.helpers import EOS, IMAGE, PAD, left_pad, tokens_for
 
 BUCKETS = Buckets(prompt_lengths=(64, 128), images=(2, 4), rows_per_image=(512,))
 

@@ -12,7 +12,7 @@ from transformers import Qwen2_5_VLForConditionalGeneration
 from medix_jax import parallel
 from medix_jax.models.qwen_vl import prepare_inputs
 from medix_jax.models.qwen_vl.hf_io import load_hf, save_hf
-from tests.helpers import hf_logits, left_pad, tokens_for
+from tests.support.helpers import hf_logits, left_pad, tokens_for
 
 
 def _loss_and_grads(model, inputs):

@@ -22,7 +22,7 @@ from medix_jax.models.qwen_vl import forward
 from medix_jax.rl import grpo
 from medix_jax.rl.policy import OptimConfig
 from medix_jax.rl.sft import SFTConfig, SupervisedStage, label_sets
-from tests.letter_reward import LetterReward
+from tests.support.letter_reward import LetterReward
 from tests.test_train import ROOT, final_state, flat_params, make_trainer, metric_lines, shared_run  # noqa: F401
 
 
@@ -107,7 +107,7 @@ def sft_cli(run_dir, cache):
     args = ["rollout.max_new_tokens=40", "rollout.num_samples=2", "mesh.fsdp=1", f"train.run_dir={run_dir}",
             "sft.steps=3", "sft.sample_every=2", "train.steps=2", "train.save_every=1", "train.export_hf=false",
             "eval.split=null"]  # letter_reward turns sft off first; these later overrides win
-    return subprocess.Popen([sys.executable, "-m", "tests.letter_reward", *args], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "tests.support.letter_reward", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -170,9 +170,9 @@ def held_out(run_dir):
 def test_the_default_run_learns_the_task_and_not_without_the_reward(tmp_path):
     """The embedded default (configs/tiny.yaml, fixed seeds) in two parts -- its supervised stage, then the rest of
     the run resumed from it, which is the same run -- and, from a copy of the supervised stage, GRPO with every
-    advantage zeroed (tests/zero_advantages.py). Targets (issue 15) on the held-out split: after SFT, format >= 0.95
-    and accuracy at chance; after GRPO, accuracy >= chance + 0.4 and modality >= 0.9; with zeroed advantages, no
-    gain (accuracy below chance + 0.2)."""
+    advantage zeroed (tests/support/zero_advantages.py), beside the GRPO stage. Targets (issue 15) on the held-out
+    split: after SFT, format >= 0.95 and accuracy at chance; after GRPO, accuracy >= chance + 0.4 and modality >=
+    0.9; with zeroed advantages, no gain (accuracy below chance + 0.2)."""
     run_dir, control, cache = tmp_path / "run", tmp_path / "control", tmp_path / "xla-cache"
     control_cache = tmp_path / "xla-cache-control"
     job("medix_jax.train", run_dir, "train.steps=0", cache=cache)  # the supervised stage
@@ -184,7 +184,7 @@ def test_the_default_run_learns_the_task_and_not_without_the_reward(tmp_path):
     # GRPO resumed at the end of the supervised stage and, beside it, the control: the same GRPO stage from a copy
     # of the supervised stage with every advantage zeroed (each with its own compilation cache)
     shutil.copytree(cache, control_cache)
-    grpo, zeroed = start("medix_jax.train", run_dir, cache=cache), start("tests.zero_advantages", control,
+    grpo, zeroed = start("medix_jax.train", run_dir, cache=cache), start("tests.support.zero_advantages", control,
                                                                           cache=control_cache)
     for started in (grpo, zeroed):
         finish(started)

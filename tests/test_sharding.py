@@ -14,7 +14,7 @@ from medix_jax import parallel
 from medix_jax.models.qwen_vl import QwenVL, init_model, prepare_inputs, preset
 from medix_jax.models.qwen_vl.hf_io import load_hf
 from medix_jax.models.qwen_vl.model import apply_split
-from tests.helpers import left_pad, tokens_for
+from tests.support.helpers import left_pad, tokens_for
 
 
 @pytest.fixture(scope="module")

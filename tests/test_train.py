@@ -32,8 +32,8 @@ from medix_jax.rl.programs import StepPrograms
 from medix_jax.rl.rollout import ScoredNow
 from medix_jax.rl.trainer import Trainer
 from medix_jax.train import DEFAULT_CONFIG, build_model, main, prepare_embedded_data, tokenizer_and_model_config
-from tests.judge_server import JudgeServer
-from tests.letter_reward import LetterReward
+from tests.support.judge_server import JudgeServer
+from tests.support.letter_reward import LetterReward
 
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["rollout.max_new_tokens=8", "rollout.num_samples=8", "train.optim.learning_rate=3e-3",
@@ -253,7 +253,7 @@ def train_cli(run_dir: Path, steps: int, cache: Path) -> subprocess.Popen:
            "XLA_FLAGS": ""}
     args = [*FAST, f"train.run_dir={run_dir}", f"train.steps={steps}", "train.save_every=1",
             "train.export_hf=false"]
-    return subprocess.Popen([sys.executable, "-m", "tests.letter_reward", *args], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "tests.support.letter_reward", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 

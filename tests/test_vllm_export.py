@@ -17,7 +17,6 @@ import jax
 import numpy as np
 import openai
 import pytest
-from flax import nnx
 from PIL import Image
 
 from medix_jax.data.buckets import Buckets, prepare_prompts
@@ -29,7 +28,8 @@ from medix_jax.generate.sampling import SamplingConfig
 from medix_jax.models.qwen_vl import init_model
 from medix_jax.models.qwen_vl.families import preset
 from medix_jax.models.qwen_vl.hf_io import save_hf
-from tests.tiny_chat import VLLM_PYTHON, ServedModel
+from tests.support.tiny_chat import VLLM_PYTHON, ServedModel
+from tests.support.weights import spread_weights
 
 pytestmark = [
     pytest.mark.slow,
@@ -39,21 +39,6 @@ pytestmark = [
 TEMPLATE = "Look at the image.\n<image>Question: {question}"
 QUESTION = "Which organ filters blood?"
 NEW_TOKENS = 24
-
-
-def spread_weights(model, seed: int):
-    """Random weights large enough that logits are O(1), so greedy tokens follow the prompt and the image (the
-    default initialisation, std 0.02 and zero biases, repeats one token whatever the input)."""
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    keys = iter(jax.random.split(jax.random.key(seed), len(jax.tree.leaves(params))))
-
-    def draw(path, x):
-        name, noise = jax.tree_util.keystr(path), jax.random.normal(next(keys), x.shape, x.dtype)
-        if "norm" in name or "ln_q" in name:
-            return 1.0 + 0.2 * noise
-        return (0.2 if "['bias']" in name else 0.15) * noise
-
-    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(draw, params), rest)
 
 
 @pytest.fixture(scope="module")

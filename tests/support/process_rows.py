@@ -1,5 +1,5 @@
-"""Run by ``tests/test_distributed.py`` as two processes (``python -m tests.process_rows PORT ID``): a batch split
-over a mesh whose device order interleaves the processes, as a TPU slice's may, goes to the devices and back.
+"""Run by ``tests/test_distributed.py`` as two processes (``python -m tests.support.process_rows PORT ID``): a batch
+split over a mesh whose device order interleaves the processes, as a TPU slice's may, goes to the devices and back.
 Prints one JSON line of what this process saw."""
 
 import json

@@ -4,7 +4,8 @@
 Run with the set-up's vLLM environment (``.venv-vllm``): transformers' Qwen2.5-VL processor needs torchvision,
 which the main environment cannot carry (PyPI's torchvision is built against a CUDA torch,
 docs/reference.md#vllm-on-cpu).
-``python tests/hf_auto_generate.py HF_DIR OUT.npz NEW_TOKENS``: writes the processor's inputs and the new tokens.
+``python tests/support/hf_auto_generate.py HF_DIR OUT.npz NEW_TOKENS``: writes the processor's inputs and the new
+tokens.
 """
 
 import sys
