@@ -169,7 +169,7 @@ class Job:
     def __init__(self, cfg: Config, rewards=None):
         from medix_jax.data.pipeline import PromptBatches, data_source
         from medix_jax.rewards.pool import RewardPool
-        from medix_jax.rl.rollout import ScoredNow
+        from medix_jax.rl.rollout import Rewards, ScoredNow
         from medix_jax.rl.sft import SupervisedStage, label_sets
         from medix_jax.rl.trainer import Trainer
 
@@ -194,8 +194,8 @@ class Job:
         source = data_source(cfg.data)
         self.data = PromptBatches(source, cfg.data, model_cfg, tokenizer, cfg.buckets, cfg.seed,
                                   parallel.process_rows(mesh, cfg.data.batch_size))
-        self.pool = rewards or RewardPool(cfg.rewards)
-        self.trainer = Trainer(model, tokenizer, self.data, self.pool if rewards is None else ScoredNow(rewards),
+        self.pool: Rewards = RewardPool(cfg.rewards) if rewards is None else ScoredNow(rewards)
+        self.trainer = Trainer(model, tokenizer, self.data, self.pool,
                                cfg.train, cfg.rollout, cfg.buckets, mesh, cfg.seed)
         labels = label_sets(source) if "random" in (cfg.sft.answers, cfg.sft.tags) else None
         self.sft = SupervisedStage(self.trainer, cfg.sft, labels) if cfg.sft.steps else None
@@ -258,7 +258,7 @@ class Job:
                 cfg.train.steps)
             print(f"medix_jax.train: run {self.run_dir.absolute()}, {jax.device_count()} {jax.devices()[0].platform} "
                   f"device(s) in {jax.process_count()} process(es), mesh {dict(self.mesh.shape)}; rewards: "
-                  f"{', '.join(getattr(self.pool, 'active', ['custom']))}; {' then '.join(stages)} steps; "
+                  f"{', '.join(self.pool.active)}; {' then '.join(stages)} steps; "
                   + (f"resumed at step {self.trainer.step_count}" if restored else "starting at step 0")
                   + f" of {self.total}", flush=True)
 
@@ -334,7 +334,7 @@ class Job:
     def close(self) -> None:
         self.checkpoints.close()
         self.data.close()
-        getattr(self.pool, "close", lambda: None)()
+        self.pool.close()
 
     def finish(self) -> None:
         """The end of a complete run: the HF export, the curves, the held-out results table."""

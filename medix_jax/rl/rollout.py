@@ -26,32 +26,48 @@ from medix_jax.data.pipeline import PromptBatch
 from medix_jax.generate.sampler import Sampler
 from medix_jax.generate.sampling import SampleOutput, SamplingConfig
 from medix_jax.models.qwen_vl.model import QwenVL
+from medix_jax.rewards.pool import RewardBatch
 from medix_jax.rl import grpo
 
 
 class Rewards(Protocol):
-    """What the trainer needs of a reward source: a batch's ``RewardBatch`` as a future (``RewardPool`` scores in
-    its threads; ``ScoredNow`` adapts a plain ``score(completions, solutions)`` object), and its config (``cfg``:
-    the pool's ``RewardsConfig``, or None) for the step's judge warning."""
+    """What a run needs of a reward source: a batch's ``RewardBatch`` now (``score``) or as a future (``submit``:
+    ``RewardPool`` scores in its threads), the names of its components (``active``), its config (``cfg``: the pool's
+    ``RewardsConfig``, or None) for the step's judge warning, and ``close``. ``ScoredNow`` makes one of any plain
+    ``score(completions, solutions)`` object."""
 
     cfg: Any
 
+    @property
+    def active(self) -> list[str]: ...
+
+    def score(self, completions: list[str], solutions: list[str]) -> RewardBatch: ...
+
     def submit(self, completions: list[str], solutions: list[str]) -> cf.Future: ...
+
+    def close(self) -> None: ...
 
 
 class ScoredNow:
     """Any ``score(completions, solutions) -> RewardBatch`` object (e.g. a custom rule reward) as ``Rewards``: it
-    scores when a batch is submitted."""
+    scores when a batch is submitted; its components are its ``active`` list, if it has one."""
 
     cfg = None
 
     def __init__(self, scorer):
         self.scorer = scorer
+        self.active: list[str] = list(getattr(scorer, "active", ["custom"]))
+
+    def score(self, completions: list[str], solutions: list[str]) -> RewardBatch:
+        return self.scorer.score(completions, solutions)
 
     def submit(self, completions: list[str], solutions: list[str]) -> cf.Future:
         future: cf.Future = cf.Future()
-        future.set_result(self.scorer.score(completions, solutions))
+        future.set_result(self.score(completions, solutions))
         return future
+
+    def close(self) -> None:
+        """Nothing to release."""
 
 
 class Group(NamedTuple):
