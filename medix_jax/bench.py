@@ -53,6 +53,7 @@ import numpy as np
 from PIL import Image
 
 from medix_jax.bench_train import (
+    DEFAULT_CONFIG,
     LONGTAIL_SIGMA,
     bench_train,
     bench_train_longtail,
@@ -67,8 +68,6 @@ from medix_jax.generate.sampler import Sampler
 from medix_jax.generate.sampling import SamplingConfig
 from medix_jax.models.qwen_vl import init_model, param_count
 from medix_jax.models.qwen_vl.hf_io import save_hf
-
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "bench" / "small.yaml"
 
 
 def bench_sampler(config: str | None, overrides: list[str], runs: int, batch: int, new_tokens: int,

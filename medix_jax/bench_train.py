@@ -7,6 +7,7 @@ from __future__ import annotations
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +31,7 @@ from medix_jax.rl.rollout import Group
 from medix_jax.rl.update import micro_batches, minibatch_gradients, pack_micro_batch
 
 LONGTAIL_SIGMA = 0.8  # log-std of the long-tail response lengths (--lengths longtail)
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "bench" / "small.yaml"  # bench-small
 
 
 def timed(fn, runs: int) -> tuple[float, list[float]]:
@@ -50,6 +52,13 @@ def longtail_lengths(n: int, max_len: int, rng, sigma: float = LONGTAIL_SIGMA) -
     return np.clip(np.round(rng.lognormal(np.log(max_len / 4), sigma, n)), 1, max_len).astype(np.int32)
 
 
+def text_tokens(cfg) -> int:
+    """Random text tokens are drawn below this: 1000, or the lowest special token id of a smaller vocabulary."""
+    t = cfg.tokens
+    return min(1000, t.image_token_id, t.video_token_id, t.vision_start_token_id, t.vision_end_token_id,
+               *t.end_token_ids, t.pad_token_id, t.bos_token_id)
+
+
 def prompt_batch(cfg, batch: int, image_size: int, rng):
     """``batch`` prompts of random tokens around one random ``image_size`` square image each: (ids, pixels, grids)."""
     from PIL import Image
@@ -58,8 +67,9 @@ def prompt_batch(cfg, batch: int, image_size: int, rng):
     pixels, grids = preprocess_images(images, min_pixels=image_size**2, max_pixels=image_size**2)
     t = cfg.tokens
     n_image = int(np.prod(grids[0])) // cfg.vision.merge_unit
-    rows = [[*rng.integers(0, 1000, 12), t.vision_start_token_id, *[t.image_token_id] * n_image,
-             t.vision_end_token_id, *rng.integers(0, 1000, 20)] for _ in range(batch)]
+    high = text_tokens(cfg)
+    rows = [[*rng.integers(0, high, 12), t.vision_start_token_id, *[t.image_token_id] * n_image,
+             t.vision_end_token_id, *rng.integers(0, high, 20)] for _ in range(batch)]
     return np.array(rows, np.int64), pixels, grids
 
 
@@ -75,8 +85,9 @@ class Setup:
     """The bench-small model, its prompts (one image each, buckets that fit them) and the trainer's programs on a
     one-device mesh, as ``Trainer`` builds them (``micro`` micro-batches, completions of ``new_tokens``)."""
 
-    def __init__(self, config: str, overrides: list[str], batch: int, image_size: int, new_tokens: int, micro: int):
-        self.cfg = load_config(config, overrides).model
+    def __init__(self, config: str | None, overrides: list[str], batch: int, image_size: int, new_tokens: int,
+                 micro: int):
+        self.cfg = load_config(config or DEFAULT_CONFIG, overrides).model
         self.model = init_model(self.cfg, seed=0)
         self.rng = np.random.default_rng(0)
         self.ids, self.pixels, self.grids = prompt_batch(self.cfg, batch, image_size, self.rng)
@@ -126,12 +137,13 @@ def program_flops(setup: Setup, parts, totals) -> float:
     return total
 
 
-def bench_train(config: str, overrides: list[str], runs: int, batch: int, new_tokens: int, image_size: int) -> dict:
+def bench_train(config: str | None, overrides: list[str], runs: int, batch: int, new_tokens: int,
+                image_size: int) -> dict:
     """One GRPO update step on bench-small (G = 1, every completion ``new_tokens`` long, one micro-batch): our
     programs vs transformers' forward + backward of the same weights on the same batch."""
 
     s = Setup(config, overrides, batch, image_size, new_tokens, 1)
-    tokens = s.rng.integers(0, 1000, (batch, new_tokens)).astype(np.int32)
+    tokens = s.rng.integers(0, text_tokens(s.cfg), (batch, new_tokens)).astype(np.int32)
     mask = np.ones_like(tokens, bool)
     completions = Completions(tokens, mask, np.zeros(tokens.shape, np.float32),
                               s.rng.standard_normal(batch).astype(np.float32))
@@ -186,7 +198,7 @@ def torch_update(s: Setup, tokens: np.ndarray, advantages: np.ndarray, runs: int
     return seconds, times, torch.get_num_threads()
 
 
-def bench_train_longtail(config: str, overrides: list[str], runs: int, batch: int, new_tokens: int, samples: int,
+def bench_train_longtail(config: str | None, overrides: list[str], runs: int, batch: int, new_tokens: int, samples: int,
                          micro: int, image_size: int) -> dict:
     """One mini-batch update (``micro`` micro-batches, AdamW) on long-tailed completions: full-width strided
     micro-batches of whole groups, one sample per row (the update before length bucketing) vs the trainer's:
@@ -195,7 +207,7 @@ def bench_train_longtail(config: str, overrides: list[str], runs: int, batch: in
     s = Setup(config, overrides, batch, image_size, new_tokens, micro)
     lengths = longtail_lengths(batch * samples, new_tokens, s.rng).reshape(batch, samples)
     columns = np.arange(new_tokens)[None]
-    groups = [Group({}, s.rng.integers(0, 1000, (samples, new_tokens)).astype(np.int32),
+    groups = [Group({}, s.rng.integers(0, text_tokens(s.cfg), (samples, new_tokens)).astype(np.int32),
                     columns < lengths[i][:, None], np.zeros((samples, new_tokens), np.float32),
                     s.rng.standard_normal(samples).astype(np.float32), np.zeros(samples, np.float32))
               for i in range(batch)]
