@@ -98,9 +98,13 @@ class Setup:
         self.mesh = parallel.make_mesh({}, jax.devices()[:1])
         self.prompts = parallel.shard_prompts(self.host, self.mesh)
         self.graphdef, self.params = nnx.split(self.model, nnx.Param)
-        self.programs = StepPrograms(self.graphdef, self.params, self.mesh, micro_batches=micro,
-                                     loss=grpo.LossConfig(), tx=make_optimizer(OptimConfig(), 1),
-                                     rollout=SamplingConfig(max_new_tokens=new_tokens, temperature=1.0))
+        self.programs = self.step_programs(micro, new_tokens)
+
+    def step_programs(self, micro: int, new_tokens: int, widths: tuple[int, ...] | None = None) -> StepPrograms:
+        """The trainer's programs for this model (``widths``: its completion width buckets, default the trainer's)."""
+        return StepPrograms(self.graphdef, self.params, self.mesh, micro_batches=micro, loss=grpo.LossConfig(),
+                            tx=make_optimizer(OptimConfig(), 1), widths=widths,
+                            rollout=SamplingConfig(max_new_tokens=new_tokens, temperature=1.0))
 
     def device_parts(self, completions: Completions, rows_of_samples, rows: int, per_row: int) -> list:
         """Device micro-batches ``(layout, completions, width index)`` of sample indices packed into rows, as the
@@ -114,11 +118,12 @@ class Setup:
                         width_index(longest, self.programs.widths)))
         return out
 
-    def update(self, parts, totals, opt_state):
+    def update(self, parts, totals, opt_state, programs: StepPrograms | None = None):
         """One mini-batch update on ``parts`` with the trainer's chain: (new parameters, new state, metrics)."""
-        grads, metrics = minibatch_gradients(self.programs, self.params, self.prompts, list(parts), totals, False)
+        programs = programs or self.programs
+        grads, metrics = minibatch_gradients(programs, self.params, self.prompts, list(parts), totals, False)
         copy = jax.tree.map(jnp.copy, (self.params, opt_state))  # apply donates both
-        params, opt_state, _ = self.programs.apply(*copy, grads)
+        params, opt_state, _ = programs.apply(*copy, grads)
         return jax.block_until_ready(params), opt_state, metrics
 
 
@@ -221,18 +226,19 @@ def bench_train_longtail(config: str | None, overrides: list[str], runs: int, ba
     arrangements = {"padded": s.device_parts(completions, padded, rows, 1),
                     "packed": s.device_parts(completions, [[[i * samples + j for i, j in row] for row in part[0]]
                                                            for part in packed], rows, PACK_SAMPLES)}
+    # the padded arm at full width only, as before length bucketing: programs with the one width
+    full = s.step_programs(micro, new_tokens, widths=(new_tokens,))
+    arrangements["padded"] = [(layout, b, 0) for layout, b, _ in arrangements["padded"]]
     results, updated, computed = {}, {}, {}
     for name, parts in arrangements.items():
-        if name == "padded":  # full width, as before length bucketing
-            parts = [(layout, b, len(s.programs.widths) - 1) for layout, b, _ in parts]
-            arrangements[name] = parts
-        opt_state = s.programs.init(s.params)
+        programs = full if name == "padded" else s.programs
+        opt_state = programs.init(s.params)
 
-        def run(parts=parts, opt_state=opt_state, name=name):
-            updated[name] = s.update(parts, totals, opt_state)[0]
+        def run(parts=parts, opt_state=opt_state, name=name, programs=programs):
+            updated[name] = s.update(parts, totals, opt_state, programs)[0]
 
         results[name] = timed(run, runs)
-        computed[name] = sum(layout.ids.shape[0] * (s.ids.shape[1] + s.programs.widths[w]) for layout, _, w in parts)
+        computed[name] = sum(layout.ids.shape[0] * (s.ids.shape[1] + programs.widths[w]) for layout, _, w in parts)
     drift = max(float(jnp.abs(a - b).max()) for a, b in zip(
         jax.tree.leaves(updated["padded"]), jax.tree.leaves(updated["packed"]), strict=True))
     report_longtail(s, results, computed, drift, lengths, arrangements["packed"], micro, samples, image_size, runs)
