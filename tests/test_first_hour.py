@@ -57,7 +57,7 @@ def test_the_default_export_loads_with_the_auto_classes_and_generates_our_tokens
     from medix_jax.models.qwen_vl.hf_io import load_hf
 
     hf_dir, result = default_run / "hf", tmp_path / "hf.npz"
-    subprocess.run([str(VLLM_PYTHON), str(ROOT / "tests" / "hf_auto_generate.py"), str(hf_dir), str(result), "16"],
+    subprocess.run([str(VLLM_PYTHON), str(ROOT / "tests" / "support" / "hf_auto_generate.py"), str(hf_dir), str(result), "16"],
                    check=True, timeout=600)
     theirs = np.load(result)
     assert (str(theirs["processor"]), str(theirs["image_processor"])) == ("Qwen2_5_VLProcessor",

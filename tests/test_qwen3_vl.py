@@ -39,6 +39,7 @@ from tests.support.helpers import (
     left_pad,
     tokens_for,
 )
+from tests.support.weights import spread_torch_weights
 
 TOL = 1e-4
 PATCH_DIM = 3 * 2 * 16 * 16
@@ -65,16 +66,7 @@ def hf_config(moe: bool):
 def make_hf(moe: bool):
     torch.manual_seed(1)
     cls = Qwen3VLMoeForConditionalGeneration if moe else Qwen3VLForConditionalGeneration
-    model = cls._from_config(hf_config(moe), attn_implementation="eager")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.normal_(0.0, 0.2)
-            else:
-                p.normal_(0.0, 0.15)
-    return model.eval()
+    return spread_torch_weights(cls._from_config(hf_config(moe), attn_implementation="eager"))
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["dense", "moe"])

@@ -6,6 +6,8 @@ import numpy as np
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
+from tests.support.weights import spread_torch_weights
+
 # Special ids of the tiny models: inside the tiny vocabulary, far from the real ones, so that a hard-coded id breaks.
 IMAGE, VIDEO, VISION_START, VISION_END, BOS, EOS, PAD = 590, 591, 592, 593, 594, 595, 596
 VOCAB = 600
@@ -33,15 +35,7 @@ def make_tiny_hf_model(tied: bool, seed: int = 0) -> Qwen2_5_VLForConditionalGen
     """Random weights large enough that logits are O(1) and every bias and norm weight matters."""
     torch.manual_seed(seed)
     model = Qwen2_5_VLForConditionalGeneration._from_config(tiny_hf_config(tied), attn_implementation="eager")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name or "ln_q" in name:
-                p.copy_(1.0 + 0.2 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.normal_(0.0, 0.2)
-            else:
-                p.normal_(0.0, 0.15)
-    return model.eval()
+    return spread_torch_weights(model)
 
 
 def tokens_for(parts, grids, rng) -> list[int]:
