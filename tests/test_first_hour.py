@@ -57,8 +57,8 @@ def test_the_default_export_loads_with_the_auto_classes_and_generates_our_tokens
     from medix_jax.models.qwen_vl.hf_io import load_hf
 
     hf_dir, result = default_run / "hf", tmp_path / "hf.npz"
-    subprocess.run([str(VLLM_PYTHON), str(ROOT / "tests" / "support" / "hf_auto_generate.py"), str(hf_dir), str(result), "16"],
-                   check=True, timeout=600)
+    script = ROOT / "tests" / "support" / "hf_auto_generate.py"
+    subprocess.run([str(VLLM_PYTHON), str(script), str(hf_dir), str(result), "16"], check=True, timeout=600)
     theirs = np.load(result)
     assert (str(theirs["processor"]), str(theirs["image_processor"])) == ("Qwen2_5_VLProcessor",
                                                                           "Qwen2VLImageProcessor")
