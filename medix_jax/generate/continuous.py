@@ -39,6 +39,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from medix_jax import parallel
+from medix_jax.generate import sampling
 from medix_jax.generate.sampling import (
     SampleOutput,
     SamplingConfig,
@@ -48,7 +49,6 @@ from medix_jax.generate.sampling import (
     constrain,
     sample_keys,
 )
-from medix_jax.generate.sampling import compile_count as sampling_compile_count
 from medix_jax.generate.static import prefill
 from medix_jax.models.qwen_vl.language import KVCache, Segments
 from medix_jax.models.qwen_vl.model import ModelInputs
@@ -168,7 +168,7 @@ def _compact(slots: Slots, keep, mesh: Mesh | None) -> Slots:
 
 
 def compile_count() -> int:
-    return sampling_compile_count(_empty, _admit, _round, _compact)
+    return sampling.compile_count(_empty, _admit, _round, _compact)
 
 
 MIN_SLOTS = 4  # the tail is not moved into fewer slots than this (a step's fixed cost dominates below it)

@@ -21,6 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from medix_jax import parallel
+from medix_jax.generate import sampling
 from medix_jax.generate.sampling import (
     SampleOutput,
     SamplingConfig,
@@ -30,7 +31,6 @@ from medix_jax.generate.sampling import (
     constrain,
     sample_keys,
 )
-from medix_jax.generate.sampling import compile_count as sampling_compile_count
 from medix_jax.models.qwen_vl.language import KVCache, Segments
 from medix_jax.models.qwen_vl.model import ModelInputs, QwenVL
 
@@ -100,4 +100,4 @@ def decode(graphdef, state, cache: KVCache, logits, next_position, key_valid, sa
 
 
 def compile_count() -> int:
-    return sampling_compile_count(prefill, decode)
+    return sampling.compile_count(prefill, decode)
