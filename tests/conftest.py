@@ -2,7 +2,11 @@
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+from tests.support.xla_flags import PATIENT_COLLECTIVES, cpu_devices
+
+os.environ.setdefault("XLA_FLAGS", cpu_devices(8))
+if "terminate_timeout" not in os.environ["XLA_FLAGS"]:  # a developer's own XLA_FLAGS: keep them, add the patience
+    os.environ["XLA_FLAGS"] += " " + PATIENT_COLLECTIVES
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -16,6 +16,7 @@ from safetensors.numpy import load_file
 from medix_jax import parallel
 from medix_jax.parallel import DistributedConfig, initialize_distributed
 from tests.support.tiny_chat import free_port
+from tests.support.xla_flags import cpu_devices
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -70,7 +71,7 @@ TINY_TRAINING = ["rollout.max_new_tokens=8", "train.save_every=1", "mesh.fsdp=4"
 def train_job(run_dir: Path, steps: int, devices: int, port: int | None = None, process_id: int | None = None):
     """The tiny config trained with the letter reward, in a process of its own with ``devices`` CPU devices (the
     jobs share a compilation cache beside ``run_dir``)."""
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "PYTHONUNBUFFERED": "1",
+    env = {**os.environ, "XLA_FLAGS": cpu_devices(devices), "PYTHONUNBUFFERED": "1",
            "JAX_COMPILATION_CACHE_DIR": str(run_dir.parent / "xla-cache"),
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     args = [*TINY_TRAINING, f"train.run_dir={run_dir}", f"train.steps={steps}"]
@@ -133,7 +134,7 @@ def test_interleaved_processes_get_their_own_rows_and_back():
     """A mesh whose device order alternates between two processes: each holds every other pair of rows of a
     16-row batch, places them and reads them back; tensor parallelism across processes is refused by name."""
     port = free_port()
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "XLA_FLAGS": cpu_devices(4), "PYTHONUNBUFFERED": "1"}
     jobs = [subprocess.Popen([sys.executable, "-m", "tests.support.process_rows", str(port), str(i)], cwd=ROOT, env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outs = [job.communicate(timeout=180) for job in jobs]

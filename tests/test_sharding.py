@@ -1,7 +1,9 @@
 """Sharded load and forward on 8 simulated CPU devices (fsdp=4, tensor=2) equal the single-device forward."""
 
 import functools
+import os
 import re
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -149,3 +151,16 @@ def test_update_activations_are_split_over_the_batch_axes(mesh):
     one, eight = (c.memory_analysis().temp_size_in_bytes / 2**20 for c in (single, compiled))
     print(f"update temporaries per device: 1 device {one:.1f} MiB, 8 devices {eight:.1f} MiB")
     assert eight < one / 4
+
+
+def test_simulated_devices_wait_for_each_other_as_long_as_a_test_may_run():
+    """XLA's CPU collectives abort the process when a simulated device is 40 s late (tests/support/xla_flags.py): the
+    tests' flags allow at least pyproject's pytest timeout, so a starved device thread on a loaded CI machine slows a
+    test instead of killing its worker."""
+    import tomllib
+
+    timeout = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())["tool"]["pytest"][
+        "ini_options"]["timeout"]
+    flags = dict(f.lstrip("-").split("=", 1) for f in os.environ["XLA_FLAGS"].split() if "=" in f)
+    assert int(flags["xla_cpu_collective_call_terminate_timeout_seconds"]) >= timeout
+    assert int(flags["xla_force_host_platform_device_count"]) == 8 == jax.device_count()
