@@ -126,9 +126,11 @@ class Program:
     count_note: str = ""
     resident: dict[str, int] = dataclasses.field(default_factory=dict)  # per-chip bytes live beside the program
     while_trips: int | None = None
+    alternative: bool = False  # compiled for comparison, not run by this config: in neither the verdict nor the step
     notes: list[str] = dataclasses.field(default_factory=list)
     result: dict = dataclasses.field(default_factory=dict)
     compiled: Any = None
+    hlo: str = ""  # the optimized HLO text, kept while ``compiled`` is
 
 
 @contextlib.contextmanager
@@ -182,9 +184,12 @@ def _oom_summary(message: str, log: str) -> tuple[str, str]:
     return first[:300], short or first[:300]
 
 
-def compile_program(program: Program) -> None:
-    """Trace (for FLOPs), lower and compile ``program``; fill ``program.result``."""
+def compile_program(program: Program, devices: int = 1, ici_bandwidth: float | None = None) -> None:
+    """Trace (for FLOPs), lower and compile ``program``; fill ``program.result``, its ``communication`` read from
+    the optimized HLO (``comms``: collectives per run over ``devices`` chips, seconds at ``ici_bandwidth``)."""
     import jax
+
+    from medix_jax import comms
 
     start = time.perf_counter()
     r = program.result
@@ -221,6 +226,10 @@ def compile_program(program: Program) -> None:
     cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}
     r["xla_flops"] = float(cost.get("flops", 0.0))
     r["xla_bytes_accessed"] = float(cost.get("bytes accessed", 0.0))
+    program.hlo = compiled.as_text()
+    found, notes = comms.collectives(program.hlo, devices, program.while_trips)
+    r["communication"] = comms.summarize(found, ici_bandwidth)
+    program.notes += notes
 
 
 def _first_line(e: BaseException) -> str:

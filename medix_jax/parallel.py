@@ -109,6 +109,38 @@ def _on_torus(create: Callable[..., np.ndarray], shape: list[int]) -> np.ndarray
                              f"topology, not even with physical axes split ({e}; first: {first})") from None
 
 
+def rollout_mesh(mesh: Mesh, sizes: Mapping[str, int] | None) -> Mesh:
+    """The sampler's mesh (``rollout.mesh``): ``mesh``'s devices in ``mesh``'s order, regrouped into ``sizes``
+    (``data`` / ``fsdp`` / ``tensor``, one of them -1: the rest). The same order keeps every program's device
+    assignment one (a reshard between the two is a compiled program) and a tensor group on chips that are neighbours
+    in the trainer's mesh. None: ``mesh`` itself."""
+    if sizes is None:
+        return mesh
+    unknown = set(sizes) - set(MESH_AXES)
+    shape = [int(sizes.get(a, 1)) for a in MESH_AXES]
+    n = mesh.devices.size
+    if unknown or shape.count(-1) > 1 or any(s == 0 or s < -1 for s in shape):
+        raise ValueError(f"rollout.mesh {dict(sizes)}: give data / fsdp / tensor sizes, positive, at most one -1")
+    if -1 in shape:
+        shape[shape.index(-1)] = n // math.prod(s for s in shape if s != -1)
+    if math.prod(shape) != n:
+        raise ValueError(f"rollout.mesh {dict(zip(MESH_AXES, shape, strict=True))} needs {math.prod(shape)} "
+                         f"devices; the trainer's mesh has {n}")
+    return Mesh(mesh.devices.reshape(shape), MESH_AXES)
+
+
+def respec(sharding: NamedSharding, shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+    """``sharding``'s PartitionSpec on ``mesh`` (the same axis names, other sizes): a dimension its axes no longer
+    divide is left whole. Moves a parameter from the trainer's layout to the sampler's (``rollout_mesh``)."""
+    spec = []
+    for entry, size in zip((*sharding.spec, *[None] * (len(shape) - len(sharding.spec))), shape, strict=True):
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        axes = tuple(a for a in axes if mesh.shape[a] > 1)
+        spec.append(None if not axes or size % math.prod(mesh.shape[a] for a in axes) else
+                    axes[0] if len(axes) == 1 else axes)
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
 @dataclasses.dataclass(frozen=True)
 class DistributedConfig:
     """Several processes (one per host / GPU node): ``jax.distributed.initialize`` before anything touches devices.

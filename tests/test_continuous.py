@@ -47,11 +47,11 @@ def test_ragged_decode_attention_equals_attention_over_the_filled_cache():
 
 @pytest.fixture
 def compactions(monkeypatch):
-    """Tails moved into fewer slots, down to one (``continuous.MIN_SLOTS`` 1): the calls of ``_compact``."""
+    """Tails moved into fewer slots, down to one (``continuous.MIN_SLOTS`` 1): the calls of ``compact``."""
     monkeypatch.setattr(continuous, "MIN_SLOTS", 1)
     calls = []
-    compact = continuous._compact
-    monkeypatch.setattr(continuous, "_compact", lambda slots, keep, mesh: calls.append(len(keep)) or compact(
+    compact = continuous.compact
+    monkeypatch.setattr(continuous, "compact", lambda slots, keep, mesh: calls.append(len(keep)) or compact(
         slots, keep, mesh))
     return calls
 
@@ -117,8 +117,8 @@ def test_sharded_continuous_batching_equals_one_device(tiny_checkpoint, monkeypa
     Eight slots on the mesh move their tail into four (a multiple of its batch split), with the same samples."""
     _, path = tiny_checkpoint
     rounds = []
-    run_round = continuous._round
-    monkeypatch.setattr(continuous, "_round", lambda *a: rounds.append(1) or run_round(*a))
+    run_round = continuous.decode_round
+    monkeypatch.setattr(continuous, "decode_round", lambda *a: rounds.append(1) or run_round(*a))
     mesh = parallel.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     ids, mask, pixels, grids = mixed_batch(np.random.default_rng(0))
     ids, mask = np.concatenate([ids, ids[::-1], ids[:2]]), np.concatenate([mask, mask[::-1], mask[:2]])

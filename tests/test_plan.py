@@ -150,17 +150,25 @@ def test_plan_tiny_on_v5p_8(tmp_path):
     out = plan(*TINY, "--topology", "v5p-8", "train.loss.kl_coef=0.01", "rollout.weights_dtype=bfloat16",
                "--json", str(tmp_path / "plan.json"))
     assert out.returncode == 0, out.stdout + out.stderr
-    for name in ("cast", "prefill", "decode", "vision", "update", "vision_grad", "logprobs", "optimizer"):
+    for name in ("cast", "prefill", "decode", "pool", "round", "vision", "update", "vision_grad", "logprobs",
+                 "optimizer"):
         assert f"[{name}]" in out.stdout
-    assert "95.74 GiB HBM" in out.stdout and "step time estimate (v5p" in out.stdout
-    assert out.stdout.strip().splitlines()[-1].startswith("plan: 8 of 8 programs fit on v5p:2x2x1")
+    assert "95.74 GiB HBM" in out.stdout and "step time estimate (v5p" in out.stdout and "600 GB/s ICI" in out.stdout
+    assert out.stdout.strip().splitlines()[-1].startswith("plan: 10 of 10 programs fit on v5p:2x2x1")
     figures = json.loads((tmp_path / "plan.json").read_text())
     assert figures["fits"] and figures["devices"] == 4 and figures["mesh"]["fsdp"] == 4
     update = figures["programs"]["update"]
     assert update["memory"]["temporary"] > 0 and update["flops"] > update["xla_flops"] > 0
-    assert "rollout weights copy" in update["resident"] and "reference params" in update["resident"]
+    assert "reference params" in update["resident"] and "rollout weights copy" not in update["resident"]  # released
     assert figures["programs"]["decode"]["memory"]["alias"] > 0  # the donated cache
     assert figures["step_seconds"] > 0
+    # communication: the fsdp-split weights gathered on every one of the 8 decode steps, counted per step
+    decode = figures["programs"]["decode"]["communication"]
+    assert decode["by_kind"]["all-gather"]["count"] >= 8 * 7 and decode["bytes_per_chip_in_loops"] > 0
+    assert figures["programs"]["decode"]["seconds_terms"]["communication"] > 0
+    assert 0 < figures["communication_seconds"] < figures["step_seconds"]
+    # the default sampler (continuous) is the one counted in the step; the static one is compiled to compare
+    assert figures["programs"]["round"]["runs_per_step"] == 1 and figures["programs"]["decode"]["runs_per_step"] == 0
 
 
 def test_plan_tiny_on_cpu_8():

@@ -9,14 +9,14 @@ import pytest
 from medix_jax import parallel
 from medix_jax.config import load_config
 from medix_jax.data.pipeline import PromptBatches, data_source
-from medix_jax.generate import static
-from medix_jax.plan import build_programs, prefill_outputs
+from medix_jax.generate import continuous, static
+from medix_jax.plan_programs import build_programs, prefill_outputs
 from medix_jax.rl.rollout import ScoredNow
 from medix_jax.rl.trainer import Trainer
 from medix_jax.train import DEFAULT_CONFIG, build_model, prepare_embedded_data, tokenizer_and_model_config
 from tests.support.letter_reward import LetterReward
 
-SETTINGS = ["rollout.max_new_tokens=128", "rollout.num_samples=4", "rollout.batching=static", "data.batch_size=8",
+SETTINGS = ["rollout.max_new_tokens=128", "rollout.num_samples=4", "data.batch_size=8",
             "sft.steps=0", "eval.split=null", "train.micro_batches=2", "train.loss.kl_coef=0.05",
             "model.dtype=bfloat16", "mesh.fsdp=4", "mesh.tensor=2"]  # widths 64/128, KL, recomputed old log-probs
 
@@ -41,8 +41,12 @@ def same_program(fn, ours, program) -> None:
 
 
 @pytest.mark.slow
-def test_plan_compiles_the_trainers_update_and_decode(tmp_path, monkeypatch):
-    cfg = load_config(DEFAULT_CONFIG, [*SETTINGS, f"train.run_dir={tmp_path}"])
+@pytest.mark.parametrize("sampler", ["static", "continuous"])
+def test_plan_compiles_the_trainers_update_and_decode(tmp_path, monkeypatch, sampler):
+    """The static sampler on the trainer's layout; the continuous one (the default) on the sampler's own layout
+    (``rollout.mesh``: 4 replicas x tensor 2), with the cast + reshard."""
+    layout = [] if sampler == "static" else ["rollout.mesh={data: -1, tensor: 2}"]
+    cfg = load_config(DEFAULT_CONFIG, [*SETTINGS, f"rollout.batching={sampler}", *layout, f"train.run_dir={tmp_path}"])
     cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data_dir=prepare_embedded_data(tmp_path)))
     tokenizer, model_cfg, _ = tokenizer_and_model_config(cfg, tmp_path)
     cfg = dataclasses.replace(cfg, model=model_cfg)
@@ -66,15 +70,18 @@ def test_plan_compiles_the_trainers_update_and_decode(tmp_path, monkeypatch):
     gradients, logprobs = trainer.programs.gradients, trainer.programs.logprobs
     trainer.programs.gradients = recording("update", gradients)
     trainer.programs.logprobs = recording("logprobs", logprobs)
-    monkeypatch.setattr(static, "decode", recording("decode", static.decode))
+    module, name = (static, "decode") if sampler == "static" else (continuous, "decode_round")
+    monkeypatch.setattr(module, name, recording("decode", getattr(module, name)))
     trainer.step()
-    decode = monkeypatch.undo() or static.decode
+    decode = monkeypatch.undo() or getattr(module, name)
     assert seen.keys() == {"update", "logprobs", "decode"}
 
     planned, shapes = build_programs(cfg, mesh, images=1, image_rows=None)
     by_name = {p.name: p for p in planned}
-    planned_decode = shapes["decode_program"](prefill_outputs(by_name["prefill"], mesh))
+    planned_decode = (shapes["decode_program"](prefill_outputs(by_name["prefill"])) if sampler == "static"
+                      else by_name["round"])
     same_program(gradients, seen["update"], by_name["update"])
     same_program(logprobs, seen["logprobs"], by_name["logprobs"])
     same_program(decode, seen["decode"], planned_decode)
     assert planned_decode.fn is decode  # the sampler's program itself; the update: the same StepPrograms build
+    assert not planned_decode.alternative and planned_decode.count == 1

@@ -6,14 +6,14 @@ The static sampler (``static.decode``) runs every row until the batch's longest 
 * **Prefill, shared by the G samples** (``static.prefill`` with no completion room): each prompt's keys/values,
   last logits and next M-RoPE position, once per prompt, into a pool ``[layers, B, P, kv_heads, head_dim]``.
 * **Slots**: a contiguous KV cache ``[layers, S, P + max_new_tokens, ...]`` for ``S`` slots (``rollout.slots``).
-  ``_admit`` copies a waiting sample's prompt from the pool into a free slot (its completion part needs no
+  ``admit`` copies a waiting sample's prompt from the pool into a free slot (its completion part needs no
   clearing: nothing past a slot's length is ever read).
-* **Rounds** (``_round``, host-driven): a ``lax.while_loop`` of decode steps over all slots, each slot at its own
+* **Rounds** (``decode_round``, host-driven): a ``lax.while_loop`` of decode steps over all slots, each slot at its own
   step: a token is written at its own cache index (``KVCache.write`` with a per-row index) and attends over its
   own filled length only, in blocks (``attention.ragged_decode_attention``). The round returns to the host as soon
   as enough slots are free for the waiting samples (``refill``) or every slot has ended; the host admits the next
   samples (in sample order, so a prompt's G samples run close together) and starts the next round.
-* **The tail** (``_compact``): once nothing waits, the last long samples would decode in nearly empty slots, and a
+* **The tail** (``compact``): once nothing waits, the last long samples would decode in nearly empty slots, and a
   step's cost follows the slot count, not the live rows. When at most half the slots are live, the host moves them
   into half as many slots (``shrink_levels``: down to an eighth, no fewer than ``MIN_SLOTS``).
 * **Outputs** are written straight into ``[B*G, max_new_tokens]`` buffers at (sample id, step), so the result is
@@ -87,7 +87,7 @@ def _constrain_slots(slots: Slots, mesh: Mesh | None) -> Slots:
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2, 3, 4, 5, 6))
-def _empty(graphdef, state, num_slots: int, prompt_len: int, samples: int, max_new_tokens: int,
+def empty_slots(graphdef, state, num_slots: int, prompt_len: int, samples: int, max_new_tokens: int,
            mesh: Mesh | None) -> Slots:
     """Every slot free; output buffers of pad tokens with empty masks."""
     cfg = nnx.merge(graphdef, state).config
@@ -104,15 +104,15 @@ def _empty(graphdef, state, num_slots: int, prompt_len: int, samples: int, max_n
 
 
 @functools.partial(jax.jit, static_argnums=(4, 5), donate_argnums=(0,))
-def _admit(slots: Slots, pool: Pool, assign, limits, num_samples: int, mesh: Mesh | None) -> Slots:
+def admit(slots: Slots, pool: Pool, assign, limits, num_samples: int, mesh: Mesh | None) -> Slots:
     """Slot s takes sample ``assign[s]`` (-1: unchanged): its prompt's cache, logits, position and mask from the
     pool, step 0. ``limits`` ``[B*G]``: each sample's most tokens."""
     s, p = assign.shape[0], pool.valid.shape[1]
     take = assign >= 0
     prompt = jnp.clip(assign // num_samples, 0, pool.valid.shape[0] - 1)
     at = jnp.where(take, jnp.arange(s), s)  # out of bounds: dropped
-    admit = lambda c, src: c.at[:, at, :p].set(src[:, prompt], mode="drop")  # noqa: E731
-    cache = KVCache(admit(slots.cache.k, pool.cache.k), admit(slots.cache.v, pool.cache.v))
+    fill = lambda c, src: c.at[:, at, :p].set(src[:, prompt], mode="drop")  # noqa: E731
+    cache = KVCache(fill(slots.cache.k, pool.cache.k), fill(slots.cache.v, pool.cache.v))
     kv = slots.kv.at[at, :p].set(pool.valid[prompt].astype(jnp.int32), mode="drop").at[at, p:].set(1, mode="drop")
     pick = lambda new, old: jnp.where(take.reshape(-1, *(1,) * (old.ndim - 1)), new, old)  # noqa: E731
     sample = jnp.where(take, assign, slots.sample)
@@ -123,7 +123,7 @@ def _admit(slots: Slots, pool: Pool, assign, limits, num_samples: int, mesh: Mes
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4, 5, 7), donate_argnums=(2,))
-def _round(graphdef, state, slots: Slots, sampling: SamplingConfig, prompt_len: int, ends: tuple[int, ...], key,
+def decode_round(graphdef, state, slots: Slots, sampling: SamplingConfig, prompt_len: int, ends: tuple[int, ...], key,
            mesh: Mesh | None, refill) -> Slots:
     """Decode steps over every slot until every slot has ended or ``refill`` slots are free. A step draws each
     live slot's token (``sample_keys`` of its sample and step), writes it to the output at (sample, step), feeds it
@@ -160,7 +160,7 @@ def _round(graphdef, state, slots: Slots, sampling: SamplingConfig, prompt_len: 
 
 
 @functools.partial(jax.jit, static_argnums=(2,))  # no donation: the slots shrink
-def _compact(slots: Slots, keep, mesh: Mesh | None) -> Slots:
+def compact(slots: Slots, keep, mesh: Mesh | None) -> Slots:
     """The slots ``keep`` ``[S']`` (the live ones, then free ones), in that order: S' slots instead of S."""
     rows = {f: getattr(slots, f)[keep] for f in ("logits", "position", "kv", "step", "sample", "limit", "done")}
     return _constrain_slots(slots._replace(cache=KVCache(slots.cache.k[:, keep], slots.cache.v[:, keep]), **rows),
@@ -168,7 +168,7 @@ def _compact(slots: Slots, keep, mesh: Mesh | None) -> Slots:
 
 
 def compile_count() -> int:
-    return sampling.compile_count(_empty, _admit, _round, _compact)
+    return sampling.compile_count(empty_slots, admit, decode_round, compact)
 
 
 MIN_SLOTS = 4  # the tail is not moved into fewer slots than this (a step's fixed cost dominates below it)
@@ -176,7 +176,7 @@ SHRINKS = 3  # at most S -> S/2 -> S/4 -> S/8: a round and a compaction program 
 
 
 def shrink_levels(num_slots: int, split: int) -> list[int]:
-    """The slot counts the tail moves through (``_compact``), largest first: halves of ``num_slots``, multiples of
+    """The slot counts the tail moves through (``compact``), largest first: halves of ``num_slots``, multiples of
     the mesh's batch split ``split``, at least ``MIN_SLOTS``."""
     levels = [num_slots]
     for _ in range(SHRINKS):
@@ -204,7 +204,7 @@ def generate(graphdef, state, prompts: ModelInputs, key, limits, sampling: Sampl
     num_slots = sampling.slots or default_slots(samples, g, mesh)
     cache, logits, position, valid = prefill(graphdef, state, prompts, 0, 1, mesh)
     pool = Pool(cache, logits, position, valid)
-    slots = _empty(graphdef, state, num_slots, p, samples, sampling.max_new_tokens, mesh)
+    slots = empty_slots(graphdef, state, num_slots, p, samples, sampling.max_new_tokens, mesh)
     free = np.ones(num_slots, bool)
     waiting = 0  # next sample id to admit
     smaller = shrink_levels(num_slots, parallel.batch_split(mesh))[1:]
@@ -213,7 +213,7 @@ def generate(graphdef, state, prompts: ModelInputs, key, limits, sampling: Sampl
         for slot in np.flatnonzero(free)[: samples - waiting]:
             assign[slot], waiting = waiting, waiting + 1
         if (assign >= 0).any():
-            slots = _admit(slots, pool, jnp.asarray(assign), limits, g, mesh)
+            slots = admit(slots, pool, jnp.asarray(assign), limits, g, mesh)
         elif free.all():
             break
         # Back to the host once enough slots are free for what waits (an eighth of them), or all have ended.
@@ -223,12 +223,12 @@ def generate(graphdef, state, prompts: ModelInputs, key, limits, sampling: Sampl
             refill = min(left, max(1, num_slots // 8))
         else:
             refill = num_slots - smaller[0] if smaller else num_slots + 1
-        slots = _round(graphdef, state, slots, sampling, p, ends, key, mesh, jnp.int32(refill))
+        slots = decode_round(graphdef, state, slots, sampling, p, ends, key, mesh, jnp.int32(refill))
         # The whole flag vector on every process, however XLA laid it out (one process's first shard may hold part
         # of it: then the processes' admission plans differ, and their next programs wait on each other forever).
         free = np.asarray(multihost_utils.process_allgather(slots.done, tiled=True))
         if not left and smaller and 0 < (~free).sum() <= smaller[0]:  # the tail: move it into fewer slots
             keep = np.argsort(free, kind="stable")[: smaller[0]]  # live slots first
-            slots, free, num_slots = _compact(slots, jnp.asarray(keep, jnp.int32), mesh), free[keep], smaller.pop(0)
+            slots, free, num_slots = compact(slots, jnp.asarray(keep, jnp.int32), mesh), free[keep], smaller.pop(0)
     out = slots.out
     return out._replace(lengths=constrain(out.mask.sum(1).astype(jnp.int32), mesh, batch_axes))

@@ -19,6 +19,18 @@ from medix_jax import parallel
 
 
 @dataclasses.dataclass(frozen=True)
+class RolloutMesh:
+    """The sampler's own layout (``rollout.mesh``): the trainer's devices regrouped into replicas over ``data`` (and
+    ``fsdp``) with ``tensor``-parallel weights inside each (``parallel.rollout_mesh``). The default, every chip a
+    whole replica, gathers nothing while decoding; ``tensor`` > 1 splits a replica's weights (and KV heads) over
+    that many chips, for a model whose copy does not fit one chip beside the training state."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
 class SamplingConfig:
     max_new_tokens: int = 128
     temperature: float = 1.0  # 0 = greedy
@@ -33,6 +45,9 @@ class SamplingConfig:
     # whole batch decodes until its longest row ends (rows that ended still compute).
     batching: str = "continuous"
     slots: int = 0  # continuous: decode slots; 0 = a quarter of the batch's samples (at least one prompt's G)
+    # The sampler's own layout (issue 30): the weights' copy resharded once per update to replicas x tensor
+    # parallelism, so that no weight is gathered on every decode step. None: the trainer's mesh and layout.
+    mesh: RolloutMesh | None = None
 
     def __post_init__(self):
         if self.max_new_tokens < 1:

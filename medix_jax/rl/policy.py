@@ -72,7 +72,9 @@ def rollout_dtype(params, rollout: SamplingConfig):
 
 
 def cast_floats(params, dtype):
-    """``params`` with every floating-point leaf cast to ``dtype`` (the rollout copy)."""
+    """``params`` with every floating-point leaf cast to ``dtype`` (the rollout copy; None: unchanged)."""
+    if dtype is None:
+        return params
     return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
 
 

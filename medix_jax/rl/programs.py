@@ -20,6 +20,7 @@ The samplers' programs (``generate.static.prefill`` / ``decode``, ``generate.con
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -246,7 +247,8 @@ computes every micro-batch at full width). Programs take arrays only:
       ``logprobs(params, embedded, layout, batch, width)``; ``sft_gradients(params, prompts, tokens, mask, totals)``;
     * ``accumulate(total, grads)`` (keeps the parameters' shardings) and ``add(total, more)``, ``total`` donated;
     * ``init(params)`` and ``apply(params, opt_state, grads)`` of ``tx`` (``policy.optimizer_programs``);
-    * ``cast(params)``: the rollout copy in ``rollout.weights_dtype``, or None when no copy is made.
+    * ``cast(params)``: the sampler's copy of the parameters -- in ``rollout.weights_dtype`` and resharded to
+      ``rollout_shardings`` on ``rollout_mesh`` (``rollout.mesh``) -- or None when the sampler runs the parameters.
 
     ``compile_count`` counts what they compiled so far (with ``also``: other programs, e.g. another optimizer's).
     """
@@ -271,8 +273,13 @@ computes every micro-batch at full width). Programs take arrays only:
         self.accumulate = jax.jit(add_trees, donate_argnums=(0,), out_shardings=self.param_shardings)
         self.add = jax.jit(add_trees, donate_argnums=(0,))
         self.init, self.apply = optimizer_programs(tx, params, mesh)
-        self.cast = None if self.cast_dtype is None else jax.jit(
-            functools.partial(cast_floats, dtype=self.cast_dtype), out_shardings=self.param_shardings)
+        self.rollout_mesh = parallel.rollout_mesh(
+            mesh, None if rollout.mesh is None else dataclasses.asdict(rollout.mesh))
+        self.rollout_shardings = self.param_shardings if rollout.mesh is None else jax.tree.map(
+            lambda a: parallel.respec(a.sharding, a.shape, self.rollout_mesh), params)
+        copy = self.cast_dtype is not None or rollout.mesh is not None
+        self.cast = jax.jit(functools.partial(cast_floats, dtype=self.cast_dtype),
+                            out_shardings=self.rollout_shardings) if copy else None
         self.also: list = []  # further jitted programs of the run (rl/sft.py's optimizer), counted too
 
     def optimizer(self, tx: optax.GradientTransformation):

@@ -4,9 +4,10 @@ packed micro-batches, exact gradient accumulation, AdamW), both run with the ste
 (``programs.py``).
 
 The policy is ``graphdef`` + ``params`` with AdamW state (``policy.py``). With ``rollout.weights_dtype`` (e.g.
-``bfloat16``: decode streams half the bytes) the sampler runs a copy of the parameters cast to that dtype, in the
-parameters' shardings, made on first use after every change of the parameters (rollouts always come from the current
-policy) and released when the update begins (its memory goes to the backward pass). The reference policy exists
+``bfloat16``: decode streams half the bytes) and/or ``rollout.mesh`` (the sampler's own layout: replicas x tensor
+parallelism, no weight gathered per decode step) the sampler runs a copy of the parameters cast to that dtype and
+resharded to that layout, made on first use after every change of the parameters (rollouts always come from the
+current policy) and released when the update begins (its memory goes to the backward pass). The reference policy exists
 only when ``loss.kl_coef > 0``: the initial weights, or after a supervised stage the policy at its end
 (``set_reference``, restored on resume from the checkpoint of that step, which is always kept).
 
@@ -106,7 +107,8 @@ class Trainer:
         self.opt_state = self.programs.init(self.params)
         self.ref_params = None
         self.set_reference()
-        self.sampler = Sampler(rollout, mesh)
+        self.sampler = Sampler(rollout, self.programs.rollout_mesh)
+        parallel.process_rows(self.programs.rollout_mesh, self.per_batch * rollout.num_samples * jax.process_count())
         self.rollouts = RolloutCollector(data, self.sampler, tokenizer, rewards, train, rollout, self.per_batch)
         self.step_count = 0
         self.missing_steps = 0  # consecutive steps in which every reward was missing
@@ -144,8 +146,9 @@ class Trainer:
 
     @property
     def rollout_model(self) -> QwenVL:
-        """The policy the sampler runs: the current parameters, or (``rollout.weights_dtype``) their copy in that
-        dtype, in the parameters' shardings, cast on first use after the parameters last changed."""
+        """The policy the sampler runs: the current parameters, or their copy (``StepPrograms.cast``: in
+        ``rollout.weights_dtype``, in the sampler's layout ``rollout.mesh``), made on first use after the parameters
+        last changed: one cast and reshard per update."""
         if self.programs.cast is None:
             return self.model
         if self.rollout_params is None:
