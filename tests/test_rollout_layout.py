@@ -72,6 +72,10 @@ def test_decode_gathers_no_weight_inside_its_loop_on_the_rollout_layout_tpu_comp
     assert comms.loop_invariant_gathers(decode_hlo(tmp_path / "rollout", "v5p-8", *settings, ROLLOUT_MESH)) == []
     after = json.loads((tmp_path / "rollout" / "plan.json").read_text())["programs"]["decode"]["communication"]
     assert after["by_kind"].get("all-gather", {}).get("bytes", 0) < before["by_kind"]["all-gather"]["bytes"] / 10
+    # the continuous sampler's round too: with its logits pinned whole over the vocabulary, the TPU compiler
+    # gathered the output projection on every step, even on the rollout layout
+    assert len(comms.loop_invariant_gathers((tmp_path / "trainer" / "round.hlo.txt").read_text())) >= 7
+    assert comms.loop_invariant_gathers((tmp_path / "rollout" / "round.hlo.txt").read_text()) == []
 
 
 def spread_model(name: str, mesh):
