@@ -200,12 +200,14 @@ def rollout_programs(cfg, a: Abstract, programs, budget: Budget) -> list[Program
     out.append(Program(
         "prefill", f"generate.static.prefill: {b} prompts x {a.length} tokens{budget.image_text} -> KV cache "
         f"{b * rollout.num_samples} x {a.length + rollout.max_new_tokens}", static.prefill, prefill_args,
-        static_runs, budget.at_least or _unused(rollout), budget.sampling, alternative=not static_runs))
+        static_runs, budget.at_least or _unused(rollout, "static"), budget.sampling, alternative=not static_runs))
     return [*out, *continuous_programs(cfg, a, budget)]
 
 
-def _unused(rollout) -> str:
-    return "" if rollout.batching == "static" else "not run: rollout.batching is continuous (compiled to compare)"
+def _unused(rollout, sampler: str) -> str:
+    """The count note of ``sampler``'s programs: empty when ``rollout.batching`` runs it."""
+    used = rollout.batching
+    return "" if used == sampler else f"not run: rollout.batching is {used} (compiled to compare)"
 
 
 def decode_program(cfg, a: Abstract, budget: Budget, prefill_out) -> Program:
@@ -220,7 +222,7 @@ def decode_program(cfg, a: Abstract, budget: Budget, prefill_out) -> Program:
             a.batch((rows,), jnp.int32, mesh=mesh), mesh)
     runs = cfg.train.rollout_batches if rollout.batching == "static" else 0
     return Program("decode", f"generate.static.decode: {rows} rows x {new} new tokens (while loop, cache donated)",
-                   static.decode, args, runs, budget.at_least or _unused(rollout), budget.sampling,
+                   static.decode, args, runs, budget.at_least or _unused(rollout, "static"), budget.sampling,
                    while_trips=new, alternative=not runs,
                    notes=[f"FLOPs and collectives: the while loop's body x {new} steps (an upper bound: rows stop "
                           "at end tokens)"])
@@ -251,7 +253,7 @@ def continuous_programs(cfg, a: Abstract, budget: Budget) -> list[Program]:
     samples = b * g
     slots = rollout.slots or continuous.default_slots(samples, g, mesh)
     runs = cfg.train.rollout_batches if rollout.batching == "continuous" else 0
-    note = budget.at_least or ("" if runs else "not run: rollout.batching is static (compiled to compare)")
+    note = budget.at_least or _unused(rollout, "continuous")
     pool = Program(
         "pool", f"generate.static.prefill for generate.continuous: {b} prompts x {a.length} tokens"
         f"{budget.image_text} -> the prompt pool", static.prefill,

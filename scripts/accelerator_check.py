@@ -186,6 +186,17 @@ def times(listed: str) -> list[float]:
     return [float(x) for x in re.findall(r"([\d.]+)s", listed)]
 
 
+def speeds(text: str, ours: str, peer: str) -> dict:
+    """``ours_tok_s`` / ``peer_tok_s`` and their timed runs from the bench lines labelled ``ours`` and ``peer``."""
+    figures: dict = {}
+    for key, label in (("ours", ours), ("peer", peer)):
+        found = labelled(text, label, "tokens/s")
+        if found:
+            figures[f"{key}_tok_s"] = float(found.group(1))
+            figures[f"{key}_times_s"] = times(found.group(3))
+    return figures
+
+
 def bench_lines(text: str, head: str) -> list[str]:
     """The bench's own lines: the header (``bench sampler: ...``) and the indented figure lines after it."""
     lines = text.splitlines()
@@ -203,11 +214,7 @@ def parse_bench_sampler(text: str) -> dict:
     if head:
         figures.update(params_m=float(head.group(1)), batch=int(head.group(2)), prompt_tokens=int(head.group(3)),
                        jax_platform=head.group(4), torch_threads=int(head.group(5)))
-    for key, label in (("ours", "medix_jax sampler"), ("peer", "transformers generate")):
-        found = labelled(text, label, "tokens/s")
-        if found:
-            figures[f"{key}_tok_s"] = float(found.group(1))
-            figures[f"{key}_times_s"] = times(found.group(3))
+    figures.update(speeds(text, ours="medix_jax sampler", peer="transformers generate"))
     ratio = re.search(r"ratio \(ours / peer\)\s*:\s*([\d.]+)x\s+greedy token agreement ([\d.]+)%", text)
     if ratio:
         figures.update(ratio=float(ratio.group(1)), token_agreement=float(ratio.group(2)) / 100)
@@ -223,11 +230,7 @@ def parse_bench_train(text: str) -> dict:
         figures.update(params_m=float(head.group(1)), batch=int(head.group(2)), prompt_tokens=int(head.group(3)),
                        completion_tokens=int(head.group(4)), jax_platform=head.group(5),
                        torch_threads=int(head.group(6)))
-    for key, label in (("ours", "medix_jax update step"), ("peer", "transformers fwd+bwd")):
-        found = labelled(text, label, "tokens/s")
-        if found:
-            figures[f"{key}_tok_s"] = float(found.group(1))
-            figures[f"{key}_times_s"] = times(found.group(3))
+    figures.update(speeds(text, ours="medix_jax update step", peer="transformers fwd+bwd"))
     flops = re.search(r"([\d.]+) TFLOP per step \(XLA cost analysis\) -> ([\d.]+) GFLOP/s = ([\d.]+)% of the "
                       r"measured matmul peak ([\d.]+) GFLOP/s", text)
     if flops:
