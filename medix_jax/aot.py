@@ -127,6 +127,7 @@ class Program:
     resident: dict[str, int] = dataclasses.field(default_factory=dict)  # per-chip bytes live beside the program
     while_trips: int | None = None
     alternative: bool = False  # compiled for comparison, not run by this config: in neither the verdict nor the step
+    streamed: float = 0.0  # per-chip bytes a run reads at least: a decode loop reads the chip's weights every step
     notes: list[str] = dataclasses.field(default_factory=list)
     result: dict = dataclasses.field(default_factory=dict)
     compiled: Any = None

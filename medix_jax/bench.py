@@ -50,8 +50,10 @@ from pathlib import Path
 
 import jax
 import numpy as np
+from flax import nnx
 from PIL import Image
 
+from medix_jax import parallel
 from medix_jax.bench_train import (
     DEFAULT_CONFIG,
     LONGTAIL_SIGMA,
@@ -66,24 +68,26 @@ from medix_jax.data.buckets import Buckets, prepare_prompts
 from medix_jax.generate.continuous import default_slots
 from medix_jax.generate.sampler import Sampler
 from medix_jax.generate.sampling import SamplingConfig
-from medix_jax.models.qwen_vl import init_model, param_count
+from medix_jax.models.qwen_vl import QwenVL, init_model, param_count
 from medix_jax.models.qwen_vl.hf_io import save_hf
 
 
 def bench_sampler(config: str | None, overrides: list[str], runs: int, batch: int, new_tokens: int,
-                  image_size: int) -> dict:
+                  image_size: int, mesh: dict | None = None, rollout_mesh: dict | None = None) -> dict:
+    """``mesh``: the trainer's mesh sizes (the model built sharded on it; None: one device, no mesh);
+    ``rollout_mesh``: the sampler's own layout (``rollout.mesh``), the weights resharded to it once before timing."""
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     cfg = load_config(config or DEFAULT_CONFIG, overrides).model
-    model = init_model(cfg, seed=0)
+    model, on = sampled_model(cfg, mesh, rollout_mesh)
     ids, pixels, grids = prompt_batch(cfg, batch, image_size, np.random.default_rng(0))
     mask = np.ones_like(ids)
     t = cfg.tokens
 
     # Ours.
     sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=0, stop_token_ids=(), batching="static")
-    sampler = Sampler(sampling)  # equal lengths: nothing for continuous batching to gain
+    sampler = Sampler(sampling, on)  # equal lengths: nothing for continuous batching to gain
     buckets = Buckets(prompt_lengths=(ids.shape[1],), images=(1,), rows_per_image=(1024, 4096, 16384))
     prompts = prepare_prompts(cfg, ids, mask, pixels, grids, buckets)
     key = jax.random.key(0)
@@ -115,16 +119,44 @@ def bench_sampler(config: str | None, overrides: list[str], runs: int, batch: in
     agree = float((ours_out["tokens"] == hf_out["tokens"]).mean())
     result = dict(params=param_count(model), prompt_tokens=ids.shape[1], ours_tok_s=tokens / ours_s,
                   hf_tok_s=tokens / hf_s, ratio=hf_s / ours_s, ours_times=ours_times, hf_times=hf_times,
-                  token_agreement=agree, device=str(jax.devices()[0].platform), torch_threads=torch.get_num_threads())
+                  token_agreement=agree, device=str(jax.devices()[0].platform), torch_threads=torch.get_num_threads(),
+                  mesh=None if on is None else dict(on.shape))
+    layout = "one device" if on is None else f"mesh {dict(on.shape)}"
     print(f"bench sampler: {result['params'] / 1e6:.1f}M params, batch {batch} x {result['prompt_tokens']} prompt "
           f"tokens ({image_size}x{image_size} image each), {new_tokens} new tokens, greedy; jax on "
-          f"{result['device']}, torch {result['torch_threads']} threads")
+          f"{result['device']} ({layout}), torch {result['torch_threads']} threads")
     print(f"  medix_jax sampler      : {result['ours_tok_s']:8.1f} tokens/s  (median of {runs}: "
           f"{', '.join(f'{x:.2f}s' for x in ours_times)})")
     print(f"  transformers generate  : {result['hf_tok_s']:8.1f} tokens/s  (median of {runs}: "
           f"{', '.join(f'{x:.2f}s' for x in hf_times)})")
     print(f"  ratio (ours / peer)    : {result['ratio']:.2f}x   greedy token agreement {agree:.1%}")
     return result
+
+
+def sampled_model(cfg, mesh: dict | None, rollout_mesh: dict | None):
+    """(the model to sample from, the mesh it is laid out on or None): built on ``mesh`` by the sharding rules,
+    then, with ``rollout_mesh``, its parameters resharded to the sampler's layout (``parallel.rollout_shardings``)
+    as the trainer's ``cast`` program does."""
+    if mesh is None:
+        return init_model(cfg, seed=0), None
+    trainer = parallel.make_mesh(mesh)
+    model = parallel.init_sharded(lambda: QwenVL(cfg, rngs=nnx.Rngs(0)), trainer)
+    if rollout_mesh is None:
+        return model, trainer
+    sampler_mesh = parallel.rollout_mesh(trainer, rollout_mesh)
+    graphdef, params, *rest = nnx.split(model, nnx.Param, ...)
+    params = jax.jit(lambda p: p, out_shardings=parallel.rollout_shardings(params, sampler_mesh))(params)
+    return nnx.merge(graphdef, params, *rest), sampler_mesh
+
+
+def mesh_sizes(text: str | None) -> dict | None:
+    """``"fsdp=4,tensor=2"`` -> ``{"fsdp": 4, "tensor": 2}`` (None for None)."""
+    if text is None:
+        return None
+    try:
+        return {k.strip(): int(v) for k, v in (part.split("=") for part in text.split(","))}
+    except ValueError:
+        raise SystemExit(f"bench: mesh sizes {text!r} must read like fsdp=4,tensor=2") from None
 
 
 def bench_sampler_longtail(config: str | None, overrides: list[str], runs: int, batch: int, new_tokens: int,
@@ -379,6 +411,10 @@ def main(argv=None) -> None:
     sampler.add_argument("--samples", type=int, default=4, help="longtail: G samples per prompt")
     sampler.add_argument("--prompt-tokens", type=int, default=256, help="longtail: tokens per text prompt")
     sampler.add_argument("--slots", type=int, default=0, help="longtail: continuous slots (0: the default)")
+    sampler.add_argument("--devices", type=int, help="fixed: this many simulated CPU devices (XLA's host platform)")
+    sampler.add_argument("--mesh", help="fixed: the trainer's mesh, e.g. fsdp=4,tensor=2 (default: one device)")
+    sampler.add_argument("--rollout-mesh", help="fixed, with --mesh: the sampler's own layout (rollout.mesh), e.g. "
+                                                "data=-1,tensor=2")
     train = kind("train", "one GRPO update step vs transformers forward + backward (--lengths longtail: padded vs "
                           "packed, width-bucketed micro-batches)")
     model_flags(train)
@@ -400,6 +436,11 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be >= 1")
+    if args.what == "sampler" and args.devices:  # before jax starts its CPU backend
+        flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "host_platform_device_count" not in f]
+        os.environ["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={args.devices}"])
+    if args.what == "sampler" and args.rollout_mesh and not args.mesh:
+        parser.error("--rollout-mesh needs --mesh (the layout it is resharded from)")
     if args.what == "train" and args.lengths == "longtail":
         bench_train_longtail(args.config, args.overrides, args.runs, args.batch, args.new_tokens, args.samples,
                              args.micro_batches, args.image_size)
@@ -413,7 +454,8 @@ def main(argv=None) -> None:
         bench_sampler_longtail(args.config, args.overrides, args.runs, args.batch, args.new_tokens, args.samples,
                                args.prompt_tokens, args.slots)
     else:
-        bench_sampler(args.config, args.overrides, args.runs, args.batch, args.new_tokens, args.image_size)
+        bench_sampler(args.config, args.overrides, args.runs, args.batch, args.new_tokens, args.image_size,
+                      mesh_sizes(args.mesh), mesh_sizes(args.rollout_mesh))
 
 
 if __name__ == "__main__":

@@ -129,15 +129,29 @@ def rollout_mesh(mesh: Mesh, sizes: Mapping[str, int] | None) -> Mesh:
     return Mesh(mesh.devices.reshape(shape), MESH_AXES)
 
 
-def respec(sharding: NamedSharding, shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
-    """``sharding``'s PartitionSpec on ``mesh`` (the same axis names, other sizes): a dimension its axes no longer
-    divide is left whole. Moves a parameter from the trainer's layout to the sampler's (``rollout_mesh``)."""
+def rollout_shardings(params, mesh: Mesh):
+    """The sampler's layout of ``params`` (an ``nnx.State`` of arrays or ``ShapeDtypeStruct``s in the trainer's
+    shardings; their variables' ``axes`` metadata) on the rollout ``mesh`` (``rollout_mesh``), the same tree of
+    ``NamedSharding``s. Each parameter keeps its PartitionSpec's axes except ``fsdp``, which on the rollout mesh
+    splits only the ``expert`` dimension (expert parallelism: ``models/moe.py``'s dispatch); every other weight is
+    whole over it, so that decoding gathers no weight. A dimension its axes no longer divide is left whole."""
+    variables = jax.tree.leaves(params, is_leaf=lambda v: isinstance(v, nnx.Variable))
+    shardings = [respec(v.get_value().sharding, v.shape, mesh, v.get_metadata().get("axes")) for v in variables]
+    return jax.tree.unflatten(jax.tree.structure(params), shardings)
+
+
+def respec(sharding: NamedSharding, shape: tuple[int, ...], mesh: Mesh, axes=None) -> NamedSharding:
+    """``sharding``'s PartitionSpec on ``mesh`` (the same axis names, other sizes) for a parameter with logical
+    ``axes``: ``fsdp`` dropped from every dimension but the ``expert`` one (``rollout_shardings``), and a dimension
+    its axes no longer divide left whole."""
     spec = []
-    for entry, size in zip((*sharding.spec, *[None] * (len(shape) - len(sharding.spec))), shape, strict=True):
-        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
-        axes = tuple(a for a in axes if mesh.shape[a] > 1)
-        spec.append(None if not axes or size % math.prod(mesh.shape[a] for a in axes) else
-                    axes[0] if len(axes) == 1 else axes)
+    names = axes or (None,) * len(shape)
+    for entry, size, name in zip((*sharding.spec, *[None] * (len(shape) - len(sharding.spec))), shape, names,
+                                 strict=True):
+        split = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        split = tuple(a for a in split if mesh.shape[a] > 1 and (a != "fsdp" or name == "expert"))
+        spec.append(None if not split or size % math.prod(mesh.shape[a] for a in split) else
+                    split[0] if len(split) == 1 else split)
     return NamedSharding(mesh, PartitionSpec(*spec))
 
 

@@ -109,7 +109,8 @@ def program_lines(p: Program, hbm: float | None, n: int) -> list[str]:
     r = p.result
     fits, line, short = verdict(p, hbm)
     r.update(fits=fits, verdict=line, reason=short, what=p.what, notes=p.notes, count_note=p.count_note,
-             flops_per_chip=r["flops"] / n, matmul_operand_bytes_per_chip=r["matmul_operand_bytes"] / n)
+             flops_per_chip=r["flops"] / n, matmul_operand_bytes_per_chip=r["matmul_operand_bytes"] / n,
+             streamed_bytes_per_chip=p.streamed)
     if "memory" in r:
         r["with_resident"] = r["memory"]["total"] + sum(r["resident"].values())
         r["hbm_fraction"] = r["with_resident"] / (hbm * GIB) if hbm else None
@@ -124,7 +125,9 @@ def program_lines(p: Program, hbm: float | None, n: int) -> list[str]:
     xla = f"; XLA cost_analysis {r['xla_flops']:.3g}/chip (loop bodies once)" if "xla_flops" in r else ""
     out.append(f"  FLOPs: {r['flops']:.3g} global, {r['flops'] / n:.3g} per chip{xla}")
     xla = f"XLA {r['xla_bytes_accessed']:.3g} (loop bodies once: a lower bound), " if "xla_bytes_accessed" in r else ""
-    out.append(f"  bytes accessed/chip: {xla}matmul operands {r['matmul_operand_bytes'] / n:.3g} (global / chips)")
+    streamed = f", weights streamed {p.streamed:.3g} (each step reads the chip's weights)" if p.streamed else ""
+    out.append(f"  bytes accessed/chip: {xla}matmul operands {r['matmul_operand_bytes'] / n:.3g} (global / chips)"
+               f"{streamed}")
     if "communication" in r:
         out.append(f"  communication/chip: {communication_line(r['communication'])}")
     out += [f"  note: {note}" for note in p.notes]
@@ -157,7 +160,8 @@ def step_estimate(programs: list[Program], generation: str, n: int, dynamic: boo
     for p in programs:
         r = p.result
         terms = dict(compute=r["flops"] / n / peak,
-                     memory=max(r.get("xla_bytes_accessed", 0.0), r["matmul_operand_bytes"] / n) / bandwidth,
+                     memory=max(r.get("xla_bytes_accessed", 0.0), r["matmul_operand_bytes"] / n, p.streamed)
+                     / bandwidth,
                      communication=(r.get("communication") or {}).get("bytes_per_chip", 0.0) / ici)
         bound = max(terms, key=lambda k: terms[k])
         r.update(seconds_each=terms[bound], runs_per_step=p.count, bound=bound, seconds_terms=terms)

@@ -152,6 +152,9 @@ class Budget:
             lambda x, sharding: jax.ShapeDtypeStruct(
                 x.shape, cast if cast is not None and jnp.issubdtype(x.dtype, jnp.floating) else x.dtype,
                 sharding=sharding), a.params, programs.rollout_shardings)
+        # What a decode step reads on each chip at least: every decoder weight it holds (not the vision tower; the
+        # embedding table only when it is also the output projection).
+        self.decode_step_bytes = _per_chip(_decoder_weights(self.rollout_params))
         # An update micro-batch: as many packed rows as a micro-batch has samples (rl/packing.py), several samples a
         # row unless the decoder's attention is cuDNN (PolicyUpdate.samples_per_row).
         self.per_row = packing.samples_per_row(cfg.model.attention, a.mesh.devices.flat[0].platform)
@@ -223,9 +226,20 @@ def decode_program(cfg, a: Abstract, budget: Budget, prefill_out) -> Program:
     runs = cfg.train.rollout_batches if rollout.batching == "static" else 0
     return Program("decode", f"generate.static.decode: {rows} rows x {new} new tokens (while loop, cache donated)",
                    static.decode, args, runs, budget.at_least or _unused(rollout, "static"), budget.sampling,
-                   while_trips=new, alternative=not runs,
+                   while_trips=new, alternative=not runs, streamed=new * budget.decode_step_bytes,
                    notes=[f"FLOPs and collectives: the while loop's body x {new} steps (an upper bound: rows stop "
                           "at end tokens)"])
+
+
+def _decoder_weights(params) -> list:
+    """The parameters a decode step reads whole: the decoder's, without the vision tower and without the input
+    embedding table when a separate ``lm_head`` is the output projection (only the new tokens' rows are read)."""
+    from flax import nnx
+
+    flat = [(".".join(map(str, path)), var) for path, var in nnx.to_flat_state(params)]
+    untied = any(name.startswith("lm_head") for name, _ in flat)
+    return [var.get_value() for name, var in flat if not name.startswith("visual")
+            and not (untied and name.startswith("model.embed_tokens"))]
 
 
 def _ends(cfg) -> tuple[int, ...]:
@@ -267,6 +281,7 @@ def continuous_programs(cfg, a: Abstract, budget: Budget) -> list[Program]:
         "samples (while loop, slots donated)", continuous.decode_round,
         (a.graphdef, budget.rollout_params, slot_state, rollout, a.length, _ends(cfg), _key(a, mesh), mesh,
          a.scalar(jnp.int32, mesh)), runs, note, budget.sampling, while_trips=steps, alternative=not runs,
+        streamed=steps * budget.decode_step_bytes,
         notes=[f"FLOPs and collectives: the loop's body x {steps} steps, ceil({samples} samples / {slots} slots) x "
                f"{new} (an upper bound: samples stop at end tokens)"])
     return [pool, decode]

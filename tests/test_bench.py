@@ -23,3 +23,22 @@ def test_bench_train_longtail_packed_equals_padded(capsys):
     out = capsys.readouterr().out
     assert "ratio packed / padded" in out
     assert result["computed"]["packed"] < result["computed"]["padded"] and result["drift"] < 1e-5, result
+
+
+def test_bench_sampler_samples_on_the_rollout_layout_it_is_given():
+    """``bench sampler --mesh fsdp=4,tensor=2 --rollout-mesh data=-1,tensor=2``: the model built on the trainer's
+    mesh, its weights resharded to 4 replicas x tensor 2 before timing (8 simulated CPU devices)."""
+    import jax
+
+    from medix_jax.bench import mesh_sizes, sampled_model
+    from medix_jax.models.qwen_vl import preset
+
+    assert mesh_sizes("fsdp=4, tensor=2") == {"fsdp": 4, "tensor": 2} and mesh_sizes(None) is None
+    with pytest.raises(SystemExit, match="fsdp=4,tensor=2"):
+        mesh_sizes("fsdp:4")
+    model, on = sampled_model(preset("tiny"), mesh_sizes("fsdp=4,tensor=2"), mesh_sizes("data=-1,tensor=2"))
+    assert dict(on.shape) == {"data": 4, "fsdp": 1, "tensor": 2}
+    kernel = model.model.layers[0].self_attn.q_proj.kernel[...]
+    assert kernel.sharding.mesh is on and kernel.sharding.spec == jax.sharding.PartitionSpec(None, "tensor")
+    model, on = sampled_model(preset("tiny"), mesh_sizes("fsdp=4,tensor=2"), None)
+    assert model.model.layers[0].self_attn.q_proj.kernel[...].sharding.spec[0] == "fsdp"

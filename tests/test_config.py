@@ -130,7 +130,8 @@ REFERENCE_LOSS = {
 # mesh preset -> (model size, data, fsdp, tensor, micro-batches of a 128-prompt update), docs/scaling.md
 MESH_PRESETS = {
     "gpu_8_3b": ("2b 3b", 1, 8, 1, 16), "gpu_8_7b": ("7b 8b", 1, 4, 2, 32),
-    "tpu_v5p_64_3b": ("2b 3b", 1, -1, 1, 4), "tpu_v5p_64_7b": ("7b 8b 30b", 1, 16, 2, 8),
+    "tpu_v5p_64_3b": ("2b 3b", 1, -1, 1, 4), "tpu_v5p_64_7b": ("7b 8b", 1, 16, 2, 8),
+    "tpu_v5p_64_30b": ("30b", 1, 16, 2, 8),
     "tpu_v6e_64": ("3b 7b", 1, 16, 4, 8),
 }
 

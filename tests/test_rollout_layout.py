@@ -93,14 +93,19 @@ def text_prompts(rng, cfg, rows: int = 8):
     return prepare_prompts(cfg, ids, mask, None, np.zeros((0, 3), np.int64), Buckets(prompt_lengths=(32,)))
 
 
-@pytest.mark.parametrize("name, batching", [
-    ("tiny", "continuous"), pytest.param("tiny", "static", marks=pytest.mark.slow),
-    pytest.param("qwen3_vl_moe_tiny", "continuous", marks=pytest.mark.slow),
-    pytest.param("qwen3_vl_moe_tiny", "static", marks=pytest.mark.slow)])
-def test_the_rollout_layout_samples_what_the_trainers_layout_samples(rng, name, batching):
+REPLICAS, EXPERTS = RolloutMesh(tensor=2), RolloutMesh(data=2, fsdp=4)
+
+
+@pytest.mark.parametrize("name, batching, layout", [
+    ("tiny", "continuous", REPLICAS), pytest.param("tiny", "static", REPLICAS, marks=pytest.mark.slow),
+    ("qwen3_vl_moe_tiny", "continuous", EXPERTS),
+    pytest.param("qwen3_vl_moe_tiny", "static", EXPERTS, marks=pytest.mark.slow),
+    pytest.param("qwen3_vl_moe_tiny", "continuous", REPLICAS, marks=pytest.mark.slow)])
+def test_the_rollout_layout_samples_what_the_trainers_layout_samples(rng, name, batching, layout):
     """Greedy tokens equal and log-probabilities within 1e-5, 8 CPU devices: the trainer's fsdp 4 x tensor 2 layout
-    against its copy resharded (``StepPrograms.cast``) to 4 replicas x tensor 2, the experts of the mixture whole
-    in each replica."""
+    against its copy resharded (``StepPrograms.cast``) to 4 replicas x tensor 2 (the experts of the mixture whole
+    in each replica), or to 2 replicas of 4 expert-parallel chips (each holding a quarter of the experts, every
+    other weight whole)."""
     mesh = parallel.make_mesh({"fsdp": 4, "tensor": 2})
     model = spread_model(name, mesh)
     prompts = text_prompts(rng, model.config)
@@ -108,15 +113,21 @@ def test_the_rollout_layout_samples_what_the_trainers_layout_samples(rng, name, 
     expected = Sampler(sampling, mesh).generate(model, prompts, jax.random.key(0))
 
     graphdef, params = nnx.split(model, nnx.Param)
-    laid_out = SamplingConfig(**{**sampling.__dict__, "mesh": RolloutMesh(tensor=2)})
+    laid_out = SamplingConfig(**{**sampling.__dict__, "mesh": layout})
     programs = StepPrograms(graphdef, params, mesh, micro_batches=1, loss=grpo.LossConfig(), rollout=laid_out,
                             tx=optax.sgd(1e-3))
     copy = programs.cast(params)
-    assert dict(programs.rollout_mesh.shape) == {"data": 4, "fsdp": 1, "tensor": 2}
-    kernel = copy["model"]["layers"][0]["self_attn"]["q_proj"]["kernel"]
-    assert kernel.sharding.mesh.shape["fsdp"] == 1 and kernel.sharding.spec[-1] == "tensor"
+    sizes = dict(programs.rollout_mesh.shape)
+    assert sizes == {"data": 4, "fsdp": 1, "tensor": 2} if layout == REPLICAS else {"data": 2, "fsdp": 4, "tensor": 1}
+    layer = copy["model"]["layers"][0]
+    kernel = layer["self_attn"]["q_proj"]["kernel"]
+    assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "tensor" if sizes["tensor"] > 1 else None)
+    if name != "tiny":  # the experts split over fsdp: a quarter of them on each chip, or all of them
+        experts = layer["mlp"]["experts"]["gate_up_proj"]
+        assert experts.addressable_shards[0].data.shape[0] == experts.shape[0] // sizes["fsdp"]
     out = Sampler(laid_out, programs.rollout_mesh).generate(nnx.merge(graphdef, copy), prompts, jax.random.key(0))
-    assert len({s.index[0].start for s in out.tokens.addressable_shards}) == 4  # rows split over the replicas
+    rows = sizes["data"] * sizes["fsdp"]
+    assert len({s.index[0].start for s in out.tokens.addressable_shards}) == rows  # rows split over the batch axes
     np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(expected.tokens))
     assert len(np.unique(np.asarray(expected.tokens))) > 3  # the tokens follow the prompts
     np.testing.assert_allclose(np.asarray(out.logprobs), np.asarray(expected.logprobs), atol=1e-5)

@@ -275,8 +275,8 @@ computes every micro-batch at full width). Programs take arrays only:
         self.init, self.apply = optimizer_programs(tx, params, mesh)
         self.rollout_mesh = parallel.rollout_mesh(
             mesh, None if rollout.mesh is None else dataclasses.asdict(rollout.mesh))
-        self.rollout_shardings = self.param_shardings if rollout.mesh is None else jax.tree.map(
-            lambda a: parallel.respec(a.sharding, a.shape, self.rollout_mesh), params)
+        self.rollout_shardings = self.param_shardings if rollout.mesh is None else parallel.rollout_shardings(
+            params, self.rollout_mesh)
         copy = self.cast_dtype is not None or rollout.mesh is not None
         self.cast = jax.jit(functools.partial(cast_floats, dtype=self.cast_dtype),
                             out_shardings=self.rollout_shardings) if copy else None
