@@ -23,7 +23,9 @@ class RolloutMesh:
     """The sampler's own layout (``rollout.mesh``): the trainer's devices regrouped into replicas over ``data`` (and
     ``fsdp``) with ``tensor``-parallel weights inside each (``parallel.rollout_mesh``). The default, every chip a
     whole replica, gathers nothing while decoding; ``tensor`` > 1 splits a replica's weights (and KV heads) over
-    that many chips, for a model whose copy does not fit one chip beside the training state."""
+    that many chips, for a model whose copy does not fit one chip beside the training state. Here ``fsdp`` splits
+    only a mixture's experts (expert parallelism, ``parallel.rollout_shardings``): a replica of ``fsdp`` chips each
+    holding ``E / fsdp`` experts and every other weight whole, the decode step's tokens sent to their experts."""
 
     data: int = -1
     fsdp: int = 1
