@@ -11,8 +11,10 @@ bytes one chip receives, the usual ring / bucket figures for a group of g chips:
 A collective inside a ``while`` loop (its body or its condition) counts once per trip: the loop's
 ``known_trip_count``, else the bound its condition tests (``trip_count``: scanned layers, the decode loop's new
 tokens -- an upper bound since rows stop early), else ``while_trips`` for outermost loops (the continuous sampler's
-round) and 1 for nested ones (noted). Seconds are bytes over the chip's incoming interconnect
-bandwidth (``ICI_BYTES_PER_S``), an optimistic bound: every link busy, no latency, no overlap with compute lost.
+round) and 1 for nested ones (noted). Of a ``conditional`` only the branch that receives the most counts: one
+branch runs (the update's completion-width branches each gather the weights anew). Seconds are bytes over the
+chip's incoming interconnect bandwidth (``ICI_BYTES_PER_S``), an optimistic bound: every link busy, no latency,
+no overlap with compute lost.
 
 ``loop_invariant_gathers`` finds the waste issue 30 is about: an all-gather, inside a loop, of a value the loop
 carries unchanged (a weight) -- the same gather on every trip, which a layout without it avoids.
@@ -144,7 +146,7 @@ def collectives(hlo: str, devices: int, while_trips: int | None = None) -> tuple
     found: list[Collective] = []
     notes: list[str] = []
 
-    def walk(name: str, trips: int, loops: int, seen: tuple[str, ...]) -> None:
+    def walk(name: str, trips: int, loops: int, seen: tuple[str, ...], out: list[Collective]) -> None:
         for inst in computations.get(name, {}).values():
             kind = inst.opcode.removesuffix("-done")
             if inst.opcode.endswith("-start") and inst.opcode != "async-start":
@@ -155,22 +157,28 @@ def collectives(hlo: str, devices: int, while_trips: int | None = None) -> tuple
                 if inst.opcode.endswith("-done") and operand is not None:  # the -start holds the attributes
                     g = group_size(operand.rest, devices)
                     operand = computations[name].get(operand.operands[0]) if operand.operands else None
-                found.append(Collective(kind, inst.name, name, received_bytes(
+                out.append(Collective(kind, inst.name, name, received_bytes(
                     kind, inst, operand.type if operand else inst.type, g), g, trips, loops > 0))
             n = 1
             if inst.opcode == "while":
                 n = trip_count(computations, name, inst) or (while_trips if loops == 0 and while_trips else 1)
                 if n == 1:
                     notes.append(f"while loop {inst.name}: trip count unknown, its collectives counted once")
-            for callee in inst.called():
-                if callee in seen or callee not in computations or inst.opcode in ("async-update", "async-done"):
-                    continue  # an async pair names its computation twice: walked at its start
-                if inst.opcode == "while":  # its body and its condition run once per trip
-                    walk(callee, trips * n, loops + 1, (*seen, callee))
-                else:
-                    walk(callee, trips, loops, (*seen, callee))
+            callees = [c for c in inst.called() if c not in seen and c in computations
+                       and inst.opcode not in ("async-update", "async-done")]  # an async pair: walked at its start
+            if inst.opcode == "conditional":  # one branch runs: the one that receives the most
+                branches: list[list[Collective]] = [[] for _ in callees]
+                for callee, found_in in zip(callees, branches, strict=True):
+                    walk(callee, trips, loops, (*seen, callee), found_in)
+                out += max(branches, key=lambda b: sum(c.bytes for c in b), default=[])
+                if sum(1 for b in branches if b) > 1:
+                    notes.append("a conditional's branch that receives the most is counted")
+                continue
+            for callee in callees:  # a while's body and condition run once per trip
+                walk(callee, trips * n if inst.opcode == "while" else trips,
+                     loops + (inst.opcode == "while"), (*seen, callee), out)
 
-    walk(entry, 1, 0, (entry,))
+    walk(entry, 1, 0, (entry,), found)
     return found, list(dict.fromkeys(notes))
 
 

@@ -91,3 +91,20 @@ def test_replica_group_forms():
     assert comms.group_size("channel_id=1, dimensions={0}", 8) == 8
     assert comms.array_bytes("bf16[16,1024]{1,0}") == 32768
     assert comms.array_bytes("(f32[2,4]{1,0}, s8[10]{0})") == 42
+
+
+def test_of_a_conditional_only_the_branch_that_receives_the_most_counts(mesh):
+    """One branch of a ``switch`` runs: a small and a 4x larger sum, counted as the larger alone (not both)."""
+    x = jax.device_put(jnp.ones((8, 1024), jnp.float32), NamedSharding(mesh, P("fsdp")))
+    which = jnp.int32(1)
+
+    @partial(jax.shard_map, mesh=mesh, in_specs=(P("fsdp"), P()), out_specs=P("fsdp"), check_vma=False)
+    def one_of_two(block, which):
+        small = lambda b: b.at[:, :256].set(jax.lax.psum(b[:, :256], "fsdp"))  # noqa: E731
+        large = lambda b: jax.lax.psum(b, "fsdp") * 2.0  # noqa: E731
+        return jax.lax.switch(which, [small, large], block)
+
+    found, notes = comms.collectives(compiled_text(one_of_two, x, which), 8)
+    assert [c.kind for c in found] == ["all-reduce"]
+    assert found[0].bytes_each == pytest.approx(2 * 1024 * 4 * 7 / 8)  # the large branch's 4 KiB block
+    assert "a conditional's branch that receives the most is counted" in notes
