@@ -23,7 +23,7 @@ from medix_jax.data.buckets import Buckets, prepare_prompts
 from medix_jax.generate.sampler import Sampler
 from medix_jax.generate.sampling import SamplingConfig
 from medix_jax.models.qwen_vl import forward, prepare_inputs
-from medix_jax.models.qwen_vl.hf_io import load_hf, save_hf
+from medix_jax.models.qwen_vl.hf_io import CheckpointMismatch, load_hf, save_hf
 from medix_jax.models.qwen_vl.language import Segments
 from medix_jax.models.qwen_vl.rope import mrope_axes
 from tests.support.helpers import (
@@ -63,10 +63,13 @@ def hf_config(moe: bool):
                vision_start_token_id=VISION_START, vision_end_token_id=VISION_END, tie_word_embeddings=moe)
 
 
-def make_hf(moe: bool):
+def make_hf(moe: bool, moe_intermediate: int = 24):
     torch.manual_seed(1)
     cls = Qwen3VLMoeForConditionalGeneration if moe else Qwen3VLForConditionalGeneration
-    return spread_torch_weights(cls._from_config(hf_config(moe), attn_implementation="eager"))
+    config = hf_config(moe)
+    if moe:
+        config.text_config.moe_intermediate_size = moe_intermediate
+    return spread_torch_weights(cls._from_config(config, attn_implementation="eager"))
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["dense", "moe"])
@@ -249,3 +252,42 @@ def test_packed_rows_give_each_sample_its_own_logprobs(checkpoint, rng):
     if router is not None:
         assert float(router.rows) == float(alone_router.rows)
         np.testing.assert_allclose(np.asarray(router.load()), np.asarray(alone_router.load()), atol=1e-6)
+
+
+@pytest.mark.parametrize("intermediate", [32, 24], ids=["square", "not-square"])
+def test_experts_saved_by_transformers_5_load_right_even_when_square(tmp_path, rng, intermediate):
+    """transformers 5 saves the experts as [E, 2I, hidden]. With 2 x 32 == hidden 64 the shape cannot tell that
+    from the hub's [E, hidden, 2I]: config.json's transformers_version does. Before, a square file loaded
+    transposed, without an error."""
+    hf = make_hf(True, intermediate)
+    hf.save_pretrained(tmp_path)
+    stored = json.loads((tmp_path / "config.json").read_text())["transformers_version"]
+    assert int(stored.split(".")[0]) >= 5
+    ids, mask, pixels, grids = mixed_batch(rng)
+    got = np.asarray(forward(load_hf(tmp_path), ids, mask, pixels, grids))
+    assert np.abs(got - hf_logits(hf, ids, mask, pixels, grids))[mask.astype(bool)].max() <= TOL
+
+
+def test_a_square_expert_layout_that_config_json_does_not_name_is_refused(tmp_path):
+    make_hf(True, 32).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["transformers_version"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointMismatch, match="could be .E, in, out. .the hub layout. or .E, out, in."):
+        load_hf(tmp_path)
+    config["medix_expert_layout"] = "out_in"  # what the file holds: it loads
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    load_hf(tmp_path)
+
+
+def test_our_export_of_a_square_mixture_says_its_layout_and_loads_back(tmp_path):
+    """qwen3_vl_moe_tiny is square (2 x 32 == 64): the export names the hub layout it writes."""
+    from medix_jax.models.qwen_vl import init_model, preset
+
+    model = init_model(preset("qwen3_vl_moe_tiny"), seed=0)
+    save_hf(model, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["medix_expert_layout"] == "in_out"
+    back = load_hf(tmp_path)
+    for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(back, nnx.Param)),
+                    strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

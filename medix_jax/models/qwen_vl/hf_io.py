@@ -8,7 +8,8 @@ names are written.
 
 Qwen3-VL checkpoints are written with ``model.visual.*`` / ``model.language_model.*`` keys (``on_disk``), the
 released files' spelling; its MoE experts keep the hub layout ``gate_up_proj [E, hidden, 2I]``,
-``down_proj [E, I, hidden]`` (transformers 5 transposes them on load).
+``down_proj [E, I, hidden]``. transformers 5 keeps them as ``[E, out, in]`` and saves them so; which layout a
+checkpoint holds is read from its ``config.json`` when the shape cannot tell (``experts_transposed``).
 
 Layouts: ``nn.Linear.weight`` is ``(out, in)`` and our kernels are ``(in, out)``; the fused vision ``qkv`` kernel is
 ``(in, 3, out)`` so that the head axis can be sharded; the patch embedding ``Conv3d`` weight
@@ -64,6 +65,33 @@ EXPERTS = ("mlp.experts.gate_up_proj", "mlp.experts.down_proj")
 
 class CheckpointMismatch(ValueError):
     """The checkpoint's tensors do not match the model: the message names every offending tensor."""
+
+
+# config.json key our exports write for a mixture of experts: "in_out" (the hub layout [E, in, out]).
+EXPERT_LAYOUT_KEY = "medix_expert_layout"
+
+
+def experts_transposed(config: dict, key: str, stored: tuple[int, ...], want: tuple[int, ...]) -> bool | None:
+    """Whether stacked expert tensor ``key``, stored with shape ``stored``, is ``[E, out, in]`` (transformers 5
+    keeps and saves that layout) rather than the hub layout ``want`` ``[E, in, out]`` (Qwen's releases, written
+    with transformers 4; our exports). None: neither shape. The shape decides where it can. A square tensor
+    (``2 x moe_intermediate == hidden``) is read by what ``config`` says: our ``EXPERT_LAYOUT_KEY``, else the
+    major version of its ``transformers_version``. Where it says neither, this raises ``CheckpointMismatch``.
+    transformers itself decides by shape alone, so it reads a square hub-layout file transposed."""
+    swapped = (want[0], want[2], want[1])
+    if stored not in (want, swapped):
+        return None
+    if want != swapped:
+        return stored == swapped
+    if config.get(EXPERT_LAYOUT_KEY) in ("in_out", "out_in"):
+        return config[EXPERT_LAYOUT_KEY] == "out_in"
+    version = str(config.get("transformers_version") or "")
+    if re.match(r"\d+\.", version):
+        return int(version.split(".")[0]) >= 5
+    raise CheckpointMismatch(
+        f"tensor {key} is square {stored}: it could be [E, in, out] (the hub layout) or [E, out, in] (transformers "
+        f"5's), and config.json says neither (no transformers_version, no {EXPERT_LAYOUT_KEY}). Add "
+        f'"{EXPERT_LAYOUT_KEY}": "in_out" or "out_in" to config.json.')
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -228,12 +256,14 @@ def load_hf(
     missing, unexpected = sorted(set(wanted) - present), sorted(present - set(wanted) - ignored)
     problems = [f"missing tensor {k}" for k in missing] + [f"unexpected tensor {k}" for k in unexpected]
     swapped = set()  # experts saved by transformers 5 (its in-memory layout [E, out, in])
+    config = json.loads((path / "config.json").read_text())
     for key, p in wanted.items():
         if key in present:
             shape = abstract[p].shape[1:] if stacked_at(p) is not None else abstract[p].shape
             want = _hub_shape(key, shape, cfg)
             stored = source.shape(key)
-            if stored != want and key.endswith(EXPERTS) and stored == (want[0], want[2], want[1]):
+            transposed = experts_transposed(config, key, stored, want) if key.endswith(EXPERTS) else None
+            if transposed:
                 swapped.add(key)
             elif stored != want:
                 problems.append(f"tensor {key} has shape {stored}, expected {want}")
@@ -389,6 +419,8 @@ def _write_configs(work: Path, model: QwenVL, dtype: str | None, base_dir: str |
     ``generation_config.json`` and, when given or missing, ``preprocessor_config.json``, in ``work``."""
     stored = str(jnp.dtype(dtype or model.config.param_dtype))
     config = model_config_to_hf(model.config, torch_dtype=stored)
+    if model.config.text.num_experts:
+        config[EXPERT_LAYOUT_KEY] = "in_out"  # what hub_tensors writes; a square shape cannot say it
     (work / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     if base_dir is not None:
         for name in AUX_FILES:
