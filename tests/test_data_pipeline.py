@@ -274,3 +274,40 @@ def test_a_dataset_prepared_before_completions_still_reads(setup, tmp_path):
     assert "completion" not in stored["featuresDict"]["features"] and "problem" in stored["featuresDict"]["features"]
     examples = preprocessed(setup, tmp_path / "data")
     assert len(examples) == 5 and {e["completion"] for e in examples.values()} == {""}
+
+
+# The reference's medical_format.jinja, re-created from its description (docs/reference.md#policy-prompt): three
+# lines end in a space and the question is trimmed; jinja drops the file's final newline.
+REFERENCE_TEMPLATE = (
+    "You are a Medical AI Assistant with advanced reasoning capabilities\n"
+    "Your task:\n"
+    "1. First output the image modality tag from this set:\n"
+    "   <X_RAY>, <MICROSCOPY>, <CLINICAL_PHOTOGRAPHY>, <CT_SCAN>, <GRAPHICS>, \n"
+    "   <ANGIOGRAPHY>, <PET_SCAN>, <ULTRASOUND>, <MRI_SCAN>, <FUNDUS_PHOTOGRAPHY>, \n"
+    "   <OCT_SCAN>, <ENDOSCOPY>, <MAMMOGRAPHY>, <FLUOROSCOPY>, <OTHER>, <SPECT>\n"
+    "   (Only output the tag, nothing else.)\n"
+    "2. Then output the thinking and medical reasoning process in <thinking>...</thinking>tags.\n"
+    "3. Finally, provide the correct answer inside <answer>...</answer> tags.\n"
+    "4. Do not include any extra information or text outside of these tags.\n"
+    "Question: \n"
+    "<image>{{ content | trim }}\n")
+
+
+@pytest.mark.parametrize("question", ["What does the scan show?", "  Which lobe is affected?\n",
+                                      "\tName the modality.  "], ids=["plain", "spaces-and-newline", "tab"])
+def test_the_medix_prompt_is_token_identical_to_the_reference_template(setup, question):
+    """The reference renders its jinja template, then splits the text at <image> into the chat content list
+    (text, image, text); its token ids must equal ours."""
+    import jinja2
+
+    _, _, tokenizer = setup
+    rendered = jinja2.Environment().from_string(REFERENCE_TEMPLATE).render(content=question)
+    before, after = rendered.split("<image>")
+    reference = [{"type": "text", "text": before}, {"type": "image"}, {"type": "text", "text": after}]
+    ours = user_content(MEDIX_PROMPT, question, 1)
+    assert ours == reference
+
+    def ids(content):
+        return tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+    assert ids(ours) == ids(reference)

@@ -2,8 +2,8 @@
 
 The template (config ``data.prompt``, default ``MEDIX_PROMPT``, docs/reference.md#policy-prompt) is the whole **user**
 turn; no system message is passed (a chat template may still add its own default, as Qwen2.5-VL's does). ``{question}``
-is replaced by the record's problem, and ``<image>`` marks where the images go: the turn becomes the chat content list
-``[text, image, ..., image, text]``, so the template writes its own vision markers there
+is replaced by the record's problem (trimmed), and ``<image>`` marks where the images go: the turn becomes the chat
+content list ``[text, image, ..., image, text]``, so the template writes its own vision markers there
 (``<|vision_start|><|image_pad|><|vision_end|>``). Each image's single ``<|image_pad|>`` is then expanded to
 ``t * h * w / merge**2`` copies for its ``grid_thw``, as transformers' Qwen2.5-VL processor does.
 """
@@ -18,16 +18,16 @@ MEDIX_PROMPT = (
     "You are a Medical AI Assistant with advanced reasoning capabilities\n"
     "Your task:\n"
     "1. First output the image modality tag from this set:\n"
-    "   <X_RAY>, <MICROSCOPY>, <CLINICAL_PHOTOGRAPHY>, <CT_SCAN>, <GRAPHICS>,\n"
-    "   <ANGIOGRAPHY>, <PET_SCAN>, <ULTRASOUND>, <MRI_SCAN>, <FUNDUS_PHOTOGRAPHY>,\n"
+    "   <X_RAY>, <MICROSCOPY>, <CLINICAL_PHOTOGRAPHY>, <CT_SCAN>, <GRAPHICS>, \n"
+    "   <ANGIOGRAPHY>, <PET_SCAN>, <ULTRASOUND>, <MRI_SCAN>, <FUNDUS_PHOTOGRAPHY>, \n"
     "   <OCT_SCAN>, <ENDOSCOPY>, <MAMMOGRAPHY>, <FLUOROSCOPY>, <OTHER>, <SPECT>\n"
     "   (Only output the tag, nothing else.)\n"
     "2. Then output the thinking and medical reasoning process in <thinking>...</thinking>tags.\n"
     "3. Finally, provide the correct answer inside <answer>...</answer> tags.\n"
     "4. Do not include any extra information or text outside of these tags.\n"
-    "Question:\n"
+    "Question: \n"
     "<image>{question}"
-)
+)  # three lines end in a space, as the reference's template's do (docs/reference.md#policy-prompt)
 IMAGE_MARKER = "<image>"
 QUESTION_FIELD = "{question}"
 
@@ -40,7 +40,9 @@ def check_template(template: str) -> None:
 
 
 def user_content(template: str, question: str, num_images: int) -> list[dict]:
-    """The user turn as chat content: the template's text with ``num_images`` image items at ``<image>``."""
+    """The user turn as chat content: the template's text with ``num_images`` image items at ``<image>``. The
+    question goes in trimmed of surrounding whitespace, as the reference's template inserts it (``| trim``)."""
+    question = question.strip()
     before, marker, after = template.partition(IMAGE_MARKER)
     if not marker:  # no marker: images first, as Qwen2.5-VL's examples put them
         before, after = "", template
