@@ -85,3 +85,18 @@ def test_one_megabyte_completions():
     assert format_reward(big) == 1.0 and format_reward(bad) == 0.0
     assert format_reward(big + " " * 100_000) == 1.0 and format_reward(big + " " * 100_000 + "x") == 0.0
     assert extract_answer(big) == "a" * 10_000 and predicted_modality(big) == "<CT_SCAN>"
+
+
+@pytest.mark.parametrize("completion", [
+    "<think>Looks like a chest film.</think>\n<X_RAY><thinking>opacity</thinking><answer>pneumonia</answer>",
+    "Looks like a chest film.\n</think>\n\n<X_RAY><thinking>opacity</thinking><answer>pneumonia</answer>",
+], ids=["whole-think-block", "think-opened-by-the-prompt"])
+def test_a_thinking_models_tag_after_its_think_block_pays_only_with_our_fix(completion):
+    """Qwen3-VL-Thinking writes <think>...</think> before the tag (or only </think>, its chat template opening
+    <think> in the prompt). The reference's rule reads everything before <thinking> and pays 0;
+    ``after_think`` reads after the last </think>."""
+    assert modality_reward(completion, "<X_RAY> pneumonia") == 0.0  # the reference's setting
+    assert modality_reward(completion, "<X_RAY> pneumonia", after_think=True) == 1.0
+    assert modality_reward(completion, "<CT_SCAN> pneumonia", after_think=True) == 0.0
+    plain = "<X_RAY><thinking>opacity</thinking><answer>pneumonia</answer>"
+    assert modality_reward(plain, "<X_RAY> a") == modality_reward(plain, "<X_RAY> a", after_think=True) == 1.0

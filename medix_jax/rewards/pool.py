@@ -49,6 +49,9 @@ class RewardsConfig:
     embedding: EmbeddingConfig = dataclasses.field(default_factory=EmbeddingConfig)
     weights: RewardWeights = dataclasses.field(default_factory=RewardWeights)
     modality_tags: tuple[str, ...] = MEDIX_MODALITY_TAGS
+    # Our fix for thinking models (rules.modality_reward): the tag is read after a leading <think>...</think>.
+    # False reproduces the reference; configs/qwen3_vl_30b_a3b_dapo.yaml (a Thinking model) turns it on.
+    modality_after_think: bool = False
     embedding_on: bool = True
     deadline_s: float = 600.0  # a batch's rewards are returned within this many seconds, complete or not
     low_similarity: float = 0.3  # judge YES with an embedding cosine below this is flagged (possible judge hack)
@@ -93,7 +96,7 @@ class RewardPool:
         n = len(completions)
         components = {
             "format": np.array([format_reward(c) for c in completions], np.float32),
-            "modality": np.array([modality_reward(c, s, self.cfg.modality_tags)
+            "modality": np.array([modality_reward(c, s, self.cfg.modality_tags, self.cfg.modality_after_think)
                                   for c, s in zip(completions, solutions, strict=True)], np.float32),
         }
         # Accuracy rewards: a completion without an answer scores 0 (it is an answer, a wrong one), no call needed.

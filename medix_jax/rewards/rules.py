@@ -11,7 +11,10 @@ and ``/`` inside tags is ignored (``< / answer >`` is ``</answer>``), as the ref
   is the modality reward's business. Stricter than the reference regex: T and A may not contain thinking/answer
   tags themselves, so repeated or nested blocks fail instead of being swallowed by a non-greedy ``.*?``.
 * ``modality_reward`` (weight 0.9 * 0.05): the text before ``<thinking>`` equals the ground-truth tag,
-  case-insensitive.
+  case-insensitive. With ``after_think`` (``rewards.modality_after_think``, our fix for thinking models, off in the
+  reference), a thinking model's leading ``<think>...</think>`` block is skipped first: Qwen3-VL-Thinking writes it
+  before the tag (its chat template opens ``<think>`` in the prompt, so the completion may hold only the
+  ``</think>``), and the reference's rule then almost never pays it.
 * ``extract_answer``: the text of the first complete ``<answer>...</answer>``, stripped; ``None`` when there is
   none. Unlike the reference, answers containing ``:``, ``?`` or ``__`` and one-character answers are kept as they
   are (the reference scores them 0).
@@ -54,16 +57,23 @@ def format_reward(text: str) -> float:
     return 1.0 if _FORMAT.fullmatch(text, start) else 0.0
 
 
-def predicted_modality(text: str) -> str | None:
-    """The text before the first ``<thinking>`` (stripped), or None when there is no ``<thinking>``."""
+def predicted_modality(text: str, after_think: bool = False) -> str | None:
+    """The text before the first ``<thinking>`` (whitespace removed), or None when there is no ``<thinking>``;
+    ``after_think``: only what follows the last ``</think>`` before it."""
     text = normalise_tags(text)
     start = text.find("<thinking>")
-    return None if start < 0 else re.sub(r"\s+", "", text[:start])
+    if start < 0:
+        return None
+    before = text[:start]
+    if after_think:
+        before = before.rpartition("</think>")[2]
+    return re.sub(r"\s+", "", before)
 
 
-def modality_reward(text: str, solution: str, tags: tuple[str, ...] = MEDIX_MODALITY_TAGS) -> float:
+def modality_reward(text: str, solution: str, tags: tuple[str, ...] = MEDIX_MODALITY_TAGS,
+                    after_think: bool = False) -> float:
     truth, _ = parse_solution(solution, tags)
-    predicted = predicted_modality(text)
+    predicted = predicted_modality(text, after_think)
     return 1.0 if predicted is not None and predicted.upper() == truth.upper() else 0.0
 
 
