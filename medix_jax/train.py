@@ -199,7 +199,7 @@ class Job:
                                cfg.train, cfg.rollout, cfg.buckets, mesh, cfg.seed)
         labels = label_sets(source) if "random" in (cfg.sft.answers, cfg.sft.tags) else None
         self.sft = SupervisedStage(self.trainer, cfg.sft, labels) if cfg.sft.steps else None
-        self.held_out = HeldOut(cfg, run_dir, tokenizer, self.pool, mesh, labels)
+        self.held_out = HeldOut(cfg, run_dir, tokenizer, self.pool, labels)
         # The end of the supervised stage is kept: the KL reference of the GRPO stage that follows it.
         self.checkpoints = Checkpoints(run_dir / "checkpoints", cfg.train.keep_checkpoints,
                                        (cfg.sft.steps,) * bool(self.sft))
@@ -387,10 +387,10 @@ class HeldOut:
     generations); ``report`` writes the stages side by side to ``run_dir/results.{md,json}``. In a job of several
     processes the run is evaluated afterwards (``python -m medix_jax.evaluate``)."""
 
-    def __init__(self, cfg: Config, run_dir: Path, tokenizer, pool, mesh, labels=None):
+    def __init__(self, cfg: Config, run_dir: Path, tokenizer, pool, labels=None):
         from medix_jax import evaluate
 
-        self.cfg, self.run_dir, self.tokenizer, self.pool, self.mesh = cfg, run_dir, tokenizer, pool, mesh
+        self.cfg, self.run_dir, self.tokenizer, self.pool = cfg, run_dir, tokenizer, pool
         self.points = [("after SFT", cfg.sft.steps)] * bool(cfg.sft.steps) + [
             ("after GRPO", cfg.sft.steps + cfg.train.steps)] * bool(cfg.train.steps)
         self.chance = 1 / len(labels[0]) if labels and labels[0] else None
@@ -417,15 +417,16 @@ class HeldOut:
         """Evaluate the stage that ends at the current step, unless that was done (e.g. before a kill)."""
         for name, step in self.points:
             if self.task is not None and trainer.step_count == step and not (self._dir(step) / "results.json").exists():
-                self.run(trainer.model, name, step)
+                # the sampler's own copy and layout (rollout.weights_dtype, rollout.mesh), as rollouts sample
+                self.run(trainer.rollout_model, name, step, trainer.programs.rollout_mesh)
 
-    def run(self, model, name: str, step: int) -> dict:
+    def run(self, model, name: str, step: int, mesh) -> dict:
         from medix_jax import evaluate
 
         d, task = self.cfg.data, self.task
         assert task is not None  # catch_up evaluates only with a held-out split
         generator = evaluate.SamplerGenerator(model, self.tokenizer, self.cfg.rollout.max_new_tokens, d.prompt,
-                                              d.min_pixels, d.max_pixels, mesh=self.mesh)
+                                              d.min_pixels, d.max_pixels, mesh=mesh)
         print(f"medix_jax.train: evaluating {name} (step {step}) on {self.samples} held-out samples "
               f"({d.data_dir}, split {self.cfg.eval.split})", flush=True)
         summary = evaluate.evaluate([task], generator, None, self._dir(step), self.cfg.eval.batch_size,

@@ -2,6 +2,7 @@
 tensor parallelism, so that the compiled decode loop gathers no weight on every step, and the samples are the ones
 the trainer's layout gives."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -147,3 +148,31 @@ def test_rollout_mesh_regroups_the_trainers_devices_in_order():
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp", "tensor"))
     assert parallel.respec(sharding, (8, 6), regrouped).spec == jax.sharding.PartitionSpec(None, None)
     assert parallel.respec(sharding, (8, 8), regrouped).spec == jax.sharding.PartitionSpec(None, "tensor")
+
+
+def test_the_held_out_evaluation_samples_from_the_samplers_copy_on_its_layout(monkeypatch, tmp_path):
+    """``HeldOut`` evaluates what rollouts sample from: the trainer's ``rollout_model`` (the cast copy) on
+    ``programs.rollout_mesh``, not the parameters on the trainer's FSDP layout."""
+    from types import SimpleNamespace
+
+    from medix_jax import evaluate
+    from medix_jax.config import Config
+    from medix_jax.train import HeldOut
+
+    seen = {}
+
+    class Recorder:
+        def __init__(self, model, *args, mesh=None):
+            seen.update(model=model, mesh=mesh)
+
+    monkeypatch.setattr(evaluate, "SamplerGenerator", Recorder)
+    monkeypatch.setattr(evaluate, "evaluate", lambda tasks, *a, **k: {"tasks": {tasks[0].name: {}}})
+    config = Config()
+    held = HeldOut(dataclasses.replace(config, eval=dataclasses.replace(config.eval, split=None)), tmp_path,
+                   tokenizer=None, pool=None)  # no split: nothing read; the task is set below
+    held.task, held.points, held.samples = SimpleNamespace(name="held-out"), [("after GRPO", 3)], 1
+    copy, sampler_mesh = object(), parallel.make_mesh({"data": -1})
+    trainer = SimpleNamespace(step_count=3, model="the trainer's parameters", rollout_model=copy,
+                              programs=SimpleNamespace(rollout_mesh=sampler_mesh))
+    held.catch_up(trainer)
+    assert seen["model"] is copy and seen["mesh"] is sampler_mesh
