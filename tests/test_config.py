@@ -126,6 +126,8 @@ REFERENCE_LOSS = {
                                sequence_ratio=True),
     **{f"qwen3_vl_{size}_dapo": dict(clip_low=0.2, clip_high=0.28, kl_coef=0.0, aggregation="token_mean",
                                      sequence_ratio=False) for size in ("2b", "8b", "30b_a3b")},
+    "qwen3_vl_8b_grpo": dict(clip_low=0.2, clip_high=0.3, kl_coef=0.01, aggregation="token_mean",
+                             sequence_ratio=False),
 }
 # mesh preset -> (model size, data, fsdp, tensor, micro-batches of a 128-prompt update), docs/scaling.md
 MESH_PRESETS = {
