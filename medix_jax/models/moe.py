@@ -96,9 +96,9 @@ class MoE(nnx.Module):
         mesh, rules = context if context is not None else (None, None)
         tokens = () if mesh is None else _token_axes(shape[0], flat.shape[0], mesh, rules)
         experts = () if mesh is None else expert_axes(self.num_experts, mesh, rules)
-        _, hidden, dim = weights[2].shape  # down_proj [E, moe_intermediate, hidden]
+        _, intermediate, dim = weights[2].shape  # down_proj [E, moe_intermediate, hidden]
         if experts and not tokens_travel(flat.shape[0] // _size(mesh, tokens), self.k,
-                                         self.num_experts // _size(mesh, experts), hidden, dim):
+                                         self.num_experts // _size(mesh, experts), intermediate, dim):
             experts = ()
         if not tokens and not experts:
             y, stats = self._route(flat, mask, *weights)
@@ -168,15 +168,15 @@ def _grouped_experts(flat, top_p, local_e, gate_up_proj, down_proj) -> jax.Array
     return jnp.zeros_like(flat).at[token_of].add(out)
 
 
-def tokens_travel(tokens: int, k: int, local_experts: int, hidden: int, dim: int) -> bool:
-    """Whether ``dispatch`` pays for a device with ``tokens`` tokens and ``local_experts`` experts of
-    ``moe_intermediate`` ``hidden`` over ``dim``: the group's assignments it works on (``G * tokens * k`` rows of
-    ``2 dim + 3 hidden`` values: gathered tokens, gate/up and outputs) take no more than the experts it spares
-    gathering (``G * local_experts * 3 dim hidden``). This also keeps its traffic, ``2 (G - 1) tokens dim``, below
-    the experts' ``(G - 1) local_experts 3 dim hidden``. True for decode (a few tokens per chip); false for a long
-    prefill or an update of thousands of tokens per chip, where an all-to-all would move as much as the experts
-    (``k`` copies of each token) and the buffer would need a capacity."""
-    return tokens * k * (2 * dim + 3 * hidden) <= local_experts * 3 * dim * hidden
+def tokens_travel(tokens: int, k: int, local_experts: int, intermediate: int, dim: int) -> bool:
+    """Whether ``dispatch`` pays for a device with ``tokens`` tokens and ``local_experts`` experts (hidden size
+    ``dim``, ``moe_intermediate`` ``intermediate``): the group's assignments it works on (``G * tokens * k`` rows of
+    ``2 dim + 3 intermediate`` values: gathered tokens, gate/up and outputs) take no more than the experts it spares
+    gathering (``G * local_experts * 3 dim intermediate``). This also keeps its traffic, ``2 (G - 1) tokens dim``,
+    below the experts' ``(G - 1) local_experts 3 dim intermediate``. True for decode (a few tokens per chip);
+    false for a long prefill or an update of thousands of tokens per chip, where an all-to-all would move as much
+    as the experts (``k`` copies of each token) and the buffer would need a capacity."""
+    return tokens * k * (2 * dim + 3 * intermediate) <= local_experts * 3 * dim * intermediate
 
 
 def _size(mesh, axes) -> int:
