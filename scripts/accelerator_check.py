@@ -209,11 +209,11 @@ def bench_lines(text: str, head: str) -> list[str]:
 def parse_bench_sampler(text: str) -> dict:
     """bench.py ``bench_sampler``'s lines: ours and transformers' tokens/s, the ratio, greedy agreement."""
     figures: dict = {"lines": bench_lines(text, "bench sampler:")}
-    head = re.search(r"bench sampler: ([\d.]+)M params, batch (\d+) x (\d+) prompt tokens.*?jax on (\w+), torch "
-                     r"(\d+) threads", text)
+    head = re.search(r"bench sampler: ([\d.]+)M params, batch (\d+) x (\d+) prompt tokens.*?jax on (\w+)"
+                     r"(?: \(([^)]*)\))?, torch (\d+) threads", text)  # the layout in brackets: one device or a mesh
     if head:
         figures.update(params_m=float(head.group(1)), batch=int(head.group(2)), prompt_tokens=int(head.group(3)),
-                       jax_platform=head.group(4), torch_threads=int(head.group(5)))
+                       jax_platform=head.group(4), layout=head.group(5), torch_threads=int(head.group(6)))
     figures.update(speeds(text, ours="medix_jax sampler", peer="transformers generate"))
     ratio = re.search(r"ratio \(ours / peer\)\s*:\s*([\d.]+)x\s+greedy token agreement ([\d.]+)%", text)
     if ratio:

@@ -138,11 +138,13 @@ def test_accelerator_check_parses_the_benchmarks_lines(monkeypatch):
     spec.loader.exec_module(driver)
     sampler = driver.parse_bench_sampler(
         "bench sampler: 58.3M params, batch 8 x 290 prompt tokens (448x448 image each), 128 new tokens, greedy; jax on "
-        "gpu, torch 16 threads\n  medix_jax sampler      :   2166.5 tokens/s  (median of 2: 0.48s, 0.47s)\n"
+        "gpu (one device), torch 16 threads\n"
+        "  medix_jax sampler      :   2166.5 tokens/s  (median of 2: 0.48s, 0.47s)\n"
         "  transformers generate  :     10.3 tokens/s  (median of 2: 126.48s, 75.77s)\n"
         "  ratio (ours / peer)    : 210.20x   greedy token agreement 99.5%\n")
     assert sampler["ours_tok_s"] == 2166.5 and sampler["peer_tok_s"] == 10.3 and sampler["ratio"] == 210.2
     assert sampler["token_agreement"] == 0.995 and sampler["jax_platform"] == "gpu" and len(sampler["lines"]) == 4
+    assert sampler["layout"] == "one device" and sampler["torch_threads"] == 16
     train = driver.parse_bench_train(
         "bench train: 58.3M params, batch 8 x (290 prompt + 128 completion) tokens, one 448x448 image each, G=1; "
         "jax on gpu, torch 16 threads\n  medix_jax update step  :    125.9 tokens/s  (median of 2: 26.03s, 27.09s); "
