@@ -219,3 +219,27 @@ def test_plan_qwen3_vl_moe_tiny_on_v5p_8(tmp_path):
     assert out.returncode == 2 and "merge unit's 4 rows" in out.stderr
     out = plan(*TINY, "--image-rows", "68", "--topology", "cpu:4", "--only", "vision")  # Qwen2.5-VL: windows
     assert out.returncode == 2 and "attention window's 64 rows" in out.stderr
+
+
+def test_a_decode_loop_reads_each_chips_weights_on_every_step(tmp_path):
+    """On 8 whole replicas (``rollout.mesh={data: -1}``) each chip holds the whole bf16 decoder, and every decode
+    step reads it: the round's streamed bytes are its steps x the decoder's bytes (not the vision tower; the tiny
+    model's embedding is its output projection). Before, the memory term divided the weights by the chips."""
+    import math
+
+    from flax import nnx
+
+    from medix_jax.models.qwen_vl import preset
+    from medix_jax.models.qwen_vl.model import abstract_model
+
+    out = plan(*TINY, "--topology", "cpu:8", "data.batch_size=8", "rollout.num_samples=2", "rollout.slots=8",
+               "rollout.weights_dtype=bfloat16", "rollout.mesh={data: -1}", "--only", "round",
+               "--json", str(tmp_path / "plan.json"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    round_ = json.loads((tmp_path / "plan.json").read_text())["programs"]["round"]
+    decoder = sum(math.prod(v.shape) for path, v in nnx.to_flat_state(nnx.state(abstract_model(preset("tiny")),
+                                                                                nnx.Param))
+                  if path[0] != "visual")
+    steps = -(-8 * 2 // 8) * 8  # ceil(samples / slots) x max_new_tokens
+    assert round_["streamed_bytes_per_chip"] == steps * decoder * 2  # bf16, whole on every chip
+    assert round_["streamed_bytes_per_chip"] > round_["matmul_operand_bytes_per_chip"]  # the old, global / chips
