@@ -272,7 +272,7 @@ def group_answers(n_answers: int, group: int = 5, seed: int = 0) -> list[tuple[s
 def bench_rewards(url: str, model: str, runs: int, n_answers: int) -> dict:
     import openai
 
-    from medix_jax.rewards.judge import JudgeClient, JudgeConfig, normalise
+    from medix_jax.rewards.judge import JudgeClient, JudgeConfig
 
     pairs = group_answers(n_answers)
     cfg = JudgeConfig(url=url, model=model)
@@ -281,7 +281,7 @@ def bench_rewards(url: str, model: str, runs: int, n_answers: int) -> dict:
         client = openai.OpenAI(base_url=url, api_key="EMPTY", max_retries=0, timeout=cfg.timeout_s)
         judge = JudgeClient(cfg)
         for prediction, truth in pairs:
-            if normalise(prediction) == normalise(truth):
+            if prediction == truth:
                 continue
             client.chat.completions.create(
                 model=model, messages=[{"role": "user", "content": judge.prompt(prediction, truth)}],

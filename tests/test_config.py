@@ -165,7 +165,7 @@ def test_run_configs_carry_the_reference_settings(name):
     assert t.recompute_old_logprobs is True  # the reference's actor always recomputes the old log-probs
     assert (cfg.model.dtype, cfg.model.param_dtype, t.steps) == ("bfloat16", "float32", 200)
     # our fix for thinking models (the modality tag after <think>...</think>) on for the Thinking model alone
-    assert cfg.rewards.modality_after_think is (name == "qwen3_vl_30b_a3b_dapo")
+    assert cfg.rewards.rules.modality_after_think is (name == "qwen3_vl_30b_a3b_dapo")
     if "dapo" in name:  # online filtering: 0.01 < mean overall reward < 0.99, 128-prompt tries, at most 20
         assert t.dynamic_filtering and (t.filter_rule, t.filter_low, t.filter_high) == ("mean_band", 0.01, 0.99)
         assert (cfg.data.batch_size, t.max_tries) == (128, 20)

@@ -347,12 +347,13 @@ def test_a_medix_split_with_a_judge_scores_by_the_llm_reward(medix_data, tmp_pat
         summary = evaluate([task], Scripted(), judge, tmp_path)
         asked = [r["messages"][-1]["content"] for r in judge_server.requests]
     result = summary["tasks"]["heldout"]
-    # The judge says NO to " SQUARE. " (the full stop) and "banana"; the exact answers are YES without a request.
-    assert result["llm"] == pytest.approx(3 / 12) and result["exact"] == pytest.approx(6 / 12)
+    # As the reference: " SQUARE. " is asked as "SQUARE" (stripped, full stop removed): YES; "banana": NO; the
+    # unformatted generation is asked on its whole text: NO; the exact answers are YES without a request.
+    assert result["llm"] == pytest.approx(6 / 12) and result["exact"] == pytest.approx(6 / 12)
     assert result["score"] == result["accuracy"] == result["llm"] and result["scorer"] == summary["scorer"] == "judge"
-    assert len(asked) == 3 + 2 and any("banana" in a for a in asked)
+    assert len(asked) == 3 + 2 + 2 and any("banana" in a for a in asked)
     assert result["missing"] == 2 and "embed" in result
-    assert f"| {100 * result['llm']:.1f} | {100 * result['composite']:.1f} | 25.0 | 2 / 12 |" in \
+    assert f"| {100 * result['llm']:.1f} | {100 * result['composite']:.1f} | 50.0 | 2 / 12 |" in \
         (tmp_path / "results.md").read_text()
 
 

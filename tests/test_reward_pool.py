@@ -35,11 +35,11 @@ def test_composite_uses_the_reference_weights():
     with JudgeServer() as server:
         pool = RewardPool(RewardsConfig(judge=JudgeConfig(url=server.url, **FAST)))
         batch = pool.submit(
-            [completion("<CT_SCAN>", "hepatic cyst"),  # all four components
+            [completion("<CT_SCAN>", "hepatic cyst."),  # all four components (full stops stripped: exact)
              completion("<MRI_SCAN>", "hepatic cyst"),  # wrong modality
-             "<CT_SCAN> hepatic cyst",  # no tags: no answer, no format; modality has no position
+             "I cannot tell",  # no tags: no format, no position for the modality; judged on the whole text
              completion("<CT_SCAN>", "fractured femur")],  # wrong answer
-            ["<CT_SCAN> Hepatic cyst"] * 4).result()
+            ["<CT_SCAN> hepatic cyst"] * 4).result()
         pool.close()
     np.testing.assert_allclose(batch.components["llm"], [1, 1, 0, 0])
     np.testing.assert_allclose(batch.components["embed"], [1, 1, 0, 0])
@@ -47,21 +47,23 @@ def test_composite_uses_the_reference_weights():
     np.testing.assert_allclose(batch.components["format"], [1, 1, 0, 1])
     np.testing.assert_allclose(batch.composite, [1.0, 1.0 - 0.045, 0.0, 0.045 + 0.1], atol=1e-6)
     assert batch.valid.all() and batch.metrics["reward_invalid"] == 0
-    assert batch.metrics["judge_exact_match"] == 2 and batch.metrics["judge_calls"] == 1
+    assert batch.metrics["reward_exact_match"] == 2 and batch.metrics["judge_calls"] == 2
+    assert [m["messages"][0]["content"].split("Predicted:")[1] for m in server.requests] == [
+        "I cannot tell\nGround Truth:hepatic cyst\n", "fractured femur\nGround Truth:hepatic cyst\n"]
     assert batch.metrics["judge_latency_p50"] > 0 and batch.metrics["judge_yes_low_similarity"] == 0
 
 
 def test_judge_outage_marks_samples_missing_not_zero():
     with JudgeServer(default="500") as server:
         pool = RewardPool(RewardsConfig(judge=JudgeConfig(url=server.url, **FAST), embedding_on=False))
-        batch = pool.score([completion("<CT_SCAN>", "cyst"), "no answer at all"], ["<CT_SCAN> tumour"] * 2)
+        batch = pool.score([completion("<CT_SCAN>", "cyst"), "..."], ["<CT_SCAN> tumour"] * 2)
         pool.close()
     assert np.isnan(batch.components["llm"][0]) and batch.components["llm"][1] == 0.0
     assert list(batch.valid) == [False, True] and batch.composite[0] == 0.0
     assert batch.metrics["reward_llm_missing"] == 1 and batch.metrics["reward_invalid"] == 1
     assert batch.metrics["reward_llm_missing_connection"] == 1 and batch.metrics["reward_llm_missing_malformed"] == 0
     assert batch.errors["llm"][0].startswith("connection: InternalServerError: Error code: 500")
-    assert batch.errors["llm"][1] is None  # no answer: scored 0 without a call, not missing
+    assert batch.errors["llm"][1] is None  # an empty answer: scored 0 without a call, not missing
 
 
 def test_a_bug_in_a_component_reaches_the_trainer_not_missing():

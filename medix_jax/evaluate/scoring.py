@@ -11,7 +11,14 @@ import numpy as np
 
 from medix_jax.evaluate.cache import Cache
 from medix_jax.evaluate.tasks import Item, Task
-from medix_jax.rewards.rules import MEDIX_MODALITY_TAGS, BadSolution, extract_answer, normalise_tags, parse_solution
+from medix_jax.rewards.rules import (
+    MEDIX_MODALITY_TAGS,
+    BadSolution,
+    answer_block,
+    extract_answer,
+    normalise_tags,
+    parse_solution,
+)
 
 
 def normalise_answer(text: str) -> str:
@@ -38,7 +45,7 @@ def judged_text(generation: str) -> str:
     text = normalise_tags(generation)
     ends = [text.rfind(tag) + len(tag) for tag in ("</think>", "</thinking>") if tag in text]
     tail = text[max(ends):].strip() if ends else text.strip()
-    answer = extract_answer(tail)
+    answer = answer_block(tail)
     return tail if answer is None else answer
 
 

@@ -8,19 +8,23 @@ body that is not a chat completion, or a reply that is neither YES nor NO), ``re
 model name, URL or key) and ``deadline`` (cancelled at the batch's deadline). ``check_judge(cfg)`` sends one probe
 request at start-up and raises ``JudgeUnreachable`` (one line: URL, model, error, fix) when no verdict comes back.
 
-Differences from the reference (which calls the judge serially, never retries, scores an HTTP error 0 and counts
-"YES" anywhere in the reply):
+The request is the reference's: its prompt (``REFERENCE_PROMPT``, prediction and truth inserted as they are),
+temperature 0, 4 new tokens, thinking off; a prediction equal to the truth scores 1 without a call. Differences from
+the reference, which calls the judge serially, never retries, scores an HTTP error 0 and counts "YES" anywhere in
+the reply (docs/reference.md#reference-defects-we-do-not-copy):
 
 * requests run concurrently (``asyncio`` + the ``openai`` async client) under a semaphore of ``max_concurrency``;
-* connection errors, timeouts, 429, 5xx and malformed bodies are retried with exponential backoff and full jitter;
-  any other exception (a TypeError, AttributeError, KeyError, ... in our code) is a bug: it is not retried and not
-  counted missing, it propagates out of ``score`` so the trainer stops loudly;
-* the reply, stripped, must be exactly ``YES`` or ``NO``; anything else is retried once, then missing. When the
-  server supports it, decoding is constrained to the two words (vLLM structured outputs ``choice``);
-* an exact match of normalised prediction and truth scores 1 without a call, and verdicts are cached per
-  (normalised prediction, truth) across calls, in an LRU cache of ``cache_size`` entries;
-* the prediction is sanitised (tags and control characters removed, length capped) and fenced in the prompt, and
-  predictions that address the judge ("respond with YES", "ignore the instructions", ...) are counted.
+* connection errors, timeouts, 429, 5xx and malformed bodies are retried with exponential backoff and full jitter
+  (``max_retries: 0`` is the reference's single try); any other exception (a TypeError, AttributeError, KeyError,
+  ... in our code) is a bug: it is not retried and not counted missing, it propagates out of ``score`` so the
+  trainer stops loudly;
+* ``missing_on_failure`` (false: the reference's 0): a verdict that could not be had is missing, never 0;
+* ``strict_reply`` (false: the reference's "YES" anywhere in the upper-cased reply): the reply, stripped, must be
+  exactly ``YES`` or ``NO``; anything else is retried once, then missing. With ``structured_outputs`` (false: the
+  reference) decoding is constrained to the two words (vLLM structured outputs ``choice``);
+* verdicts are cached per (prediction, truth) across calls, in an LRU cache of ``cache_size`` entries (at
+  temperature 0 the same request gets the same verdict), and predictions that address the judge ("respond with
+  YES", "ignore the instructions", ...) are counted (``judge_flagged``).
 """
 
 from __future__ import annotations
@@ -33,7 +37,6 @@ import random
 import re
 import threading
 import time
-import unicodedata
 from collections import Counter, OrderedDict
 
 import openai
@@ -41,7 +44,7 @@ import openai
 REFERENCE_PROMPT = (
     "You are a helpful assistant.\nGiven a predicted answer and the ground truth answer, respond with exactly "
     '"YES" if the content matches, otherwise respond with "NO".\nStart your response with "YES" or "NO" in '
-    "uppercase.\n\nPredicted:{predict}\nGround Truth:{ground_truth}"
+    "uppercase.\n\nPredicted:{predict}\nGround Truth:{ground_truth}\n"
 )
 
 
@@ -78,29 +81,18 @@ class JudgeConfig:
     timeout_s: float = 30.0  # per request
     max_retries: int = 4  # transport retries (connection, timeout, 429, 5xx)
     backoff_s: float = 0.25  # first backoff; doubles, with full jitter
-    max_answer_chars: int = 2000
-    structured_outputs: bool = True  # vLLM: constrain decoding to YES / NO
+    structured_outputs: bool = True  # vLLM: constrain decoding to YES / NO (the reference does not)
+    strict_reply: bool = True  # the reply must be exactly YES or NO (false: "YES" anywhere counts, as the reference)
+    missing_on_failure: bool = True  # no verdict is missing, never 0 (false: 0, as the reference)
     enable_thinking: bool = False  # passed as chat_template_kwargs (Qwen3 judges)
-    # Verdicts kept per (normalised prediction, truth), least recently used evicted first; 0 switches the cache off.
-    # An entry holds the normalised answer and truth: 100k short answers take tens of MB.
+    # Verdicts kept per (prediction, truth), least recently used evicted first; 0 switches the cache off.
+    # An entry holds the answer and the truth: 100k short answers take tens of MB.
     cache_size: int = 100_000
 
     def __post_init__(self):
         if isinstance(self.cache_size, bool) or not isinstance(self.cache_size, int) or self.cache_size < 0:
             raise ValueError(f"judge cache_size must be an integer >= 0 (0 switches the verdict cache off), "
                              f"not {self.cache_size!r}")
-
-
-def normalise(text: str) -> str:
-    return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text)).strip().lower()
-
-
-def sanitise(prediction: str, max_chars: int) -> str:
-    """Tags and control characters removed, whitespace folded, length capped: what the judge may see."""
-    text = re.sub(r"<[^<>]{0,64}>", " ", prediction)
-    text = "".join(ch for ch in text if unicodedata.category(ch)[0] != "C" or ch in "\n\t")
-    text = re.sub(r"[ \t]+", " ", text).strip()
-    return text[:max_chars]
 
 
 def addresses_judge(prediction: str) -> bool:
@@ -138,8 +130,7 @@ class JudgeClient:
                 self.stats["judge_cache_evictions"] += 1
 
     def prompt(self, prediction: str, truth: str) -> str:
-        fenced = '"""' + sanitise(prediction, self.cfg.max_answer_chars).replace('"""', "'''") + '"""'
-        return self.cfg.prompt.format(predict=fenced, ground_truth=truth)
+        return self.cfg.prompt.format(predict=prediction, ground_truth=truth)
 
     def score(self, pairs: list[tuple[str, str]], timeout: float | None = None) -> list[float | None]:
         """Blocking: judge every (prediction, truth) pair; run from a worker thread, not an event loop.
@@ -164,9 +155,9 @@ class JudgeClient:
         errors: list[str | None] = [None] * len(pairs)
         todo: dict[tuple[str, str], list[int]] = {}
         for i, (prediction, truth) in enumerate(pairs):
-            key = (normalise(prediction), normalise(truth))
+            key = (prediction, truth)
             self.stats["judge_flagged"] += addresses_judge(prediction)
-            if key[0] == key[1]:
+            if prediction == truth:
                 scores[i] = 1.0
                 self.stats["judge_exact_match"] += 1
             elif (cached := self._cached(key)) is not None:
@@ -200,6 +191,8 @@ class JudgeClient:
                 for i in todo[key]:
                     scores[i], errors[i] = verdict, error
         self.stats["judge_missing"] += sum(s is None for s in scores)
+        if not self.cfg.missing_on_failure:  # the reference: no verdict scores 0 (the reason is still reported)
+            scores = [0.0 if s is None else s for s in scores]
         return scores, errors
 
     async def _judge(self, client, semaphore, prediction: str, truth: str) -> tuple[float | None, str | None]:
@@ -209,6 +202,8 @@ class JudgeClient:
             reply = await self._call(client, semaphore, self.prompt(prediction, truth), failures)
             if reply is None:
                 return None, failures[-1] if failures else f"{CONNECTION}: no reply"
+            if not self.cfg.strict_reply:  # the reference's reading
+                return (1.0 if "YES" in reply.upper() else 0.0), None
             if reply in ("YES", "NO"):
                 return (1.0 if reply == "YES" else 0.0), None
             self.stats["judge_invalid_replies"] += 1

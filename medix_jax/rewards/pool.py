@@ -30,7 +30,7 @@ import numpy as np
 
 from medix_jax.rewards.embedding import EmbeddingConfig, EmbeddingScorer
 from medix_jax.rewards.judge import DEADLINE, FAILURE_KINDS, JudgeClient, JudgeConfig
-from medix_jax.rewards.rules import MEDIX_MODALITY_TAGS, extract_answer, format_reward, modality_reward, parse_solution
+from medix_jax.rewards.rules import MEDIX_MODALITY_TAGS, RuleOptions, score_rules
 
 _JUDGE_MARGIN_S = 0.25  # time left to cancel the judge's requests and hand back what it has
 
@@ -49,9 +49,9 @@ class RewardsConfig:
     embedding: EmbeddingConfig = dataclasses.field(default_factory=EmbeddingConfig)
     weights: RewardWeights = dataclasses.field(default_factory=RewardWeights)
     modality_tags: tuple[str, ...] = MEDIX_MODALITY_TAGS
-    # Our fix for thinking models (rules.modality_reward): the tag is read after a leading <think>...</think>.
-    # False reproduces the reference; configs/qwen3_vl_30b_a3b_dapo.yaml (a Thinking model) turns it on.
-    modality_after_think: bool = False
+    # Our fixes of the reference's rules (rules.RuleOptions; rules.REFERENCE_RULES reproduces it); the Thinking
+    # config (configs/qwen3_vl_30b_a3b_dapo.yaml) turns on rules.modality_after_think.
+    rules: RuleOptions = dataclasses.field(default_factory=RuleOptions)
     embedding_on: bool = True
     deadline_s: float = 600.0  # a batch's rewards are returned within this many seconds, complete or not
     low_similarity: float = 0.3  # judge YES with an embedding cosine below this is flagged (possible judge hack)
@@ -91,21 +91,16 @@ class RewardPool:
     def score(self, completions: list[str], solutions: list[str]) -> RewardBatch:
         start = time.perf_counter()
         deadline = start + self.cfg.deadline_s
-        truths = [parse_solution(s, self.cfg.modality_tags)[1] for s in solutions]
-        answers = [extract_answer(c) for c in completions]
+        rules = [score_rules(c, s, self.cfg.rules, self.cfg.modality_tags)
+                 for c, s in zip(completions, solutions, strict=True)]
         n = len(completions)
-        components = {
-            "format": np.array([format_reward(c) for c in completions], np.float32),
-            "modality": np.array([modality_reward(c, s, self.cfg.modality_tags, self.cfg.modality_after_think)
-                                  for c, s in zip(completions, solutions, strict=True)], np.float32),
-        }
-        # Accuracy rewards: a completion without an answer scores 0 (it is an answer, a wrong one), no call needed.
-        asked: list[int] = []
-        pairs: list[tuple[str, str]] = []
-        for i, answer in enumerate(answers):
-            if answer:
-                asked.append(i)
-                pairs.append((answer, truths[i]))
+        components = {"format": np.array([r.format for r in rules], np.float32),
+                      "modality": np.array([r.modality for r in rules], np.float32)}
+        # Accuracy rewards: the rules settle an answer that is not gradable (0) or equals the truth (1); the judge and
+        # the embedding model score the rest (rules.py, steps 5 and 6).
+        settled = np.array([0.0 if r.accuracy is None else r.accuracy for r in rules], np.float32)
+        asked = [i for i, r in enumerate(rules) if r.accuracy is None]
+        pairs = [(rules[i].answer, rules[i].truth) for i in asked]
         jobs: dict[str, cf.Future] = {}
         if judge := self.judge:
             judge.latencies.clear()
@@ -118,7 +113,7 @@ class RewardPool:
         cosine = None
         errors: dict[str, list[str | None]] = {}
         for name, job in jobs.items():
-            values = np.zeros(n, np.float32)
+            values = settled.copy()
             try:
                 got, why = job.result(timeout=max(0.0, deadline - time.perf_counter()))
             except (cf.TimeoutError, cf.CancelledError) as e:  # past the deadline, or the pool is closing: missing
@@ -139,7 +134,10 @@ class RewardPool:
                 got = np.where(np.isnan(got), np.nan, (got >= emb.threshold) if emb.binary else got).astype(np.float32)
             values[asked] = got
             components[name] = values
-        return self._assemble(components, cosine, errors, n, time.perf_counter() - start)
+        batch = self._assemble(components, cosine, errors, n, time.perf_counter() - start)
+        batch.metrics["reward_exact_match"] = float(sum(r.accuracy == 1.0 for r in rules))
+        batch.metrics["reward_not_gradable"] = float(sum(r.accuracy == 0.0 for r in rules))
+        return batch
 
     def _assemble(self, components, cosine, errors, n, seconds) -> RewardBatch:
         w = dataclasses.asdict(self.cfg.weights)
@@ -159,7 +157,7 @@ class RewardPool:
             kinds = Counter(e.split(":", 1)[0] for e in errors["llm"] if e is not None)
             metrics.update({f"reward_llm_missing_{kind}": float(kinds[kind]) for kind in FAILURE_KINDS})
             stats = self.judge.stats
-            for key in ("judge_calls", "judge_cache_hits", "judge_exact_match", "judge_flagged",
+            for key in ("judge_calls", "judge_cache_hits", "judge_flagged",
                         "judge_invalid_replies", "judge_cancelled"):
                 metrics[key] = float(stats[key])
             if self.judge.latencies:

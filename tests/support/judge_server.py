@@ -1,8 +1,8 @@
 """A scripted OpenAI-compatible chat-completions server on 127.0.0.1 for judge-client fault tests.
 
 Behaviour per request comes from ``script`` (consumed in order, then ``default``): ``"judge"`` answers YES when
-the fenced prediction equals the ground truth (case-insensitive) else NO; ``"score"`` (evaluation judge:
-``{"score": 1}`` -- 5 for a report -- when the fenced candidate contains the reference, else 0); ``"badjson"`` (a
+the prediction in the reference prompt equals the ground truth (case-insensitive) else NO; ``"score"`` (evaluation
+judge: ``{"score": 1}`` -- 5 for a report -- when the fenced candidate contains the reference, else 0); ``"badjson"`` (a
 reply that is not the JSON object); ``"500"``, ``"429"``; ``"garbage"`` (200 with a non-JSON body); ``"maybe"`` (a
 valid completion saying "Maybe"); ``"hang"`` (sleeps ``hang_s``); ``"echo"`` (a stand-in model: repeats the
 user's text); a callable (the reply is what it returns for the request body). With ``reject_response_format`` a
@@ -72,8 +72,8 @@ class JudgeServer:
                     top = 5 if "Reference report" in first else 1
                     reply = json.dumps({"score": top if reference.strip().lower() in candidate.lower() else 0})
                 else:
-                    predicted = re.search(r'Predicted:"""(.*?)"""', prompt, re.DOTALL).group(1)
-                    truth = prompt.rsplit("Ground Truth:", 1)[1]
+                    # The reference prompt: "...\n\nPredicted:{predict}\nGround Truth:{ground_truth}\n"
+                    predicted, truth = prompt.split("\nPredicted:", 1)[1].rsplit("\nGround Truth:", 1)
                     reply = "YES" if predicted.strip().lower() == truth.strip().lower() else "NO"
                 self._send(200, json.dumps({
                     "id": "x", "object": "chat.completion", "created": 0, "model": body["model"],
