@@ -124,7 +124,7 @@ def build_programs(cfg, mesh, images: int, image_rows: int | None) -> tuple[list
         raise ValueError(f"{step_prompts} prompts per step (data.batch_size x train.rollout_batches) do not divide "
                          f"into train.mini_batches x train.micro_batches = {parts}")
     a = Abstract(cfg, mesh, images, image_rows)
-    tx = make_optimizer(train.optim, train.steps * train.ppo_epochs * train.mini_batches)
+    tx = make_optimizer(train.optim, train.steps * train.ppo_epochs * train.mini_batches, cfg.model.param_dtype)
     programs = StepPrograms(a.graphdef, a.params, mesh, micro_batches=train.micro_batches, loss=train.loss,
                             rollout=rollout, tx=tx)
     opt_state = jax.eval_shape(programs.init, a.params)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,17 +24,84 @@ class OptimConfig:
     grad_clip: float = 1.0
     warmup_steps: int = 0  # optimizer updates
     schedule: Literal["constant", "cosine"] = "constant"
+    # Adam's two moments are stored in this dtype (their arithmetic is float32). "bfloat16" with
+    # model.param_dtype: bfloat16 is EasyR1's adamw_bf16, which the reference's 30B run trains with
+    # (docs/reference.md#reference-run-scripts).
+    state_dtype: Literal["float32", "bfloat16"] = "float32"
+
+    def __post_init__(self):
+        if self.state_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"optim.state_dtype must be float32 or bfloat16, not {self.state_dtype!r}")
 
 
-def make_optimizer(cfg: OptimConfig, total_updates: int) -> optax.GradientTransformation:
+def make_optimizer(cfg: OptimConfig, total_updates: int, param_dtype="float32") -> optax.GradientTransformation:
+    """Clipped AdamW (decoupled weight decay), its moments stored in ``cfg.state_dtype``; parameters stored in less
+    than float32 (``param_dtype``, model.param_dtype) take their updates by Kahan summation."""
     if cfg.schedule == "cosine":
         lr = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, cfg.warmup_steps,
                                                 max(total_updates, cfg.warmup_steps + 1))
     else:
         lr = optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps),
                                    optax.constant_schedule(cfg.learning_rate)], [cfg.warmup_steps])
-    return optax.chain(optax.clip_by_global_norm(cfg.grad_clip),
-                       optax.adamw(lr, cfg.b1, cfg.b2, weight_decay=cfg.weight_decay))
+    adamw = optax.adamw(lr, cfg.b1, cfg.b2, weight_decay=cfg.weight_decay)
+    steps = [optax.clip_by_global_norm(cfg.grad_clip), stored_in(adamw, jnp.dtype(cfg.state_dtype))]
+    if jnp.finfo(param_dtype).bits < 32:
+        steps.append(kahan_summation())
+    return optax.chain(*steps)
+
+
+def _cast(tree, dtype):
+    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
+
+
+def stored_in(inner: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+    """``inner`` with its floating-point state stored in ``dtype`` and its arithmetic (gradients, parameters, state)
+    in float32: Adam's moments in bfloat16 halve their memory without bfloat16 arithmetic."""
+
+    def init(params):
+        return _cast(inner.init(_cast(params, jnp.float32)), dtype)
+
+    def update(updates, state, params=None):
+        updates, state = inner.update(_cast(updates, jnp.float32), _cast(state, jnp.float32),
+                                      None if params is None else _cast(params, jnp.float32))
+        return updates, _cast(state, dtype)
+
+    return optax.GradientTransformation(init, update)
+
+
+class KahanState(NamedTuple):
+    compensation: optax.Params  # per parameter stored in less than float32: what its rounding has lost so far
+
+
+def kahan_summation() -> optax.GradientTransformation:
+    """Compensated updates for parameters stored in less than float32 (as EasyR1's adamw_bf16, AnyPrecisionAdamW
+    with Kahan summation): a bfloat16 weight near 1 cannot take a step below 2^-9, so at a learning rate of 1e-6
+    every plain update would round away. The part of each update the parameter's rounding loses is kept in a
+    buffer of the parameter's dtype and added to the next update. Float32 parameters' updates pass unchanged."""
+
+    def low(p):
+        return jnp.issubdtype(p.dtype, jnp.floating) and jnp.finfo(p.dtype).bits < 32
+
+    def init(params):
+        return KahanState(jax.tree.map(jnp.zeros_like, params))
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("kahan_summation needs the parameters")
+
+        def one(u, c, p):
+            if not low(p):
+                return u, c
+            total = c.astype(jnp.float32) + u.astype(jnp.float32)
+            applied = (p.astype(jnp.float32) + total).astype(p.dtype).astype(jnp.float32) - p.astype(jnp.float32)
+            return applied, (total - applied).astype(c.dtype)  # p + applied, added in float32, is exact
+
+        pairs = jax.tree.map(one, updates, state.compensation, params)
+        outer = jax.tree.structure(updates)
+        applied, compensation = jax.tree.transpose(outer, jax.tree.structure((0, 0)), pairs)
+        return applied, KahanState(compensation)
+
+    return optax.GradientTransformation(init, update)
 
 
 def optimizer_shardings(tx: optax.GradientTransformation, params, mesh):
@@ -73,9 +140,7 @@ def rollout_dtype(params, rollout: SamplingConfig):
 
 def cast_floats(params, dtype):
     """``params`` with every floating-point leaf cast to ``dtype`` (the rollout copy; None: unchanged)."""
-    if dtype is None:
-        return params
-    return jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
+    return params if dtype is None else _cast(params, dtype)
 
 
 def recomputes_old_logprobs(setting: bool | None, model_cfg, cast) -> bool:

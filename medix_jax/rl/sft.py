@@ -88,7 +88,7 @@ class SupervisedStage:
         if cfg.micro_batches and trainer.per_batch % cfg.micro_batches:
             raise ValueError(f"data.batch_size ({trainer.per_batch} prompts on this process) must divide into "
                              f"sft.micro_batches {cfg.micro_batches}")
-        self.tx = make_optimizer(cfg.optim, cfg.steps)
+        self.tx = make_optimizer(cfg.optim, cfg.steps, trainer.model_cfg.param_dtype)
         self.opt_state, self.apply = trainer.optimizer(self.tx)
         self.width = trainer.rollout.max_new_tokens
         self.end = trainer.model_cfg.tokens.eos_token_id

@@ -101,7 +101,8 @@ class Trainer:
                              f"train.micro_batches {train.micro_batches}")
         for rows in (prompts // parts, prompts // parts * rollout.num_samples):  # a micro-batch's, on every process
             parallel.process_rows(mesh, rows * jax.process_count())
-        self.tx = make_optimizer(train.optim, train.steps * train.ppo_epochs * train.mini_batches)
+        self.tx = make_optimizer(train.optim, train.steps * train.ppo_epochs * train.mini_batches,
+                                 self.model_cfg.param_dtype)
         self.programs = StepPrograms(self.graphdef, self.params, mesh, micro_batches=train.micro_batches,
                                      loss=train.loss, rollout=rollout, tx=self.tx)
         self.opt_state = self.programs.init(self.params)
