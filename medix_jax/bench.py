@@ -35,6 +35,14 @@ Data: samples/s of our grain pipeline (prepared ArrayRecord -> decode, resize, p
 batches with 3-D positions) with 0 and 2 worker processes, vs the reference's per-sample path (PIL decode, then
 transformers' Qwen2-VL image processor and the tokenizer with its chat template, serially) on the same records.
 Each figure is the median of ``--runs`` full passes, worker start-up included; "steady" excludes the first batch.
+
+``python -m medix_jax.bench learn [--seeds 0-4] [--devices 1] [--out runs/learn] [key=value ...]``
+
+Learn: the embedded default run (configs/tiny.yaml, with the overrides) at each seed and device count, each in its
+own process as a user runs it; a table of held-out accuracy after the cold start and after GRPO, the modality tag,
+the cold start's perception (traces that name the lesion's colour right) and minutes, against the targets
+(``bench_learn.TARGETS``). No peer: the figure is whether the demo learns. Exit status 1 when a run misses a
+target.
 """
 
 from __future__ import annotations
@@ -44,6 +52,7 @@ import dataclasses
 import os
 import re
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -389,7 +398,7 @@ def main(argv=None) -> None:
     from medix_jax import cli
 
     parser = cli.parser("medix_jax.bench", __doc__)
-    kinds = parser.add_subparsers(dest="what", required=True, metavar="{sampler,rewards,data,train}",
+    kinds = parser.add_subparsers(dest="what", required=True, metavar="{sampler,rewards,data,train,learn}",
                                   help="what to benchmark; `python -m medix_jax.bench KIND --help` describes it")
 
     def kind(name: str, summary: str) -> argparse.ArgumentParser:
@@ -433,7 +442,20 @@ def main(argv=None) -> None:
     data.add_argument("--image-size", type=int, default=448, help="side of each record's square image, in pixels")
     for p in (sampler, train, rewards, data):
         p.add_argument("--runs", type=int, default=3, help="timed runs; figures are their medians")
+    learn = kind("learn", "the default run at several seeds and device counts: does it learn?")
+    learn.add_argument("--seeds", default="0-4", help="seeds, e.g. 0-4 or 0,2,7")
+    learn.add_argument("--devices", default="1", help="simulated CPU device counts, e.g. 1 or 1,8")
+    learn.add_argument("--out", default="runs/learn", help="directory of the runs, their logs and learn.json")
+    learn.add_argument("overrides", nargs="*", help="dotted config overrides for every run")
     args = parser.parse_args(argv)
+    if args.what == "learn":
+        from medix_jax.bench_learn import bench_learn, seed_list
+
+        try:
+            seeds, devices = seed_list(args.seeds), [int(d) for d in args.devices.split(",")]
+        except ValueError as e:
+            parser.error(str(e))
+        sys.exit(bench_learn(seeds, devices, args.out, args.overrides))
     if args.runs < 1:
         parser.error("--runs must be >= 1")
     if args.what == "sampler" and args.devices:  # before jax starts its CPU backend
