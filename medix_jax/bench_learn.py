@@ -24,10 +24,13 @@ TARGETS = {"accuracy": 0.65, "modality": 0.90, "minutes": 5.0}
 def seed_list(text: str) -> list[int]:
     """``"0-4"`` -> [0, 1, 2, 3, 4]; ``"0,2,7"`` -> [0, 2, 7]."""
     seeds: list[int] = []
-    for part in text.split(","):
-        first, _, last = part.partition("-")
-        seeds += range(int(first), int(last or first) + 1)
-    if not seeds or min(seeds) < 0:
+    try:
+        for part in text.split(","):
+            first, _, last = part.partition("-")
+            seeds += range(int(first), int(last or first) + 1)
+    except ValueError:
+        seeds = []
+    if not seeds:
         raise ValueError(f"--seeds {text!r}: give seeds like 0-4 or 0,2,7")
     return seeds
 

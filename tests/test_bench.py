@@ -42,3 +42,26 @@ def test_bench_sampler_samples_on_the_rollout_layout_it_is_given():
     assert kernel.sharding.mesh is on and kernel.sharding.spec == jax.sharding.PartitionSpec(None, "tensor")
     model, on = sampled_model(preset("tiny"), mesh_sizes("fsdp=4,tensor=2"), None)
     assert model.model.layers[0].self_attn.q_proj.kernel[...].sharding.spec[0] == "fsdp"
+
+
+def test_bench_learn_reads_seeds_perception_and_targets(tmp_path):
+    import json
+
+    from medix_jax.bench_learn import passes, perception, seed_list, table
+
+    assert seed_list("0-4") == [0, 1, 2, 3, 4] and seed_list("0,2,7") == [0, 2, 7] and seed_list("3") == [3]
+    with pytest.raises(ValueError, match="give seeds like"):
+        seed_list("-1")
+    run = tmp_path / "run"
+    (run / "eval" / "step_5" / "cache").mkdir(parents=True)
+    (run / "eval" / "truth.json").write_text(json.dumps({"a": "square", "b": "circle", "c": "cross"}))
+    lines = [{"id": "a", "generation": "<X_RAY><thinking>I see a dark film with a green lesion.</thinking>"},
+             {"id": "b", "generation": "<X_RAY><thinking>I see a dark film with a green lesion.</thinking>"},
+             {"id": "c", "reward": {"format": 1.0}}, {"id": "c", "generation": None}]
+    (run / "eval" / "step_5" / "cache" / "held_out.jsonl").write_text("\n".join(map(json.dumps, lines)))
+    assert perception(run, 5) == 0.5 and perception(run, 6) is None  # green is the square's colour, not the circle's
+    good = {"seed": 0, "devices": 8, "minutes": 3.0, "sft_accuracy": 0.25, "sft_perception": 0.9, "accuracy": 0.9,
+            "modality": 0.95, "perception": 0.95}
+    slow, wrong = {**good, "minutes": 5.5}, {**good, "modality": 0.8}
+    assert passes(good) and not passes(slow) and not passes(wrong) and not passes({**good, "error": "exit 1"})
+    assert table([good]).splitlines()[-1] == "| 0 | 8 | 25.0 | 90.0 | 90.0 | 95.0 | 95.0 | 3.0 | yes |"
