@@ -63,6 +63,7 @@ from flax import nnx
 from PIL import Image
 
 from medix_jax import parallel
+from medix_jax.bench_learn import learn_flags, run_learn
 from medix_jax.bench_train import (
     DEFAULT_CONFIG,
     LONGTAIL_SIGMA,
@@ -442,20 +443,10 @@ def main(argv=None) -> None:
     data.add_argument("--image-size", type=int, default=448, help="side of each record's square image, in pixels")
     for p in (sampler, train, rewards, data):
         p.add_argument("--runs", type=int, default=3, help="timed runs; figures are their medians")
-    learn = kind("learn", "the default run at several seeds and device counts: does it learn?")
-    learn.add_argument("--seeds", default="0-4", help="seeds, e.g. 0-4 or 0,2,7")
-    learn.add_argument("--devices", default="1", help="simulated CPU device counts, e.g. 1 or 1,8")
-    learn.add_argument("--out", default="runs/learn", help="directory of the runs, their logs and learn.json")
-    learn.add_argument("overrides", nargs="*", help="dotted config overrides for every run")
+    learn_flags(kind("learn", "the default run at several seeds and device counts: does it learn?"))
     args = parser.parse_args(argv)
     if args.what == "learn":
-        from medix_jax.bench_learn import bench_learn, seed_list
-
-        try:
-            seeds, devices = seed_list(args.seeds), [int(d) for d in args.devices.split(",")]
-        except ValueError as e:
-            parser.error(str(e))
-        sys.exit(bench_learn(seeds, devices, args.out, args.overrides))
+        sys.exit(run_learn(args, parser))
     if args.runs < 1:
         parser.error("--runs must be >= 1")
     if args.what == "sampler" and args.devices:  # before jax starts its CPU backend

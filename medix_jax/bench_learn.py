@@ -11,6 +11,7 @@ within ``TARGETS["minutes"]`` (docs/training.md#what-the-default-run-learns).
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -112,3 +113,18 @@ def bench_learn(seeds: list[int], devices: list[int], out: str, overrides: list[
     print(table(rows))
     (Path(out) / "learn.json").write_text(json.dumps(rows, indent=1))
     return 0 if all(passes(r) for r in rows) else 1
+
+
+def learn_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--seeds", default="0-4", help="seeds, e.g. 0-4 or 0,2,7")
+    parser.add_argument("--devices", default="1", help="simulated CPU device counts, e.g. 1 or 1,8")
+    parser.add_argument("--out", default="runs/learn", help="directory of the runs, their logs and learn.json")
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides for every run")
+
+
+def run_learn(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
+    try:
+        seeds, devices = seed_list(args.seeds), [int(d) for d in args.devices.split(",")]
+    except ValueError as e:
+        parser.error(str(e))
+    return bench_learn(seeds, devices, args.out, args.overrides)
