@@ -6,7 +6,7 @@ the cold start's **perception** -- the share of held-out traces whose lesion col
 trace names the colour that identifies the answer, ``data.synthetic.COLOUR_NAMES``). GRPO can only learn answers
 the policy can see: a cold start that tells two colours apart but not four caps accuracy near 50 %, whatever GRPO
 does. A run passes with accuracy >= ``TARGETS["accuracy"]`` and modality >= ``TARGETS["modality"]`` after GRPO,
-within ``TARGETS["minutes"]`` (docs/training.md#what-the-default-run-learns).
+within ``TARGETS["minutes"]`` (docs/development.md#learning-bench-learn).
 """
 
 from __future__ import annotations
