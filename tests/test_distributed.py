@@ -65,7 +65,7 @@ def test_a_missing_process_fails_in_bounded_time_with_a_message():
 
 
 TINY_TRAINING = ["rollout.max_new_tokens=8", "train.save_every=1", "mesh.fsdp=4", "mesh.tensor=2",
-                 "train.optim.learning_rate=3e-4", "data.batch_size=4"]
+                 "train.optim.learning_rate=3e-4", "train.optim.warmup_steps=0", "data.batch_size=4"]
 
 
 def train_job(run_dir: Path, steps: int, devices: int, port: int | None = None, process_id: int | None = None):

@@ -36,8 +36,10 @@ from tests.support.judge_server import JudgeServer
 from tests.support.letter_reward import LetterReward
 
 ROOT = Path(__file__).resolve().parent.parent
+# The update's mechanics at full rate from the first update (the default warms GRPO's rate up over 50 updates).
 FAST = ["rollout.max_new_tokens=8", "rollout.num_samples=8", "train.optim.learning_rate=3e-3",
-        "mesh.fsdp=1", "sft.steps=0", "eval.split=null", "train.loss.kl_coef=0.0", "data.batch_size=4"]
+        "train.optim.warmup_steps=0", "mesh.fsdp=1", "sft.steps=0", "eval.split=null", "train.loss.kl_coef=0.0",
+        "data.batch_size=4"]
 
 
 @pytest.fixture(scope="module")
