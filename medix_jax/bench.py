@@ -43,6 +43,12 @@ own process as a user runs it; a table of held-out accuracy after the cold start
 the cold start's perception (traces that name the lesion's colour right) and minutes, against the targets
 (``bench_learn.TARGETS``). No peer: the figure is whether the demo learns. Exit status 1 when a run misses a
 target.
+
+``python -m medix_jax.bench async [--staleness 0,1,2] [--devices 8] [--steps 23] [--latency 0.3] [key=value ...]``
+
+Async: GRPO steps of the embedded default with the LLM judge on, at each ``rollout.staleness`` (0, the synchronous
+step, is the peer), each in its own process, against a judge on 127.0.0.1 that replies after ``--latency`` seconds
+per request (``bench_async.SlowJudge``, verdict cache off); median step times, their parts and the ratio.
 """
 
 from __future__ import annotations
@@ -63,6 +69,7 @@ from flax import nnx
 from PIL import Image
 
 from medix_jax import parallel
+from medix_jax.bench_async import async_flags, run_async
 from medix_jax.bench_learn import learn_flags, run_learn
 from medix_jax.bench_train import (
     DEFAULT_CONFIG,
@@ -399,7 +406,7 @@ def main(argv=None) -> None:
     from medix_jax import cli
 
     parser = cli.parser("medix_jax.bench", __doc__)
-    kinds = parser.add_subparsers(dest="what", required=True, metavar="{sampler,rewards,data,train,learn}",
+    kinds = parser.add_subparsers(dest="what", required=True, metavar="{sampler,rewards,data,train,learn,async}",
                                   help="what to benchmark; `python -m medix_jax.bench KIND --help` describes it")
 
     def kind(name: str, summary: str) -> argparse.ArgumentParser:
@@ -444,9 +451,13 @@ def main(argv=None) -> None:
     for p in (sampler, train, rewards, data):
         p.add_argument("--runs", type=int, default=3, help="timed runs; figures are their medians")
     learn_flags(kind("learn", "the default run at several seeds and device counts: does it learn?"))
+    async_flags(kind("async", "GRPO steps with rollouts ahead of the update (rollout.staleness) vs the synchronous "
+                              "step, against a judge with a fixed latency"))
     args = parser.parse_args(argv)
     if args.what == "learn":
         sys.exit(run_learn(args, parser))
+    if args.what == "async":
+        sys.exit(run_async(args, parser))
     if args.runs < 1:
         parser.error("--runs must be >= 1")
     if args.what == "sampler" and args.devices:  # before jax starts its CPU backend

@@ -91,14 +91,15 @@ class Abstract:
         return ModelInputs(batch((b, length), jnp.int32), batch((b, length), bool),
                            batch((3, b, length), jnp.int32, axis=1), batch((b,), jnp.int32), vision)
 
-    def completions(self, n: int, with_ref: bool):
+    def completions(self, n: int, with_ref: bool, with_sampler: bool = False):
         import jax.numpy as jnp
 
         from medix_jax.rl.forward import Completions
 
         new, batch = self.cfg.rollout.max_new_tokens, self.batch
         return Completions(batch((n, new), jnp.int32), batch((n, new), bool), batch((n, new), jnp.float32),
-                           batch((n,), jnp.float32), batch((n, new), jnp.float32) if with_ref else None)
+                           batch((n,), jnp.float32), batch((n, new), jnp.float32) if with_ref else None,
+                           batch((n, new), jnp.float32) if with_sampler else None)
 
     def layout(self, rows: int, per_row: int):
         import jax.numpy as jnp
@@ -147,7 +148,9 @@ class Budget:
         train, rollout = cfg.train, cfg.rollout
         g, cast = rollout.num_samples, programs.cast_dtype
         self.micro, self.kl, self.rollout_mesh = micro, train.loss.kl_coef > 0, programs.rollout_mesh
-        self.recompute = recomputes_old_logprobs(train.recompute_old_logprobs, cfg.model, cast)
+        self.correct = train.loss.rollout_correction != "none"  # the sampler's log-probs travel beside the old
+        self.recompute = recomputes_old_logprobs(train.recompute_old_logprobs, cfg.model, cast,
+                                                 train.loss.rollout_correction)
         self.rollout_params = a.params if programs.cast is None else jax.tree.map(
             lambda x, sharding: jax.ShapeDtypeStruct(
                 x.shape, cast if cast is not None and jnp.issubdtype(x.dtype, jnp.floating) else x.dtype,
@@ -160,7 +163,7 @@ class Budget:
         self.per_row = packing.samples_per_row(cfg.model.attention, a.mesh.devices.flat[0].platform)
         self.update_rows = micro * g
         params_b, opt_b = _per_chip(a.params), _per_chip(opt_state)
-        micro_inputs = _per_chip(a.completions(self.update_rows * self.per_row, self.kl)) \
+        micro_inputs = _per_chip(a.completions(self.update_rows * self.per_row, self.kl, self.correct)) \
             + _per_chip(a.layout(self.update_rows, self.per_row))  # PolicyUpdate keeps the prompts on the host
         parts = train.mini_batches * train.micro_batches
         self.params_b, self.opt_b = params_b, opt_b
@@ -314,7 +317,7 @@ def update_programs(cfg, a: Abstract, programs, opt_state, budget: Budget) -> li
         {**b.update, **b.others}), Program(
         "update", f"rl.programs.gradients: micro-batch of {rows} packed rows x ({length} + {widths}) tokens "
         f"(up to {b.per_row} samples a row) on {mini} embedded prompts", programs.gradients,
-        (a.params, embedded, layout, a.completions(rows * b.per_row, b.kl),
+        (a.params, embedded, layout, a.completions(rows * b.per_row, b.kl, b.correct),
          grpo.Totals(a.scalar(jnp.float32), a.scalar(jnp.float32)), a.scalar(bool), width),
         train.ppo_epochs * train.mini_batches * train.micro_batches, "ppo_epochs x mini_batches x micro_batches",
         {**b.update, **accumulator, **b.others, **held}), Program(

@@ -196,7 +196,7 @@ class Job:
                                   parallel.process_rows(mesh, cfg.data.batch_size))
         self.pool: Rewards = RewardPool(cfg.rewards) if rewards is None else ScoredNow(rewards)
         self.trainer = Trainer(model, tokenizer, self.data, self.pool,
-                               cfg.train, cfg.rollout, cfg.buckets, mesh, cfg.seed)
+                               cfg.train, cfg.rollout, cfg.buckets, mesh, cfg.seed, end=self.total)
         labels = label_sets(source) if "random" in (cfg.sft.answers, cfg.sft.tags) else None
         self.sft = SupervisedStage(self.trainer, cfg.sft, labels) if cfg.sft.steps else None
         self.held_out = HeldOut(cfg, run_dir, tokenizer, self.pool, labels)
@@ -265,7 +265,7 @@ class Job:
     def save(self) -> None:
         trainer = self.trainer
         if self.saved[-1] != trainer.step_count:
-            data_states = {"processes": parallel.host_gather(self.data.get_state())}  # every process's position
+            data_states = {"processes": parallel.host_gather(trainer.data_state())}  # every process's position
             self.checkpoints.save(trainer.step_count, {"params": trainer.params, "opt_state": self.opt_state()},
                                   data_states, {**self.meta, "step": trainer.step_count})
             if len(self.saved) == 1:  # config.yaml says what the newest checkpoint holds: written once one is saved
@@ -332,6 +332,7 @@ class Job:
         return True
 
     def close(self) -> None:
+        self.trainer.close()  # rollouts ahead first: they read the data and use the reward pool
         self.checkpoints.close()
         self.data.close()
         self.pool.close()

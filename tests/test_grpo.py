@@ -133,3 +133,59 @@ def test_k3_kl_gradient_is_finite_for_any_gap(gap, masked):
     logp = jnp.array([[-1.0, -1.0]])
     value, grad = jax.value_and_grad(loss)(logp)
     assert np.isfinite(float(value)) and np.isfinite(np.asarray(grad)).all(), (value, grad)
+
+
+def corrected(mode, old, sampler, advantages, mask, kl_ref=None):
+    """(loss, metrics, gradient wrt logp) at logp = old (ratio 1: no clipping), token mean, rollout correction
+    ``mode``."""
+    cfg = LossConfig(aggregation="token_mean", rollout_correction=mode, correction_cap=2.0,
+                     kl_coef=0.0 if kl_ref is None else 0.5)
+    old, sampler, mask = jnp.asarray(old), jnp.asarray(sampler), jnp.asarray(mask)
+
+    def loss(lp):
+        return policy_loss(lp, old, jnp.asarray(advantages), mask, cfg, totals(mask), kl_ref, sampler)
+
+    (value, metrics), grad = jax.value_and_grad(loss, has_aux=True)(old)
+    return float(value), metrics, np.asarray(grad)
+
+
+def test_rollout_correction_weights_by_hand():
+    """Eq. 7 on a hand-computed case: a sampler that gave the tokens log-probs off the trainer's by known amounts."""
+    old = [[-1.0, -2.0, -0.5], [-1.0, -1.0, -1.0]]
+    delta = np.array([[0.3, -0.4, 1.2], [0.2, 0.3, 0.0]])  # old - mu; token (0, 2): exp(1.2) = 3.32 > C = 2
+    sampler = np.asarray(old) - delta
+    adv, mask = [1.0, -2.0], [[True, True, True], [True, True, False]]
+    n = 5  # tokens under the mask
+    plain, _, _ = corrected("none", old, sampler, adv, mask)
+    assert plain == pytest.approx(-(3 * 1.0 + 2 * -2.0) / n, rel=1e-6)  # every weight 1
+
+    w = np.minimum(np.exp(delta), 2.0)  # token_truncate
+    value, metrics, grad = corrected("token_truncate", old, sampler, adv, mask)
+    expected = -(w[0].sum() * 1.0 + w[1, :2].sum() * -2.0) / n
+    assert value == pytest.approx(expected, rel=1e-6)
+    np.testing.assert_allclose(grad, -w * np.array(adv)[:, None] * np.asarray(mask) / n, rtol=1e-5)
+    assert float(metrics["correction_weight"]) == pytest.approx((w[0].sum() + w[1, :2].sum()) / n, rel=1e-6)
+    assert float(metrics["correction_weight_max"]) == pytest.approx(2.0)
+    assert float(metrics["correction_cut"]) == pytest.approx(1 / n)
+
+    # sequence_mask: rho_0 = exp(1.1) = 3.0 > 2: the whole first sample masked; rho_1 = exp(0.5) kept, on each token
+    value, metrics, grad = corrected("sequence_mask", old, sampler, adv, mask)
+    rho = math.exp(0.5)
+    assert value == pytest.approx(-(2 * rho * -2.0) / n, rel=1e-6)
+    np.testing.assert_allclose(grad[0], 0.0)
+    np.testing.assert_allclose(grad[1], [2 * rho / n, 2 * rho / n, 0.0], rtol=1e-5)
+    assert float(metrics["correction_cut"]) == pytest.approx(3 / n)
+    assert float(metrics["correction_weight"]) == pytest.approx(2 * rho / n, rel=1e-6)
+
+
+def test_rollout_correction_leaves_the_kl_term_alone_and_needs_the_sampler():
+    old = jnp.array([[-1.0, -2.0]])
+    mask = jnp.ones((1, 2), bool)
+    ref = old + 0.5
+    kl_only = [corrected(mode, old, old - 3.0, [0.0], mask, kl_ref=ref)[0] for mode in ("none", "token_truncate",
+                                                                                          "sequence_mask")]
+    assert kl_only[0] > 0 and kl_only[1] == pytest.approx(kl_only[0]) and kl_only[2] == pytest.approx(kl_only[0])
+    with pytest.raises(ValueError, match="sampler"):
+        policy_loss(old, old, jnp.ones(1), mask, LossConfig(rollout_correction="token_truncate"), totals(mask))
+    with pytest.raises(ValueError, match="correction_cap"):
+        LossConfig(correction_cap=1.0)

@@ -250,11 +250,11 @@ def test_an_unreadable_latest_checkpoint_falls_back_to_the_previous(tmp_path, ca
         Checkpoints(tmp_path, keep=3).restore_latest(state)
 
 
-def train_cli(run_dir: Path, steps: int, cache: Path) -> subprocess.Popen:
+def train_cli(run_dir: Path, steps: int, cache: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(cache), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
            "XLA_FLAGS": ""}
     args = [*FAST, f"train.run_dir={run_dir}", f"train.steps={steps}", "train.save_every=1",
-            "train.export_hf=false"]
+            "train.export_hf=false", *extra]
     return subprocess.Popen([sys.executable, "-m", "tests.support.letter_reward", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 

@@ -50,6 +50,9 @@ class SamplingConfig:
     # The sampler's own layout (issue 30): the weights' copy resharded once per update to replicas x tensor
     # parallelism, so that no weight is gathered on every decode step. None: the trainer's mesh and layout.
     mesh: RolloutMesh | None = None
+    # Rollouts ahead of the update (rl/ahead.py): step n trains on a batch sampled by the policy of step n - k at
+    # the oldest, while the next k batches are sampled and scored in the background. 0: the synchronous step.
+    staleness: int = 0
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -58,6 +61,8 @@ class SamplingConfig:
             raise ValueError(f"invalid sampling settings {self}")
         if self.weights_dtype not in (None, "float32", "bfloat16", "float16"):
             raise ValueError(f"rollout.weights_dtype {self.weights_dtype!r} is not one of float32, bfloat16, float16")
+        if self.staleness < 0:
+            raise ValueError(f"rollout.staleness must be >= 0, got {self.staleness}")
         if self.batching not in ("continuous", "static") or self.slots < 0:
             raise ValueError(f"rollout.batching {self.batching!r} must be continuous or static and rollout.slots "
                              f"{self.slots} >= 0")

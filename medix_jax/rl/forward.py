@@ -27,6 +27,7 @@ class Completions(NamedTuple):
     old_logprobs: Arrays  # [N, T]
     advantages: Arrays  # [N]
     ref_logprobs: Arrays | None = None  # [N, T], when loss.kl_coef > 0
+    sampler_logprobs: Arrays | None = None  # [N, T], the sampler's, when loss.rollout_correction is not none
 
 
 LOGPROB_CHUNK = 512  # completion tokens per step of the log-probability scan (``completion_logprobs``)

@@ -1,8 +1,9 @@
 """The GRPO objective and its DAPO / GSPO variants, in float32: every equation the trainer optimises is here.
 
 Notation: G rollouts per prompt, rewards ``r``, per-token log-probabilities under the policy being trained
-(``logp``), the policy that sampled (``old``) and a frozen reference (``ref``); ``mask`` marks completion tokens of
-valid samples. Settings of the reference runs: docs/reference.md#reference-rl-settings.
+(``logp``), the policy the step started from (``old``: the sampler's, or the trainer's forward of the same weights
+where they differ -- ``rl/update.py``), the sampler (``mu``) and a frozen reference (``ref``); ``mask`` marks
+completion tokens of valid samples. Settings of the reference runs: docs/reference.md#reference-rl-settings.
 
 1. Group advantage (GRPO):  ``A_i = (r_i - mean_g r) / (std_g r + eps)``, unbiased std over the group's valid
    samples (``scale_by_std=False``: ``A_i = r_i - mean_g r``, Dr.GRPO). A group with fewer than two valid samples
@@ -22,6 +23,14 @@ valid samples. Settings of the reference runs: docs/reference.md#reference-rl-se
 6. Supervised cold start (``rl/sft.py``): token-level negative log-likelihood of target completions,
    ``L = -sum_{i,t} m_{i,t} log pi(y_{i,t} | x_i, y_{i,<t}) / sum_{i,t} m_{i,t}``, ``m`` marking completion tokens
    only (the prompt and its images are context), the denominator the whole mini-batch's (``Totals``).
+7. Rollout correction (``rollout_correction``): the sampler's log-probabilities ``mu`` may differ from ``old`` (a
+   bf16 sampler and a float32 trainer, another kernel, or a policy some updates old). The surrogate of eq. 3 (not
+   the KL term) is weighted per token by ``w``, computed outside the gradient from ``delta_t = old_t - mu_t``:
+   ``token_truncate`` (truncated importance sampling, Yao et al. 2025 "Your efficient RL framework secretly brings
+   you off-policy RL training"): ``w_t = min(exp(delta_t), C)``; ``sequence_mask`` (masked importance sampling at
+   the sequence level, Liu et al. 2025 "When speed kills stability"): ``rho_i = exp(sum_t delta_t)``, ``w_{i,t} =
+   rho_i`` where ``rho_i <= C`` and 0 (the sample masked; it still counts in eq. 5's denominators) where not. ``C``
+   is ``correction_cap``; ``none``: w = 1.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ import jax
 import jax.numpy as jnp
 
 Aggregation = Literal["token_mean", "seq_mean"]
+Correction = Literal["none", "token_truncate", "sequence_mask"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,10 +55,14 @@ class LossConfig:
     kl_coef: float = 0.0  # beta; the reference GRPO run uses 1e-2 (k3)
     scale_by_std: bool = True
     eps: float = 1e-6
+    rollout_correction: Correction = "none"  # eq. 7
+    correction_cap: float = 2.0  # C of eq. 7 (Yao et al.'s)
 
     def __post_init__(self):
         if self.clip_low <= 0 or self.clip_high <= 0 or self.kl_coef < 0:
             raise ValueError(f"invalid loss settings {self}")
+        if self.correction_cap <= 1:
+            raise ValueError(f"train.loss.correction_cap must be > 1, got {self.correction_cap}")
         if self.dual_clip is not None and self.dual_clip <= 1:
             raise ValueError(f"dual_clip must be > 1, got {self.dual_clip}")
 
@@ -78,9 +92,26 @@ def totals(mask) -> Totals:
                   jnp.maximum(mask.any(1).sum(), 1).astype(jnp.float32))
 
 
+def correction_weights(old_logp, sampler_logp, mask, mode: Correction, cap: float) -> tuple[jax.Array, jax.Array]:
+    """Eq. 7: (weights ``w`` ``[N, T]``, 0 outside ``mask``; a boolean ``[N, T]`` of the tokens it truncated or
+    masked) of ``old_logp`` over ``sampler_logp`` (``[N, T]``)."""
+    delta = jnp.where(mask, old_logp.astype(jnp.float32) - sampler_logp.astype(jnp.float32), 0.0)
+    if mode == "token_truncate":
+        cut = delta > jnp.log(cap)
+        weights = jnp.exp(jnp.minimum(delta, jnp.log(cap)))
+    elif mode == "sequence_mask":  # in log space: exp(sum_t delta_t) overflows on long completions
+        log_rho = delta.sum(1, keepdims=True)
+        cut = jnp.broadcast_to(log_rho > jnp.log(cap), delta.shape)
+        weights = jnp.where(cut, 0.0, jnp.exp(jnp.minimum(log_rho, jnp.log(cap))))
+    else:
+        cut, weights = jnp.zeros(delta.shape, bool), jnp.ones_like(delta)
+    return jax.lax.stop_gradient(jnp.where(mask, weights, 0.0)), cut & mask
+
+
 def policy_loss(logp, old_logp, advantages, mask, cfg: LossConfig, denominators: Totals,
-                ref_logp=None) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Eqs. 2-5. ``logp``/``old_logp``/``ref_logp``/``mask``: ``[N, T]``; ``advantages``: ``[N]``."""
+                ref_logp=None, sampler_logp=None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Eqs. 2-5 and 7. ``logp``/``old_logp``/``ref_logp``/``sampler_logp`` (``mu``, needed by a
+    ``rollout_correction`` other than none)/``mask``: ``[N, T]``; ``advantages``: ``[N]``."""
     logp, old_logp = logp.astype(jnp.float32), old_logp.astype(jnp.float32)
     m = mask.astype(jnp.float32)
     lengths = jnp.maximum(m.sum(1), 1.0)
@@ -96,6 +127,12 @@ def policy_loss(logp, old_logp, advantages, mask, cfg: LossConfig, denominators:
     loss = jnp.maximum(unclipped, clipped)  # eq. 3: -min(rho A, clip(rho) A)
     if cfg.dual_clip is not None:
         loss = jnp.where(a < 0, jnp.minimum(loss, -cfg.dual_clip * a), loss)
+    weights, cut = jnp.ones_like(loss), jnp.zeros(loss.shape, bool)
+    if cfg.rollout_correction != "none":  # eq. 7
+        if sampler_logp is None:
+            raise ValueError(f"rollout_correction {cfg.rollout_correction!r} needs the sampler's log-probabilities")
+        weights, cut = correction_weights(old_logp, sampler_logp, mask, cfg.rollout_correction, cfg.correction_cap)
+        loss = loss * weights
     kl = jnp.zeros_like(loss)
     if ref_logp is not None:  # eq. 4
         diff = jnp.clip(jnp.where(mask, ref_logp.astype(jnp.float32) - logp, 0.0), -20.0, 20.0)
@@ -113,6 +150,10 @@ def policy_loss(logp, old_logp, advantages, mask, cfg: LossConfig, denominators:
         "logprob_diff": per_token(drift),
         "logprob_diff_max": jnp.max(drift),
     }
+    if cfg.rollout_correction != "none":  # the effective sample size is mean(w)^2 / mean(w^2) (rl/update.py)
+        metrics.update(correction_weight=per_token(weights), correction_weight_sq=per_token(weights**2),
+                       correction_weight_max=jnp.max(jnp.where(mask, weights, 0.0)),
+                       correction_cut=per_token(cut.astype(jnp.float32)))
     return total, metrics
 
 

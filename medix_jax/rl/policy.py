@@ -143,10 +143,18 @@ def cast_floats(params, dtype):
     return params if dtype is None else _cast(params, dtype)
 
 
-def recomputes_old_logprobs(setting: bool | None, model_cfg, cast) -> bool:
+def recomputes_old_logprobs(setting: bool | None, model_cfg, cast, correction: str = "none",
+                            staleness: int = 0) -> bool:
     """Whether the old log-probabilities are recomputed by the trainer's forward: ``setting``
     (``train.recompute_old_logprobs``), or by default whenever the sampler's differ from it by more than rounding
-    (bf16 compute, or rollouts from a ``cast`` copy of the weights)."""
+    (bf16 compute, or rollouts from a ``cast`` copy of the weights), a ``correction`` (``loss.rollout_correction``)
+    weighs the one by the other, or the sampler ran an older policy (``rollout.staleness``) -- the last two cannot do
+    without recomputing: a ``ValueError``."""
+    needs = [f"train.loss.rollout_correction {correction!r}"] * (correction != "none") + \
+        [f"rollout.staleness {staleness}"] * (staleness > 0)
+    if setting is False and needs:
+        raise ValueError(f"{' and '.join(needs)} need the old log-probabilities of the policy being updated: set "
+                         "train.recompute_old_logprobs true (or leave it unset)")
     if setting is not None:
         return setting
-    return model_cfg.dtype != "float32" or cast is not None
+    return model_cfg.dtype != "float32" or cast is not None or bool(needs)

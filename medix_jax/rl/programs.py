@@ -55,7 +55,8 @@ def policy_loss(params, embedded, graphdef, layout: packing.Layout, batch: Compl
     assert token_entropy is not None  # with_entropy
     logp, token_entropy = unpack(logp, layout), unpack(token_entropy, layout)
     old = jnp.where(own_old, jax.lax.stop_gradient(logp), batch.old_logprobs)
-    loss, metrics = grpo.policy_loss(logp, old, batch.advantages, batch.mask, loss_cfg, totals, batch.ref_logprobs)
+    loss, metrics = grpo.policy_loss(logp, old, batch.advantages, batch.mask, loss_cfg, totals, batch.ref_logprobs,
+                                     batch.sampler_logprobs)
     metrics["entropy"] = grpo.entropy(token_entropy, batch.mask, totals)
     balance, routing = router_terms(router, model.config.text.router_aux_loss_coef, batch.mask.sum() / totals.tokens)
     loss = loss + balance
@@ -88,7 +89,8 @@ def at_width(widths: tuple[int, ...] | None, index, run, batch: Completions, lay
         def trimmed(batch, layout, *args):
             cut = lambda a: None if a is None else a[..., :a.shape[-1] - (t - w)]  # noqa: E731
             out = run(batch._replace(tokens=cut(batch.tokens), mask=cut(batch.mask),
-                                     old_logprobs=cut(batch.old_logprobs), ref_logprobs=cut(batch.ref_logprobs)),
+                                     old_logprobs=cut(batch.old_logprobs), ref_logprobs=cut(batch.ref_logprobs),
+                                     sampler_logprobs=cut(batch.sampler_logprobs)),
                       packing.Layout(*map(cut, layout)), *args)
             return (*out[:-1], jnp.pad(out[-1], ((0, 0), (0, t - w))))
         return trimmed

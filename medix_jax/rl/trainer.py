@@ -45,6 +45,7 @@ from medix_jax.generate.sampling import SamplingConfig
 from medix_jax.models.qwen_vl.model import QwenVL
 from medix_jax.rewards.pool import judge_warning
 from medix_jax.rl import grpo
+from medix_jax.rl.ahead import AheadRollouts
 from medix_jax.rl.policy import OptimConfig, make_optimizer, recomputes_old_logprobs
 from medix_jax.rl.programs import StepPrograms
 from medix_jax.rl.rollout import Group, Rewards, RolloutCollector, combine
@@ -83,10 +84,12 @@ class TrainConfig:
 
 class Trainer:
     """Holds the policy (``graphdef`` + ``params``), optimizer state and step; ``step()`` runs one GRPO step.
-    ``rewards``: a ``rollout.Rewards`` (the ``RewardPool``, or ``rollout.ScoredNow`` around a plain scorer)."""
+    ``rewards``: a ``rollout.Rewards`` (the ``RewardPool``, or ``rollout.ScoredNow`` around a plain scorer);
+    ``end``: the step count at which the run ends (rollouts ahead, ``rollout.staleness``, stop there; None: never).
+    ``close()`` stops the rollouts ahead."""
 
     def __init__(self, model: QwenVL, tokenizer, data, rewards: Rewards, train: TrainConfig, rollout: SamplingConfig,
-                 buckets: Buckets, mesh=None, seed: int = 0):
+                 buckets: Buckets, mesh=None, seed: int = 0, end: int | None = None):
         if mesh is None:
             mesh = parallel.make_mesh({}, jax.devices()[:1])
         self.train, self.rollout, self.buckets, self.mesh, self.seed = train, rollout, buckets, mesh, seed
@@ -111,11 +114,16 @@ class Trainer:
         self.sampler = Sampler(rollout, self.programs.rollout_mesh)
         parallel.process_rows(self.programs.rollout_mesh, self.per_batch * rollout.num_samples * jax.process_count())
         self.rollouts = RolloutCollector(data, self.sampler, tokenizer, rewards, train, rollout, self.per_batch)
+        if rollout.staleness and jax.process_count() > 1:
+            raise ValueError(f"rollout.staleness {rollout.staleness}: rollouts ahead of the update run in one process "
+                             f"for now, this job has {jax.process_count()}")
+        self.ahead = AheadRollouts(self.rollouts, data, rollout.staleness, seed, end) if rollout.staleness else None
         self.step_count = 0
         self.missing_steps = 0  # consecutive steps in which every reward was missing
         # By default the old log-probabilities are recomputed whenever the sampler's differ from the trainer's
         # forward by more than rounding: a bf16 compute dtype, or rollouts from a copy of the weights in another dtype.
-        self.recompute = recomputes_old_logprobs(train.recompute_old_logprobs, model.config, self.programs.cast_dtype)
+        self.recompute = recomputes_old_logprobs(train.recompute_old_logprobs, model.config, self.programs.cast_dtype,
+                                                 train.loss.rollout_correction, rollout.staleness)
         self.updater = PolicyUpdate(self.programs, train, model.config, buckets, mesh, self.recompute)
 
     def set_reference(self, params=None) -> None:
@@ -156,6 +164,27 @@ class Trainer:
             self.rollout_params = self.programs.cast(self.params)
         return nnx.merge(self.graphdef, self.rollout_params)
 
+    def sampler_copy(self) -> QwenVL:
+        """A copy of the policy for rollouts ahead of the update (``rollout_model``'s, in buffers of its own: the
+        update donates the parameters' buffers while the copy still samples)."""
+        if self.programs.cast is None:
+            return nnx.merge(self.graphdef, jax.tree.map(jnp.copy, self.params))
+        copy = self.programs.cast(self.params)  # a leaf that kept dtype and layout may be the parameter itself
+        copy = jax.tree.map(lambda c, p: jnp.copy(c) if (c.dtype, c.sharding) == (p.dtype, p.sharding) else c,
+                            copy, self.params)
+        return nnx.merge(self.graphdef, copy)
+
+    def data_state(self) -> dict:
+        """The data position a checkpoint holds: after the last batch trained on (batches in flight are redone on
+        resume, ``rl/ahead.py``)."""
+        if self.ahead is not None and self.ahead.position is not None:
+            return self.ahead.position
+        return self.data.get_state()
+
+    def close(self) -> None:
+        if self.ahead is not None:
+            self.ahead.close()
+
     @property
     def compile_count(self) -> int:
         return self.sampler.compile_count + self.programs.compile_count
@@ -174,8 +203,12 @@ class Trainer:
         """One GRPO step; returns its metrics (the job's, the same on every process)."""
         key = jax.random.fold_in(jax.random.PRNGKey(self.seed), self.step_count)
         start = time.perf_counter()
-        self.rollouts.judge_errors = []
-        groups, metrics = self.collect(key)
+        if self.ahead is None:
+            self.rollouts.judge_errors = []
+            groups, metrics = self.collect(key)
+            errors = self.rollouts.judge_errors
+        else:
+            groups, metrics, errors = self.ahead.take(self.step_count, self.sampler_copy)
         update_start = time.perf_counter()
         metrics.update(self.update(groups))
         self.step_count += 1
@@ -189,7 +222,7 @@ class Trainer:
             metrics = {k: combine(k, [m.get(k, float("nan")) for m in per_process], over="processes")
                        for k in per_process[0]}
         metrics["tokens_per_second"] = metrics.get("response_tokens", 0.0) / metrics["step_seconds"]
-        warning = judge_warning(metrics, self.step_count, self.rollouts.rewards.cfg, self.rollouts.judge_errors)
+        warning = judge_warning(metrics, self.step_count, self.rollouts.rewards.cfg, errors)
         if warning and jax.process_index() == 0:
             print(warning, flush=True)
         no_reward = np.isnan(metrics.get("reward_composite_mean", np.nan))  # no valid reward in any process

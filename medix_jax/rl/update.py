@@ -119,13 +119,15 @@ class PolicyUpdate:
             return np.stack([getattr(members[i], field)[s] for i, s in samples]) if samples \
                 else getattr(members[0], field)[:0]
 
-        completions = Completions(stacked("tokens"), stacked("mask"), stacked("logprobs"), stacked("advantages"))
+        correct = self.train.loss.rollout_correction != "none"  # keeps the sampler's beside the old ones
+        completions = Completions(stacked("tokens"), stacked("mask"), stacked("logprobs"), stacked("advantages"),
+                                  sampler_logprobs=stacked("logprobs") if correct else None)
         per_shard = len(members) // len(micro)
         layout, batch, longest = pack_micro_batch(
             prompts, completions, np.array([i % per_shard for i, _ in samples], np.int32),
             [[[where[pair] for pair in row] for row in shard] for shard in micro], rows, self.samples_per_row)
         return (packing.Layout(*(parallel.batch_array(a, self.mesh, axis=int(a.ndim == 3)) for a in layout)),
-                Completions(*(parallel.batch_array(a, self.mesh) for a in batch[:4])),
+                Completions._make(None if a is None else parallel.batch_array(a, self.mesh) for a in batch),
                 width_index(int(parallel.host_max(longest)), self.programs.widths))
 
     def mini_batches(self, groups: list[Group]) -> list[MiniBatch]:
@@ -184,6 +186,9 @@ class PolicyUpdate:
         mismatch_mean, mismatch_max = seen.total / max(seen.count, 1.0), seen.peak
         if not self.recompute and per_update:  # the first mini-batch saw the sampler's parameters unchanged
             mismatch_mean, mismatch_max = per_update[0]["logprob_diff"], per_update[0]["logprob_diff_max"]
+        if "correction_weight_sq" in metrics:  # effective sample size of eq. 7's weights, mean(w)^2 / mean(w^2)
+            squares = metrics.pop("correction_weight_sq")
+            metrics["correction_ess"] = metrics["correction_weight"] ** 2 / squares if squares > 0 else 0.0
         metrics.update(grad_norm=float(np.mean(norms)) if norms else 0.0, optimizer_updates=float(len(norms)),
                        updates_skipped=float(t.mini_batches - len(minis)) * t.ppo_epochs,
                        logprob_mismatch_mean=mismatch_mean, logprob_mismatch_max=mismatch_max)
@@ -222,8 +227,7 @@ def pack_micro_batch(prompts: ModelInputs, completions: Completions, prompt_of: 
         return np.stack([np.zeros(a.shape[1:], a.dtype) if i is None else a[i] for i in slots])
 
     c = completions
-    slotted = Completions(take(c.tokens), take(c.mask), take(c.old_logprobs), take(c.advantages),
-                          None if c.ref_logprobs is None else take(c.ref_logprobs))
+    slotted = Completions._make(None if a is None else take(a) for a in c)
     return layout, slotted, int(longest)
 
 
