@@ -65,3 +65,20 @@ def test_bench_learn_reads_seeds_perception_and_targets(tmp_path):
     slow, wrong = {**good, "minutes": 5.5}, {**good, "modality": 0.8}
     assert passes(good) and not passes(slow) and not passes(wrong) and not passes({**good, "error": "exit 1"})
     assert table([good]).splitlines()[-1] == "| 0 | 8 | 25.0 | 90.0 | 90.0 | 95.0 | 95.0 | 3.0 | yes |"
+
+
+def test_the_async_bench_judge_answers_the_reference_prompt_after_its_latency():
+    """``bench async``'s stand-in judge, through our real judge client: a verdict, no sooner than its latency."""
+    import time
+
+    from medix_jax.bench_async import SlowJudge
+    from medix_jax.rewards.judge import JudgeConfig, check_judge
+
+    judge = SlowJudge(0.2)
+    try:
+        cfg = JudgeConfig(url=judge.url, model="stand-in")
+        start = time.perf_counter()
+        assert check_judge(cfg) in ("YES", "NO")
+        assert time.perf_counter() - start >= 0.2
+    finally:
+        judge.close()
