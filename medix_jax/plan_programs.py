@@ -150,7 +150,7 @@ class Budget:
         self.micro, self.kl, self.rollout_mesh = micro, train.loss.kl_coef > 0, programs.rollout_mesh
         self.correct = train.loss.rollout_correction != "none"  # the sampler's log-probs travel beside the old
         self.recompute = recomputes_old_logprobs(train.recompute_old_logprobs, cfg.model, cast,
-                                                 train.loss.rollout_correction)
+                                                 train.loss.rollout_correction, rollout.staleness)
         self.rollout_params = a.params if programs.cast is None else jax.tree.map(
             lambda x, sharding: jax.ShapeDtypeStruct(
                 x.shape, cast if cast is not None and jnp.issubdtype(x.dtype, jnp.floating) else x.dtype,
